@@ -1,0 +1,451 @@
+"""Typed schemas of every configuration option: one dataclass per YAML file under ``conf/``.
+
+Hydra merges each YAML onto its schema, so a mistyped key, a value of the wrong type or an unknown
+enum member fails at compose time with the full key. ``__post_init__`` holds the semantic checks;
+it runs when :func:`metarun.config.validate` turns the composed config into these dataclasses.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from omegaconf import MISSING
+
+from metarun.config.errors import ConfigError
+
+# ----------------------------------------------------------------------------------------- enums
+
+
+class Mode(str, Enum):
+    """What ``metarun`` does: meta-train then test, or only test a checkpoint."""
+
+    train = "train"
+    eval = "eval"
+
+
+class OptimizerName(str, Enum):
+    adam = "adam"
+    sgd = "sgd"
+
+
+class InnerLR(str, Enum):
+    """Meta-learned inner learning rates: none, one scalar, or one per parameter tensor (Meta-SGD
+    style, Li et al. 2017)."""
+
+    off = "off"
+    scalar = "scalar"
+    per_param = "per_param"
+
+
+class BNPolicy(str, Enum):
+    """Batch norm statistics during adaptation and prediction. ``batch_stats`` is what the MAML
+    reference code does (transductive: statistics of the current batch, also at test time)."""
+
+    batch_stats = "batch_stats"
+    running_stats = "running_stats"
+
+
+class OmniglotSplit(str, Enum):
+    finn = "finn"
+    lake = "lake"
+    random = "random"
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+def _require(ok: bool, key: str, value: Any, requirement: str, example: str) -> None:
+    """Raise :class:`ConfigError` ``"<key> must be <requirement>, got <value> (set e.g. <example>)"``
+    unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key} must be {requirement}, got {value!r} (set e.g. {example})")
+
+
+def _require_range(key: str, value: list[float], example: str) -> None:
+    _require(
+        len(value) == 2 and value[0] <= value[1],
+        key,
+        list(value),
+        "[low, high] with low <= high",
+        example,
+    )
+
+
+def _require_optional_count(key: str, value: int | None, example: str) -> None:
+    _require(value is None or value >= 1, key, value, ">= 1 or null", example)
+
+
+# ------------------------------------------------------------------------------------ algorithms
+
+
+@dataclass
+class MAMLConfig:
+    """``algo=maml``: Finn et al. 2017, second-order unless ``first_order``."""
+
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    # Adaptation steps at validation/test time; the paper uses more than in training on Omniglot.
+    eval_inner_steps: int = "${.inner_steps}"  # type: ignore[assignment]  # interpolation
+    first_order: bool = False
+    # True: the model's weights get no meta-gradient (only e.g. learned inner lrs are meta-learned).
+    copy_initial_weights: bool = False
+    learn_inner_lr: InnerLR = InnerLR.off
+    bn_policy: BNPolicy = BNPolicy.batch_stats
+
+    def __post_init__(self) -> None:
+        _require(self.inner_lr > 0, "algo.inner_lr", self.inner_lr, "> 0", "algo.inner_lr=0.01")
+        _require(
+            self.inner_steps >= 1, "algo.inner_steps", self.inner_steps, ">= 1", "algo.inner_steps=5"
+        )
+        _require(
+            self.eval_inner_steps >= 0,
+            "algo.eval_inner_steps",
+            self.eval_inner_steps,
+            ">= 0",
+            "algo.eval_inner_steps=10",
+        )
+
+
+@dataclass
+class FOMAMLConfig(MAMLConfig):
+    """``algo=fomaml``: first-order MAML (Finn et al. 2017, Sec. 5.2), i.e. MAML without
+    second derivatives."""
+
+    first_order: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.first_order:
+            raise ConfigError(
+                "algo.first_order must be true for algo=fomaml, got False "
+                "(use algo=maml for second-order MAML)"
+            )
+
+
+# -------------------------------------------------------------------------------------- datasets
+
+
+@dataclass
+class SinusoidConfig:
+    """``dataset=sinusoid``: regression on ``A sin(x - phase)`` (Finn et al. 2017, Sec. 5.1)."""
+
+    k_shot: int = 10
+    k_query: int = 10
+    # Support/query sizes of validation and test tasks; null = same as training.
+    eval_k_shot: int | None = None
+    eval_k_query: int | None = None
+    amplitude: list[float] = field(default_factory=lambda: [0.1, 5.0])
+    phase: list[float] = field(default_factory=lambda: [0.0, math.pi])
+    x_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])
+
+    task_type = "regression"  # class attribute, not a config key
+
+    def __post_init__(self) -> None:
+        _require(self.k_shot >= 1, "dataset.k_shot", self.k_shot, ">= 1", "dataset.k_shot=10")
+        _require(self.k_query >= 1, "dataset.k_query", self.k_query, ">= 1", "dataset.k_query=10")
+        _require_optional_count("dataset.eval_k_shot", self.eval_k_shot, "dataset.eval_k_shot=5")
+        _require_optional_count(
+            "dataset.eval_k_query", self.eval_k_query, "dataset.eval_k_query=10"
+        )
+        _require_range("dataset.amplitude", self.amplitude, "dataset.amplitude=[0.1,5.0]")
+        _require_range("dataset.phase", self.phase, "dataset.phase=[0,3.14159]")
+        _require_range("dataset.x_range", self.x_range, "dataset.x_range=[-5,5]")
+
+
+@dataclass
+class OmniglotConfig:
+    """``dataset=omniglot``: N-way K-shot character classification (Finn et al. 2017, Sec. 5.2)."""
+
+    root: str = "${oc.env:METARUN_DATA,data}/omniglot"
+    split: OmniglotSplit = OmniglotSplit.finn
+    fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    split_seed: int = 1
+    download: bool = False
+    rotations: bool = True
+    image_size: int = 28
+    cache_dir: str | None = None
+    n_way: int = 5
+    k_shot: int = 1
+    # 15 query examples per class during meta-training, as in the MAML reference code.
+    k_query: int = 15
+    eval_k_shot: int | None = None
+    eval_k_query: int | None = None
+
+    task_type = "classification"  # class attribute, not a config key
+
+    def __post_init__(self) -> None:
+        _require(self.n_way >= 2, "dataset.n_way", self.n_way, ">= 2", "dataset.n_way=5")
+        _require(self.k_shot >= 1, "dataset.k_shot", self.k_shot, ">= 1", "dataset.k_shot=1")
+        _require(self.k_query >= 1, "dataset.k_query", self.k_query, ">= 1", "dataset.k_query=15")
+        _require_optional_count("dataset.eval_k_shot", self.eval_k_shot, "dataset.eval_k_shot=1")
+        _require_optional_count(
+            "dataset.eval_k_query", self.eval_k_query, "dataset.eval_k_query=15"
+        )
+        _require(
+            self.image_size >= 4,
+            "dataset.image_size",
+            self.image_size,
+            ">= 4",
+            "dataset.image_size=28",
+        )
+        _require(
+            len(self.fractions) == 3
+            and all(f >= 0 for f in self.fractions)
+            and abs(sum(self.fractions) - 1.0) < 1e-6,
+            "dataset.fractions",
+            list(self.fractions),
+            "3 non-negative numbers (train, val, test) summing to 1",
+            "dataset.fractions=[0.7,0.15,0.15]",
+        )
+
+
+# ---------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class MLPConfig:
+    """``model=mlp``: fully connected ReLU network (Finn et al. 2017: 2 hidden layers of 40)."""
+
+    in_features: int = 1
+    hidden: list[int] = field(default_factory=lambda: [40, 40])
+    out_features: int = 1
+
+    def __post_init__(self) -> None:
+        _require(
+            self.in_features >= 1, "model.in_features", self.in_features, ">= 1",
+            "model.in_features=1",
+        )
+        _require(
+            self.out_features >= 1, "model.out_features", self.out_features, ">= 1",
+            "model.out_features=1",
+        )
+        _require(
+            all(h >= 1 for h in self.hidden), "model.hidden", list(self.hidden),
+            "a list of positive widths", "model.hidden=[40,40]",
+        )
+
+
+@dataclass
+class Conv4Config:
+    """``model=conv4``: four 3x3 conv blocks (Vinyals et al. 2016; Finn et al. 2017)."""
+
+    in_channels: int = 1
+    num_classes: int = MISSING  # conf/model/conv4.yaml: ${dataset.n_way}
+    hidden: int = 64
+    image_size: int = MISSING  # conf/model/conv4.yaml: ${dataset.image_size}
+    batch_norm: bool = True
+    # Finn et al. 2017, App. A.1: strided convolutions instead of max-pooling on Omniglot.
+    max_pool: bool = False
+
+    def __post_init__(self) -> None:
+        _require(
+            self.in_channels >= 1, "model.in_channels", self.in_channels, ">= 1",
+            "model.in_channels=1",
+        )
+        _require(
+            self.num_classes >= 2, "model.num_classes", self.num_classes, ">= 2",
+            "model.num_classes=5",
+        )
+        _require(self.hidden >= 1, "model.hidden", self.hidden, ">= 1", "model.hidden=64")
+        _require(
+            self.image_size >= 4, "model.image_size", self.image_size, ">= 4",
+            "model.image_size=28",
+        )
+
+
+# ------------------------------------------------------------------------------------ top level
+
+
+@dataclass
+class MetaOptimizerConfig:
+    """The outer-loop optimizer over ``algorithm.meta_parameters()``."""
+
+    name: OptimizerName = OptimizerName.adam
+    lr: float = 0.001
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd only
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "meta_optimizer.lr", self.lr, "> 0", "meta_optimizer.lr=0.001")
+        _require(
+            self.weight_decay >= 0, "meta_optimizer.weight_decay", self.weight_decay, ">= 0",
+            "meta_optimizer.weight_decay=0",
+        )
+        _require(
+            self.momentum >= 0, "meta_optimizer.momentum", self.momentum, ">= 0",
+            "meta_optimizer.momentum=0.9",
+        )
+
+
+@dataclass
+class EvalConfig:
+    """Validation during training and the final test."""
+
+    every: int = 500  # validate every N outer steps; 0 = never
+    val_tasks: int = 100
+    num_tasks: int = 600  # test tasks; 600 as in Finn et al. 2017
+    batch_size: int = 25  # tasks per evaluate() call (memory, not results)
+    # Adaptation steps at val/test; null = algo.eval_inner_steps.
+    inner_steps: int | None = None
+    # Also test after each of these step counts (Finn et al. 2017, Fig. 2: 1..10 steps).
+    curve_steps: list[int] = field(default_factory=list)
+    # Fixed seeds: the same val/test tasks for every run, whatever the training seed.
+    val_seed: int = 1000
+    test_seed: int = 2000
+    use_best: bool = False  # test the best-validation weights instead of the last ones
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "eval.every", self.every, ">= 0 (0 = never)", "eval.every=500")
+        _require(
+            self.val_tasks >= 1, "eval.val_tasks", self.val_tasks, ">= 1", "eval.val_tasks=100"
+        )
+        _require(
+            self.num_tasks >= 1, "eval.num_tasks", self.num_tasks, ">= 1", "eval.num_tasks=600"
+        )
+        _require(
+            self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1", "eval.batch_size=25"
+        )
+        _require(
+            self.inner_steps is None or self.inner_steps >= 0, "eval.inner_steps",
+            self.inner_steps, ">= 0 or null", "eval.inner_steps=10",
+        )
+        _require(
+            all(s >= 0 for s in self.curve_steps), "eval.curve_steps", list(self.curve_steps),
+            "a list of step counts >= 0", "eval.curve_steps=[1,5,10]",
+        )
+
+
+@dataclass
+class LogConfig:
+    """Scalars to TensorBoard and ``metrics.jsonl``, progress bar to stderr."""
+
+    every: int = 100
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bar (only shown on a terminal)
+    hypergrad_layers: bool = True  # one hypergrad/<name> norm per parameter tensor
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 1, "log.every", self.every, ">= 1", "log.every=100")
+
+
+@dataclass
+class SaveConfig:
+    """Checkpoints under ``<run dir>/checkpoints/``: ``last.pt`` and ``best.pt``."""
+
+    every: int = 1000  # also always at the end; 0 = only at the end
+    keep_best: bool = True  # best.pt by val accuracy (val loss for regression)
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "save.every", self.every, ">= 0", "save.every=1000")
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda|cuda:\d+")
+
+
+@dataclass
+class RunConfig:
+    """The whole run. ``algo``, ``dataset`` and ``model`` are filled from their config groups."""
+
+    algo: Any = MISSING
+    dataset: Any = MISSING
+    model: Any = MISSING
+    name: str = "run"
+    mode: Mode = Mode.train
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N; auto = cuda if available
+    outer_steps: int = 2000
+    meta_batch_size: int = 25
+    meta_optimizer: MetaOptimizerConfig = field(default_factory=MetaOptimizerConfig)
+    grad_clip: float | None = None  # max global norm of the meta-gradient; null = no clipping
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    # Continue from <run dir>/checkpoints/last.pt (rerun with hydra.run.dir=<that run dir>).
+    resume: bool = False
+    checkpoint: str | None = None  # mode=eval: the checkpoint file to test
+
+    def __post_init__(self) -> None:
+        _require(
+            _DEVICE.fullmatch(self.device) is not None, "device", self.device,
+            "auto, cpu, cuda or cuda:N", "device=cpu",
+        )
+        _require(
+            self.outer_steps >= 1, "outer_steps", self.outer_steps, ">= 1", "outer_steps=1000"
+        )
+        _require(
+            self.meta_batch_size >= 1, "meta_batch_size", self.meta_batch_size, ">= 1",
+            "meta_batch_size=25",
+        )
+        _require(
+            self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip,
+            "> 0 or null", "grad_clip=10",
+        )
+        if self.mode is Mode.eval and not self.checkpoint:
+            raise ConfigError(
+                "checkpoint must be set with mode=eval, got None "
+                "(set e.g. checkpoint=outputs/<run>/checkpoints/best.pt)"
+            )
+        if self.mode is Mode.train and self.checkpoint:
+            raise ConfigError(
+                f"checkpoint is only read with mode=eval, got checkpoint={self.checkpoint!r} with "
+                "mode=train (add mode=eval to test it; to continue training a run use "
+                "resume=true hydra.run.dir=<its run dir>)"
+            )
+        _check_model_values(self.model, self.dataset)
+
+
+def check_model_fits_dataset(model_type: type, dataset_type: type) -> None:
+    """Cross-group check on the chosen options, before any value is resolved (a conv4 model on
+    sinusoid would otherwise fail as an unresolvable ``${dataset.n_way}``)."""
+    fits = {SinusoidConfig: MLPConfig, OmniglotConfig: Conv4Config}
+    wanted = fits.get(dataset_type)
+    if wanted is not None and model_type is not wanted:
+        dataset = _option_of_type("dataset", dataset_type)
+        raise ConfigError(
+            f"model={_option_of_type('model', model_type)} does not fit dataset={dataset} "
+            f"(use model={_option_of_type('model', wanted)})"
+        )
+
+
+def _check_model_values(model: Any, dataset: Any) -> None:
+    """Cross-group checks on values: the model's input and output must match the tasks."""
+    check_model_fits_dataset(type(model), type(dataset))
+    if isinstance(dataset, SinusoidConfig):
+        for key in ("in_features", "out_features"):
+            value = getattr(model, key)
+            _require(value == 1, f"model.{key}", value, "1 for dataset=sinusoid", f"model.{key}=1")
+    elif isinstance(dataset, OmniglotConfig):
+        _require(model.num_classes == dataset.n_way, "model.num_classes", model.num_classes,
+                 f"dataset.n_way={dataset.n_way}", "model.num_classes=${dataset.n_way}")
+        _require(model.image_size == dataset.image_size, "model.image_size", model.image_size,
+                 f"dataset.image_size={dataset.image_size}",
+                 "model.image_size=${dataset.image_size}")
+        _require(model.in_channels == 1, "model.in_channels", model.in_channels,
+                 "1 for dataset=omniglot (grayscale)", "model.in_channels=1")
+
+
+# ------------------------------------------------------------------------------------- registry
+
+#: Every option of every config group and its schema. ``metarun.config.store`` registers them,
+#: checkpoints record the option names so a saved config can be re-typed without Hydra.
+SCHEMAS: dict[str, dict[str, type]] = {
+    "algo": {"maml": MAMLConfig, "fomaml": FOMAMLConfig},
+    "dataset": {"sinusoid": SinusoidConfig, "omniglot": OmniglotConfig},
+    "model": {"mlp": MLPConfig, "conv4": Conv4Config},
+}
+
+
+def _option_of_type(group: str, schema: type) -> str:
+    for name, option_schema in SCHEMAS[group].items():
+        if option_schema is schema:
+            return name
+    return schema.__name__
+
+
+def option_name(group: str, node: Any) -> str:
+    """The option of ``group`` (e.g. ``"maml"``) whose schema is exactly ``type(node)``."""
+    return _option_of_type(group, type(node))

@@ -1,0 +1,440 @@
+"""Omniglot (Lake et al. 2015) from the official archives: decode once, cache, split, rotate.
+
+The official data are four zip archives (or their extracted folders of the same stem)::
+
+    images_background.zip          30 alphabets, 964 characters
+    images_evaluation.zip          20 alphabets, 659 characters
+    images_background_small1.zip   5 alphabets, 136 characters (a subset of images_background)
+    images_background_small2.zip   5 alphabets, 156 characters (a subset of images_background)
+
+laid out as ``<stem>/<Alphabet>/characterNN/<id>_<drawer>.png`` (105x105, 1-bit, 20 drawers per
+character). A character is identified by ``(alphabet, character)``, so one present in several
+archives (Greek and Latin are in both small sets) counts once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import random
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+BACKGROUND = "images_background"
+EVALUATION = "images_evaluation"
+SMALL1 = "images_background_small1"
+SMALL2 = "images_background_small2"
+# Order matters: the first archive holding a character is the one it is read from.
+ARCHIVES = (BACKGROUND, EVALUATION, SMALL1, SMALL2)
+SPLITS = ("finn", "lake", "random")
+
+DOWNLOAD_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{name}"
+DOWNLOAD_MD5 = {
+    f"{BACKGROUND}.zip": "68d2efa1b9178cc56df9314c21c6e718",
+    f"{EVALUATION}.zip": "6b91aef0f799c5bb55b94e3f2daec811",
+}
+DOWNLOAD_TIMEOUT_S = 30.0
+FULL_CHARACTERS = 1623
+# Finn et al. 2017 (github.com/cbfinn/maml, data_generator.py): 1200 - 100 train, 100 val, rest test.
+FINN_TRAIN, FINN_VAL = 1100, 100
+LAKE_VAL_FRACTION = 0.1
+_CACHE_FORMAT = 1  # bump when the decoded representation changes
+# Where root may hold the archives: root itself, or torchvision's / a data folder's subfolder.
+_SUBDIRS = ("", "omniglot", "omniglot-py")
+
+CharacterKey = tuple[str, str]  # (alphabet, character)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One archive found on disk, as a zip file or as its extracted folder."""
+
+    stem: str
+    path: Path
+
+    @property
+    def is_zip(self) -> bool:
+        return self.path.suffix == ".zip"
+
+    def fingerprint(self) -> str:
+        """Name, size and mtime: changes whenever the archive does (folders: over all PNGs)."""
+        if self.is_zip:
+            stat = self.path.stat()
+            return f"{self.path.name}:{stat.st_size}:{stat.st_mtime_ns}"
+        count = size = mtime = 0
+        for png in self.path.rglob("*.png"):
+            stat = png.stat()
+            count, size, mtime = count + 1, size + stat.st_size, max(mtime, stat.st_mtime_ns)
+        return f"{self.path.name}/:{count}:{size}:{mtime}"
+
+
+@dataclass(frozen=True)
+class _Character:
+    source: _Source
+    files: tuple[str, ...]  # zip member names, or paths relative to the source folder
+
+
+def _root_hint(root: Path) -> str:
+    return f"dataset.root={str(root)!r} (resolved: {root.resolve()})"
+
+
+def _find_sources(root: Path) -> dict[str, _Source]:
+    found: dict[str, _Source] = {}
+    for sub in _SUBDIRS:
+        folder = root / sub if sub else root
+        for stem in ARCHIVES:
+            if stem in found:
+                continue
+            # Prefer the zip: one file to read and to fingerprint.
+            if (folder / f"{stem}.zip").is_file():
+                found[stem] = _Source(stem, folder / f"{stem}.zip")
+            elif (folder / stem).is_dir():
+                found[stem] = _Source(stem, folder / stem)
+    return found
+
+
+def _not_found_message(root: Path) -> str:
+    looked_in = ", ".join(str((root / sub) if sub else root) for sub in _SUBDIRS)
+    names = ", ".join(f"{stem}.zip" for stem in ARCHIVES)
+    return (
+        f"Omniglot not found for {_root_hint(root)}: looked for {names} (or their extracted "
+        f"folders of the same name) in {looked_in}. Fix: set dataset.root=<folder holding these "
+        f"files>, or set dataset.download=true on a machine with network to fetch "
+        f"{BACKGROUND}.zip and {EVALUATION}.zip from https://github.com/brendenlake/omniglot"
+    )
+
+
+def _download(root: Path, sources: dict[str, _Source]) -> None:
+    """Fetch the full background and evaluation archives that are missing, checking MD5."""
+    for stem in (BACKGROUND, EVALUATION):
+        if stem in sources:
+            continue
+        name = f"{stem}.zip"
+        url = DOWNLOAD_URL.format(name=name)
+        dest = root / name
+        tmp_path: Path | None = None
+        logger.info("downloading %s to %s", url, dest)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.md5(usedforsecurity=False)
+            with (
+                urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
+                tempfile.NamedTemporaryFile(
+                    dir=root, prefix=f".{name}.", suffix=".part", delete=False
+                ) as tmp,
+            ):
+                tmp_path = Path(tmp.name)
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    tmp.write(chunk)
+            if digest.hexdigest() != DOWNLOAD_MD5[name]:
+                raise RuntimeError(
+                    f"downloaded {url} has MD5 {digest.hexdigest()}, expected "
+                    f"{DOWNLOAD_MD5[name]} (a truncated or altered download; retry, or place the "
+                    f"official {name} in dataset.root={str(root)!r} yourself)"
+                )
+            os.replace(tmp_path, dest)
+            tmp_path = None
+        except (urllib.error.URLError, OSError) as error:  # includes timeouts
+            raise RuntimeError(
+                f"could not download {url} into {_root_hint(root)}: {error}. Fix: on a machine "
+                f"with network, retry dataset.download=true; otherwise copy {BACKGROUND}.zip and "
+                f"{EVALUATION}.zip (or images_background_small1/2.zip) there by hand and set "
+                f"dataset.root=<that folder> with dataset.download=false"
+            ) from error
+        finally:
+            if tmp_path is not None:
+                tmp_path.unlink(missing_ok=True)
+        sources[stem] = _Source(stem, dest)
+
+
+def _index(source: _Source) -> dict[CharacterKey, list[str]]:
+    """``(alphabet, character) -> [image file, ...]`` sorted by file name (drawer order)."""
+    if source.is_zip:
+        with zipfile.ZipFile(source.path) as archive:
+            names = [n for n in archive.namelist() if n.lower().endswith(".png")]
+    else:
+        names = [p.relative_to(source.path).as_posix() for p in source.path.rglob("*.png")]
+    characters: dict[CharacterKey, list[str]] = {}
+    for name in names:
+        parts = name.split("/")
+        if len(parts) < 3 or "__MACOSX" in parts or parts[-1].startswith("."):
+            continue  # not an image of the official layout (e.g. macOS resource forks)
+        characters.setdefault((parts[-3], parts[-2]), []).append(name)
+    for files in characters.values():
+        files.sort(key=lambda n: n.rsplit("/", 1)[-1])
+    return characters
+
+
+def _index_all(sources: dict[str, _Source]) -> dict[CharacterKey, _Character]:
+    characters: dict[CharacterKey, _Character] = {}
+    for stem in ARCHIVES:
+        if stem not in sources:
+            continue
+        for key, files in _index(sources[stem]).items():
+            characters.setdefault(key, _Character(sources[stem], tuple(files)))
+    return characters
+
+
+def _decode_image(data: bytes, image_size: int) -> bytes:
+    """One PNG -> ``image_size**2`` bytes of 8-bit grey (not yet inverted), row-major."""
+    with Image.open(io.BytesIO(data)) as image:
+        grey = image.convert("L")
+    if grey.size != (image_size, image_size):
+        # The LANCZOS (antialiased) resize of Finn et al.'s omniglot_resized preprocessing.
+        grey = grey.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    return grey.tobytes()
+
+
+def _decode(keys: Sequence[CharacterKey], characters: dict[CharacterKey, _Character],
+            image_size: int) -> Tensor:
+    """Decode every image: ``(C, M, 1, S, S)`` uint8, strokes 255 and background 0."""
+    counts = {len(characters[k].files) for k in keys}
+    if len(counts) != 1:
+        by_count = {len(characters[k].files): k for k in keys}
+        raise ValueError(
+            f"Omniglot characters must all have the same number of images, found counts "
+            f"{sorted(counts)} (e.g. {by_count}); an archive is truncated: replace it with the "
+            f"official one"
+        )
+    per_class = counts.pop()
+    buffer = bytearray()
+    open_zips: dict[Path, zipfile.ZipFile] = {}
+    try:
+        for key in keys:
+            character = characters[key]
+            source = character.source
+            for name in character.files:
+                if source.is_zip:
+                    if source.path not in open_zips:
+                        open_zips[source.path] = zipfile.ZipFile(source.path)
+                    data = open_zips[source.path].read(name)
+                else:
+                    data = (source.path / name).read_bytes()
+                buffer += _decode_image(data, image_size)
+    finally:
+        for archive in open_zips.values():
+            archive.close()
+    images = torch.frombuffer(buffer, dtype=torch.uint8)
+    # Invert: Omniglot draws black strokes on white; we want strokes 1 and background 0.
+    return (255 - images).view(len(keys), per_class, 1, image_size, image_size)
+
+
+def _cache_file(cache_dir: Path, sources: dict[str, _Source], image_size: int) -> Path:
+    used = [sources[stem] for stem in ARCHIVES if stem in sources]
+    key = "|".join([f"v{_CACHE_FORMAT}", f"size{image_size}", *(s.fingerprint() for s in used)])
+    digest = hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()[:16]
+    names = "+".join(s.stem.removeprefix("images_") for s in used)
+    return cache_dir / f"omniglot_{names}_{image_size}px_{digest}.pt"
+
+
+def _load_cache(path: Path) -> tuple[list[CharacterKey], Tensor] | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        keys = [(str(a), str(c)) for a, c in state["characters"]]
+        images = state["images"]
+    except Exception as error:  # a corrupt cache only costs a re-decode
+        logger.warning("ignoring unreadable Omniglot cache %s (%s); decoding again", path, error)
+        return None
+    return keys, images
+
+
+def _save_cache(path: Path, keys: Sequence[CharacterKey], images: Tensor) -> None:
+    tmp_path: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+        ) as tmp:
+            tmp_path = Path(tmp.name)
+            torch.save({"characters": [list(k) for k in keys], "images": images}, tmp)
+        os.replace(tmp_path, path)
+        tmp_path = None
+        logger.info("cached decoded Omniglot in %s", path)
+    except OSError as error:  # e.g. a read-only data folder: caching is an optimisation only
+        logger.warning(
+            "could not write the Omniglot cache %s (%s); set dataset.cache_dir to a writable "
+            "folder to avoid decoding on every run", path, error
+        )
+    finally:
+        if tmp_path is not None:
+            tmp_path.unlink(missing_ok=True)
+
+
+def _split_keys(
+    keys: Sequence[CharacterKey],
+    characters: dict[CharacterKey, _Character],
+    split: str,
+    fractions: Sequence[float],
+    seed: int,
+    root: Path,
+) -> dict[str, list[CharacterKey]]:
+    ordered = sorted(keys)
+    present = sorted({characters[k].source.stem for k in keys})
+    if split == "finn":
+        missing = [f"{s}.zip" for s in (BACKGROUND, EVALUATION) if s not in present]
+        if missing or len(ordered) != FULL_CHARACTERS:
+            reason = (
+                f"{', '.join(missing)} missing" if missing
+                else f"found {len(ordered)} characters (an archive is incomplete)"
+            )
+            raise ValueError(
+                f"dataset.split=finn needs the full Omniglot ({FULL_CHARACTERS} characters from "
+                f"{BACKGROUND}.zip and {EVALUATION}.zip) but {reason} under {_root_hint(root)} "
+                f"(found: {', '.join(present)}; {len(ordered)} characters). Fix: set "
+                f"dataset.download=true on a machine with network, or use dataset.split=random "
+                f"(fractions of the characters present) or dataset.split=lake"
+            )
+        random.Random(seed).shuffle(ordered)
+        return {
+            "train": ordered[:FINN_TRAIN],
+            "val": ordered[FINN_TRAIN : FINN_TRAIN + FINN_VAL],
+            "test": ordered[FINN_TRAIN + FINN_VAL :],
+        }
+    if split == "lake":
+        background = [k for k in ordered if characters[k].source.stem != EVALUATION]
+        evaluation = [k for k in ordered if characters[k].source.stem == EVALUATION]
+        if not evaluation or not background:
+            missing = f"{EVALUATION}.zip" if not evaluation else f"{BACKGROUND}.zip"
+            raise ValueError(
+                f"dataset.split=lake needs background alphabets for train and {EVALUATION}.zip "
+                f"for test, but {missing} is missing under {_root_hint(root)} (found: "
+                f"{', '.join(present)}). Fix: set dataset.download=true on a machine with "
+                f"network, or use dataset.split=random (fractions of the characters present)"
+            )
+        random.Random(seed).shuffle(background)
+        num_val = max(1, round(LAKE_VAL_FRACTION * len(background)))
+        return {"train": background[num_val:], "val": background[:num_val], "test": evaluation}
+    # random
+    random.Random(seed).shuffle(ordered)
+    total = float(sum(fractions))
+    bounds = [0]
+    cumulative = 0.0
+    for fraction in fractions:
+        cumulative += fraction
+        bounds.append(round(cumulative / total * len(ordered)))
+    parts = {
+        name: ordered[bounds[i] : bounds[i + 1]] for i, name in enumerate(("train", "val", "test"))
+    }
+    empty = [name for name, part in parts.items() if not part]
+    if empty:
+        raise ValueError(
+            f"dataset.fractions={tuple(fractions)} over the {len(ordered)} characters present "
+            f"leaves no class in split(s) {', '.join(empty)} (sizes "
+            f"{ {n: len(p) for n, p in parts.items()} }). Fix: raise those fractions, e.g. "
+            f"dataset.fractions=[0.7,0.15,0.15], or add data under dataset.root"
+        )
+    return parts
+
+
+def _check_arguments(split: str, fractions: Sequence[float], image_size: int) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"dataset.split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if image_size < 1:
+        raise ValueError(f"dataset.image_size must be >= 1, got {image_size}")
+    values = list(fractions)
+    if len(values) != 3 or any(not f >= 0 for f in values) or abs(sum(values) - 1.0) > 1e-6:
+        raise ValueError(
+            f"dataset.fractions must be 3 non-negative numbers (train, val, test) summing to 1, "
+            f"got {tuple(values)} (set e.g. dataset.fractions=[0.7,0.15,0.15])"
+        )
+
+
+def _with_rotations(images: Tensor) -> Tensor:
+    """``(C, M, 1, S, S) -> (4C, M, 1, S, S)``: class ``r*C + c`` is class ``c`` rotated by
+    ``r * 90`` degrees (Santoro et al. 2016; Finn et al. 2017, Sec. 5.2)."""
+    return torch.cat([torch.rot90(images, r, dims=(-2, -1)) for r in range(4)])
+
+
+def load_omniglot(
+    root: str | Path,
+    *,
+    split: str = "finn",
+    fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    seed: int = 1,
+    download: bool = False,
+    rotations: bool = True,
+    image_size: int = 28,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Tensor]:
+    """Load Omniglot from the official archives and split its characters into classes.
+
+    Args:
+        root: folder holding the archives (zips or extracted folders), directly or in an
+            ``omniglot/`` or ``omniglot-py/`` subfolder.
+        split: ``"finn"`` (Finn et al. 2017: all 1623 characters sorted by (alphabet, character),
+            shuffled with ``random.Random(seed)``; 1100 train, 100 val, 423 test), ``"lake"``
+            (background alphabets train, a seeded 10% of their characters val, evaluation
+            alphabets test) or ``"random"`` (``fractions`` of whatever characters are present,
+            shuffled with ``seed``).
+        fractions: ``(train, val, test)`` fractions for ``split="random"``; ignored otherwise.
+        seed: seed of the character shuffle.
+        download: fetch the missing ``images_background.zip`` and ``images_evaluation.zip``
+            from the Omniglot GitHub repository into ``root`` (MD5-checked).
+        rotations: add each character rotated by 90, 180 and 270 degrees as three more classes
+            of the same split (C characters -> 4C classes).
+        image_size: side of the resized square images.
+        cache_dir: where the decoded images are cached (default ``<root>/.metarun_cache``).
+
+    Returns:
+        ``{"train", "val", "test"}`` -> ``(C, 20, 1, image_size, image_size)`` float32 in
+        ``[0, 1]``, strokes near 1 and background 0.
+
+    Raises:
+        FileNotFoundError: no archive under ``root`` and ``download=False``.
+        RuntimeError: ``download=True`` but the download failed or its checksum is wrong.
+        ValueError: bad arguments, or a split the archives present cannot make.
+    """
+    _check_arguments(split, fractions, image_size)
+    root = Path(root).expanduser()
+    sources = _find_sources(root)
+    if download:
+        _download(root, sources)
+    if not sources:
+        raise FileNotFoundError(_not_found_message(root))
+    characters = _index_all(sources)
+    if not characters:
+        raise FileNotFoundError(
+            f"no <Alphabet>/characterNN/*.png images in "
+            f"{', '.join(str(s.path) for s in sources.values())}; " + _not_found_message(root)
+        )
+    # Split first (cheap: names only), so an impossible split fails before any decoding.
+    parts = _split_keys(list(characters), characters, split, fractions, seed, root)
+
+    cache_path = _cache_file(
+        Path(cache_dir).expanduser() if cache_dir is not None else root / ".metarun_cache",
+        sources,
+        image_size,
+    )
+    cached = _load_cache(cache_path)
+    if cached is not None and set(cached[0]) == set(characters):
+        keys, images = cached
+        logger.info("loaded decoded Omniglot from %s", cache_path)
+    else:
+        keys = sorted(characters)
+        logger.info("decoding %d Omniglot characters from %s", len(keys), root)
+        images = _decode(keys, characters, image_size)
+        _save_cache(cache_path, keys, images)
+
+    position = {key: i for i, key in enumerate(keys)}
+    out: dict[str, Tensor] = {}
+    for name, part in parts.items():
+        chosen = images[torch.tensor([position[k] for k in part], dtype=torch.long)]
+        pool = chosen.float().div_(255.0)  # (C, M, 1, S, S) in [0, 1]
+        out[name] = _with_rotations(pool) if rotations else pool
+    return out

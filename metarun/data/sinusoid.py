@@ -1,0 +1,95 @@
+"""Sinusoid regression tasks (Finn et al. 2017, Sec. 5.1)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from metarun.tasks import TaskBatch
+
+
+def _check_range(key: str, value: tuple[float, float]) -> tuple[float, float]:
+    low, high = (float(v) for v in value)
+    if not low <= high:
+        raise ValueError(f"{key} must be (low, high) with low <= high, got {tuple(value)}")
+    return low, high
+
+
+class SinusoidTasks:
+    """Tasks ``y = A * sin(x - phase)`` with ``A``, ``phase`` and ``x`` drawn uniformly per task.
+
+    Args:
+        k_shot: support points per task.
+        k_query: query points per task.
+        amplitude: ``(low, high)`` range of ``A``.
+        phase: ``(low, high)`` range of the phase.
+        x_range: ``(low, high)`` range of the inputs.
+
+    Raises:
+        ValueError: ``k_shot`` or ``k_query`` below 1, or a range with ``low > high``.
+
+    References:
+        Finn, Abbeel, Levine. Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks.
+        ICML 2017 (amplitude in [0.1, 5.0], phase in [0, pi], x in [-5, 5]).
+
+    Example:
+        >>> tasks = SinusoidTasks(k_shot=10)
+        >>> batch = tasks.sample(4, torch.Generator().manual_seed(0))
+        >>> batch.support_x.shape
+        torch.Size([4, 10, 1])
+    """
+
+    task_type = "regression"
+    num_outputs = 1
+    input_shape = (1,)
+
+    def __init__(
+        self,
+        k_shot: int = 10,
+        k_query: int = 10,
+        amplitude: tuple[float, float] = (0.1, 5.0),
+        phase: tuple[float, float] = (0.0, math.pi),
+        x_range: tuple[float, float] = (-5.0, 5.0),
+    ) -> None:
+        if k_shot < 1:
+            raise ValueError(f"dataset.k_shot must be >= 1, got {k_shot} (set e.g. dataset.k_shot=10)")
+        if k_query < 1:
+            raise ValueError(
+                f"dataset.k_query must be >= 1, got {k_query} (set e.g. dataset.k_query=10)"
+            )
+        self.k_shot = int(k_shot)
+        self.k_query = int(k_query)
+        self.amplitude = _check_range("dataset.amplitude", amplitude)
+        self.phase = _check_range("dataset.phase", phase)
+        self.x_range = _check_range("dataset.x_range", x_range)
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> TaskBatch:
+        """Draw ``batch_size`` tasks using only ``generator`` for randomness.
+
+        Returns:
+            A :class:`TaskBatch` of float32 tensors: support ``(T, k_shot, 1)``, query
+            ``(T, k_query, 1)`` for both inputs and targets.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        t, k = batch_size, self.k_shot + self.k_query
+
+        def uniform(shape: tuple[int, ...], bounds: tuple[float, float]) -> torch.Tensor:
+            low, high = bounds
+            return torch.rand(shape, generator=generator) * (high - low) + low
+
+        amplitude = uniform((t, 1, 1), self.amplitude)  # (T, 1, 1)
+        phase = uniform((t, 1, 1), self.phase)  # (T, 1, 1)
+        x = uniform((t, k, 1), self.x_range)  # (T, K+Q, 1)
+        y = amplitude * torch.sin(x - phase)  # (T, K+Q, 1)
+        s = self.k_shot
+        return TaskBatch(
+            x[:, :s].contiguous(), y[:, :s].contiguous(), x[:, s:].contiguous(), y[:, s:].contiguous()
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"SinusoidTasks(k_shot={self.k_shot}, k_query={self.k_query}, "
+            f"amplitude={self.amplitude}, phase={self.phase}, x_range={self.x_range})"
+        )

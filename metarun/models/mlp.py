@@ -1,0 +1,47 @@
+"""Fully connected network, the MAML sinusoid regressor by default."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+
+class MLP(nn.Module):
+    """``Linear -> ReLU -> ... -> Linear``: ``hidden`` sizes between ``in_features`` and
+    ``out_features``, no activation on the output.
+
+    Args:
+        in_features: input size.
+        hidden: sizes of the hidden layers (may be empty: a linear model).
+        out_features: output size.
+
+    References:
+        Finn, Abbeel, Levine. Model-Agnostic Meta-Learning. ICML 2017, Sec. 5.1: two hidden layers
+        of 40 units with ReLU for sinusoid regression.
+
+    Example:
+        >>> MLP()(torch.zeros(10, 1)).shape
+        torch.Size([10, 1])
+    """
+
+    def __init__(
+        self, in_features: int = 1, hidden: Sequence[int] = (40, 40), out_features: int = 1
+    ) -> None:
+        super().__init__()
+        sizes = [int(in_features), *(int(h) for h in hidden), int(out_features)]
+        if any(s < 1 for s in sizes):
+            raise ValueError(
+                f"model sizes must be >= 1, got in_features={in_features}, hidden={list(hidden)}, "
+                f"out_features={out_features}"
+            )
+        layers: list[nn.Module] = []
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(fan_in, fan_out))
+            if i < len(sizes) - 2:
+                layers.append(nn.ReLU())
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(..., in_features) -> (..., out_features)``."""
+        return self.layers(x)

@@ -1,0 +1,257 @@
+"""The functional layer: parameters as dicts, a stateless forward, and differentiable inner loops.
+
+Everything the algorithms use lives here; the ``higher``-compatible objects in
+:mod:`metarun.unroll.patch` and :mod:`metarun.unroll.optim` are built on top of it.
+
+Example::
+
+    from metarun.unroll import SGD, get_params, functional_call, inner_loop
+
+    params = get_params(model)                       # the model's own tensors: MAML meta-grads
+    loss_fn = lambda p: F.cross_entropy(functional_call(model, p, x_s), y_s)
+    result = inner_loop(loss_fn, params, SGD(lr=0.4), steps=5)
+    meta_loss = F.cross_entropy(functional_call(model, result.params, x_q), y_q)
+    meta_loss.backward()                             # fills model.<param>.grad
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metarun.unroll.optimizers import FunctionalOptimizer, Hyper, Params, State
+
+LossFn = Callable[[Params], Tensor]
+
+
+def get_params(
+    module: nn.Module, *, copy: bool = False, device: torch.device | str | None = None
+) -> Params:
+    """The module's parameters keyed by ``named_parameters()`` name (tied weights appear once).
+
+    Args:
+        module: any ``nn.Module``.
+        copy: ``False`` returns the module's own tensors, so gradients reach them (MAML).
+            ``True`` returns ``clone().detach()`` copies that require grad as the original does
+            (``copy_initial_weights=True`` in higher's terms).
+        device: move the copies to this device.
+    """
+    out: Params = {}
+    for name, p in module.named_parameters():
+        if copy:
+            q = p.detach().clone()
+            if device is not None:
+                q = q.to(device)
+            out[name] = q.requires_grad_(p.requires_grad)
+        else:
+            out[name] = p if device is None else p.to(device)
+    return out
+
+
+def get_buffers(
+    module: nn.Module, *, copy: bool = True, device: torch.device | str | None = None
+) -> dict[str, Tensor]:
+    """The module's buffers by name; ``copy=True`` gives private detached clones."""
+    out: dict[str, Tensor] = {}
+    for name, b in module.named_buffers():
+        b = b.detach().clone() if copy else b
+        out[name] = b if device is None else b.to(device)
+    return out
+
+
+def functional_call(
+    module: nn.Module,
+    params: Mapping[str, Tensor],
+    *args: Any,
+    buffers: Mapping[str, Tensor] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Runs the unmodified ``module`` with ``params`` (and ``buffers``) substituted.
+
+    A thin wrapper of :func:`torch.func.functional_call`: hooks fire, tied weights stay tied,
+    parametrizations see the substituted originals. Buffers not given are the module's own.
+    """
+    tensors: Mapping[str, Tensor] = params if not buffers else {**buffers, **params}
+    return torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
+
+
+def grads_of(
+    loss: Tensor, params: Mapping[str, Tensor], *, create_graph: bool
+) -> dict[str, Tensor | None]:
+    """Gradient of ``loss`` w.r.t. each parameter that requires grad (``None`` if unused/frozen)."""
+    names = [n for n, p in params.items() if p.requires_grad]
+    if not names:
+        return {}
+    grads = torch.autograd.grad(
+        loss, [params[n] for n in names], create_graph=create_graph, allow_unused=True
+    )
+    return dict(zip(names, grads))
+
+
+def detach_params(params: Mapping[str, Tensor]) -> Params:
+    """Detached leaves that require grad where the originals did."""
+    return {n: p.detach().requires_grad_(p.requires_grad) for n, p in params.items()}
+
+
+def detach_state(state: State) -> State:
+    return {
+        n: {k: v.detach() if torch.is_tensor(v) else v for k, v in s.items()}
+        for n, s in state.items()
+    }
+
+
+@dataclass
+class InnerLoopResult:
+    """What :func:`inner_loop` returns.
+
+    Attributes:
+        params: adapted parameters (differentiable w.r.t. the initial ones and tensor
+            hyperparameters, as the gradient-flow options allow).
+        state: final optimizer state.
+        losses: the inner loss before each step, detached.
+        history: parameters at every time step (``history[0]`` the initial ones) when requested.
+    """
+
+    params: Params
+    state: State
+    losses: list[Tensor] = field(default_factory=list)
+    history: list[Params] | None = None
+
+
+def inner_step(
+    loss_fn: LossFn,
+    params: Params,
+    optimizer: FunctionalOptimizer,
+    state: State | None = None,
+    hyper: Hyper | None = None,
+    *,
+    first_order: bool = False,
+    track_higher_grads: bool = True,
+    checkpoint: bool = False,
+) -> tuple[Params, State, Tensor]:
+    """One differentiable step: ``loss_fn(params)``, its gradient, an optimizer update.
+
+    Args:
+        loss_fn: maps parameters to a scalar inner loss.
+        params: current parameters.
+        optimizer: the update rule.
+        state: optimizer state (``None``: fresh).
+        hyper: hyperparameters; tensors requiring grad receive hypergradients.
+        first_order: detach the inner gradient. The update ``p - lr * g`` still depends on ``p``
+            through the identity, so the initial weights get the first-order MAML gradient.
+            The inner loss is evaluated on detached leaves, so no second-order graph is built.
+        track_higher_grads: ``False`` is test mode: the result is detached (no graph at all).
+        checkpoint: recompute the inner forward during the meta-backward instead of storing its
+            activations (second order only; saves memory on long unrolls).
+
+    Returns:
+        ``(new_params, new_state, loss)`` with ``loss`` detached.
+    """
+    if not track_higher_grads:
+        leaves = detach_params(params)
+        with torch.enable_grad():
+            loss = loss_fn(leaves)
+            grads = grads_of(loss, leaves, create_graph=False)
+        with torch.no_grad():
+            new_params, new_state = optimizer.step(leaves, grads, state, hyper)
+        return detach_params(new_params), detach_state(new_state), loss.detach()
+    if first_order:
+        leaves = detach_params(params)
+        loss = loss_fn(leaves)
+        grads = grads_of(loss, leaves, create_graph=False)
+        new_params, new_state = optimizer.step(params, grads, state, hyper)
+        return new_params, new_state, loss.detach()
+    if checkpoint:
+        grads, loss = _checkpointed_grads(loss_fn, params)
+    else:
+        loss = loss_fn(params)
+        grads = grads_of(loss, params, create_graph=True)
+    new_params, new_state = optimizer.step(params, grads, state, hyper)
+    return new_params, new_state, loss.detach()
+
+
+def _checkpointed_grads(
+    loss_fn: LossFn, params: Params
+) -> tuple[dict[str, Tensor | None], Tensor]:
+    names = [n for n, p in params.items() if p.requires_grad]
+
+    def grad_fn(*tensors: Tensor) -> tuple[Tensor, ...]:
+        local = dict(params)
+        local.update(zip(names, tensors))
+        loss = loss_fn(local)
+        grads = torch.autograd.grad(
+            loss, tensors, create_graph=torch.is_grad_enabled(), allow_unused=True
+        )
+        out = tuple(torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads))
+        return (*out, loss.detach())
+
+    outs = torch.utils.checkpoint.checkpoint(
+        grad_fn, *[params[n] for n in names], use_reentrant=False
+    )
+    return dict(zip(names, outs[:-1])), outs[-1]
+
+
+def inner_loop(
+    loss_fn: LossFn,
+    params: Params,
+    optimizer: FunctionalOptimizer,
+    steps: int,
+    *,
+    state: State | None = None,
+    hyper: Hyper | None = None,
+    first_order: bool = False,
+    track_higher_grads: bool = True,
+    truncate: int | None = None,
+    checkpoint: bool = False,
+    keep_history: bool = False,
+) -> InnerLoopResult:
+    """Runs ``steps`` differentiable optimizer steps on ``loss_fn`` from ``params``.
+
+    Args:
+        loss_fn: maps parameters to a scalar inner loss (close over the module and the data;
+            use :func:`functional_call` for the forward).
+        params: initial parameters: :func:`get_params` ``(model)`` for MAML (gradients reach the
+            model) or ``get_params(model, copy=True)`` for detached copies.
+        optimizer: e.g. ``SGD(lr=0.4)``; hyperparameters may be tensors.
+        steps: number of inner steps (>= 0).
+        state: initial optimizer state (``None``: fresh).
+        hyper: hyperparameters overriding the optimizer's defaults for this loop; values may be
+            per-parameter dicts (Meta-SGD).
+        first_order: first-order MAML (see :func:`inner_step`).
+        track_higher_grads: ``False`` runs without any graph (evaluation).
+        truncate: keep the second-order graph through the last ``truncate`` steps only; earlier
+            steps are first order, so memory grows with ``truncate``, not ``steps``, while the
+            initial weights still receive a (first-order) gradient through those steps.
+        checkpoint: recompute inner forwards in the backward pass instead of storing them.
+        keep_history: also return every intermediate parameter dict.
+
+    Raises:
+        ValueError: ``steps < 0`` or ``truncate < 0``.
+    """
+    if steps < 0:
+        raise ValueError(f"inner_loop: steps must be >= 0, got {steps}")
+    if truncate is not None and truncate < 0:
+        raise ValueError(f"inner_loop: truncate must be >= 0 or None, got {truncate}")
+    history = [params] if keep_history else None
+    losses: list[Tensor] = []
+    state = optimizer.init(params, hyper) if state is None else state
+    for t in range(steps):
+        fo = first_order or (truncate is not None and t < steps - truncate)
+        params, state, loss = inner_step(
+            loss_fn,
+            params,
+            optimizer,
+            state,
+            hyper,
+            first_order=fo,
+            track_higher_grads=track_higher_grads,
+            checkpoint=checkpoint,
+        )
+        losses.append(loss)
+        if history is not None:
+            history.append(params)
+    return InnerLoopResult(params=params, state=state, losses=losses, history=history)

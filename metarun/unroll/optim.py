@@ -1,0 +1,301 @@
+"""``higher``-compatible differentiable optimizers, built on :mod:`metarun.unroll.optimizers`.
+
+``DifferentiableOptimizer(other, reference_params, fmodel=...)`` starts from a ``torch.optim``
+optimizer's param groups and existing state and updates fast weights differentiably on each
+``step(loss)``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metarun.unroll import optimizers as F
+from metarun.unroll.functional import detach_state
+from metarun.unroll.patch import FunctionalModule
+
+Override = Mapping[str, Sequence[Any]]
+GradCallback = Callable[[list[Tensor | None]], Sequence[Tensor | None]]
+
+
+class DifferentiableOptimizer:
+    """Differentiable counterpart of a ``torch.optim`` optimizer (higher's semantics).
+
+    Args:
+        other: the ``torch.optim`` optimizer whose param groups and state are the starting point.
+        reference_params: the original module's parameters (``model.parameters()``); the
+            optimizer's parameters are located in it by identity.
+        fmodel: fast model to update on each step (its fast weights are used when ``step`` gets
+            no ``params``).
+        device: move optimizer state there.
+        override: per-group settings as tensors, ``{"lr": [t]}`` (one value for all groups) or
+            ``{"lr": [t0, t1, ...]}`` (one per group); any numeric setting may require grad.
+        grad_callback: applied to the list of gradients (reference order) before each update.
+        track_higher_grads: ``False`` is test mode: detached results, no graph.
+        first_order: detach inner gradients (first-order MAML); unlike ``track_higher_grads=False``
+            the new weights stay connected to the old ones, so the initial weights still receive a
+            meta-gradient.
+
+    Raises:
+        TypeError: when ``other`` has no differentiable version.
+        ValueError: when an optimizer parameter is not among ``reference_params``, or an
+            override list has the wrong length.
+    """
+
+    functional_class: type[F.FunctionalOptimizer] | None = None
+
+    def __init__(
+        self,
+        other: torch.optim.Optimizer,
+        reference_params: Iterable[Tensor],
+        fmodel: FunctionalModule | None = None,
+        device: torch.device | str | None = None,
+        override: Override | None = None,
+        grad_callback: GradCallback | None = None,
+        track_higher_grads: bool = True,
+        first_order: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        cls = self.functional_class or F.functional_for(other)
+        reference = list(reference_params)
+        index_of = {id(p): i for i, p in enumerate(reference)}
+        self._functional = cls()
+        self.param_groups: list[dict[str, Any]] = []
+        self._group_to_param_list: list[list[int]] = []
+        self.state: dict[int, F.ParamState] = {}
+        for g_idx, group in enumerate(other.param_groups):
+            indices = []
+            for p in group["params"]:
+                i = index_of.get(id(p))
+                if i is None:
+                    raise ValueError(
+                        f"parameter of shape {tuple(p.shape)} in param group {g_idx} of the "
+                        f"{type(other).__name__} optimizer was not found among the reference "
+                        "parameters; build the optimizer on model.parameters() of the model "
+                        "given to innerloop_ctx/monkeypatch"
+                    )
+                indices.append(i)
+                if p in other.state and other.state[p]:
+                    self.state[i] = self._functional.state_from_torch(other.state[p], p)
+                    if device is not None:
+                        self.state[i] = {
+                            k: v.to(device) if torch.is_tensor(v) else v
+                            for k, v in self.state[i].items()
+                        }
+            settings = {
+                k: copy.deepcopy(v)
+                for k, v in group.items()
+                if k != "params" and k in self._functional.defaults
+            }
+            self.param_groups.append({**self._functional.defaults, **settings})
+            self._group_to_param_list.append(indices)
+        if override is not None:
+            self._apply_override(override)
+        self._fmodel = fmodel
+        self._grad_callback = grad_callback
+        self._track_higher_grads = track_higher_grads
+        self._first_order = first_order
+
+    def _apply_override(self, override: Override) -> None:
+        n = len(self.param_groups)
+        for key, values in override.items():
+            if key not in self._functional.defaults:
+                raise ValueError(
+                    f"override key {key!r} is not a setting of {self._functional.name}; "
+                    f"settings: {sorted(self._functional.defaults)}"
+                )
+            if isinstance(values, Tensor) or not isinstance(values, (list, tuple)):
+                raise ValueError(
+                    f"override[{key!r}] must be a list of values (one for all groups or one per "
+                    f"group), got {type(values).__name__}; e.g. override={{'{key}': [tensor]}}"
+                )
+            if len(values) not in (1, n):
+                raise ValueError(
+                    f"override[{key!r}] has {len(values)} values but the optimizer has {n} "
+                    "param group(s); give 1 (for all) or one per group"
+                )
+            for g_idx, group in enumerate(self.param_groups):
+                group[key] = values[0] if len(values) == 1 else values[g_idx]
+
+    def step(
+        self,
+        loss: Tensor,
+        params: Iterable[Tensor] | None = None,
+        override: Override | None = None,
+        grad_callback: GradCallback | None = None,
+        first_order: bool | None = None,
+        **kwargs: Any,
+    ) -> list[Tensor]:
+        """Differentiable replacement of ``zero_grad(); loss.backward(); step()``.
+
+        Args:
+            loss: the inner loss at the current fast weights.
+            params: weights to differentiate and update (default: the fast model's latest).
+            override: settings for this and later steps (see the constructor).
+            grad_callback: overrides the constructor's callback for this step.
+            first_order: overrides the constructor's ``first_order`` for this step (e.g. make
+                all but the last few steps first order: a truncated unroll).
+
+        Returns:
+            The new weights in reference order; the fast model (if any) is updated with them.
+        """
+        if override is not None:
+            self._apply_override(override)
+        if params is None:
+            if self._fmodel is None:
+                raise ValueError(
+                    "step() needs params= when the differentiable optimizer has no fast model"
+                )
+            params = self._fmodel.fast_params
+        params = list(params)
+        fo = self._first_order if first_order is None else first_order
+        track = self._track_higher_grads
+        wanted = [i for i, p in enumerate(params) if p.requires_grad]
+        grads: list[Tensor | None] = [None] * len(params)
+        if wanted:
+            found = torch.autograd.grad(
+                loss,
+                [params[i] for i in wanted],
+                create_graph=track and not fo,
+                allow_unused=True,
+            )
+            for i, g in zip(wanted, found):
+                grads[i] = g
+        callback = grad_callback or self._grad_callback
+        if callback is not None:
+            grads = list(callback(grads))
+        if fo and track:
+            grads = [None if g is None else g.detach() for g in grads]
+        new_params = list(params)
+        with torch.set_grad_enabled(track and torch.is_grad_enabled()):
+            for group, indices in zip(self.param_groups, self._group_to_param_list):
+                for i in indices:
+                    g = grads[i]
+                    if g is None:
+                        continue
+                    s = self.state.get(i)
+                    if s is None:
+                        s = self._functional.init_param(params[i], group)
+                    new_params[i], self.state[i] = self._functional.update_param(
+                        params[i], g, s, group
+                    )
+        if not track:
+            new_params = [
+                p.detach().requires_grad_(p.requires_grad or grads[i] is not None)
+                for i, p in enumerate(new_params)
+            ]
+            self.state = {i: detach_state({"s": s})["s"] for i, s in self.state.items()}
+        if self._fmodel is not None:
+            self._fmodel.update_params(new_params)
+        return new_params
+
+
+def _make(functional: type[F.FunctionalOptimizer]) -> type[DifferentiableOptimizer]:
+    name = "Differentiable" + functional.name
+    cls = type(
+        name,
+        (DifferentiableOptimizer,),
+        {
+            "functional_class": functional,
+            "__doc__": f"Differentiable ``torch.optim.{functional.name}`` (higher-compatible).",
+            "__module__": __name__,
+        },
+    )
+    return cls
+
+
+DifferentiableSGD = _make(F.SGD)
+DifferentiableAdam = _make(F.Adam)
+DifferentiableAdamW = _make(F.AdamW)
+DifferentiableRMSprop = _make(F.RMSprop)
+DifferentiableAdagrad = _make(F.Adagrad)
+DifferentiableAdamax = _make(F.Adamax)
+DifferentiableNAdam = _make(F.NAdam)
+DifferentiableRAdam = _make(F.RAdam)
+
+_registry: dict[type[torch.optim.Optimizer], type[DifferentiableOptimizer]] = {
+    torch.optim.SGD: DifferentiableSGD,
+    torch.optim.Adam: DifferentiableAdam,
+    torch.optim.AdamW: DifferentiableAdamW,
+    torch.optim.RMSprop: DifferentiableRMSprop,
+    torch.optim.Adagrad: DifferentiableAdagrad,
+    torch.optim.Adamax: DifferentiableAdamax,
+    torch.optim.NAdam: DifferentiableNAdam,
+    torch.optim.RAdam: DifferentiableRAdam,
+}
+
+
+def register_optim(
+    optim_type: type[torch.optim.Optimizer], diff_optim_type: type[DifferentiableOptimizer]
+) -> None:
+    """Registers a differentiable optimizer class for a ``torch.optim`` type."""
+    _registry[optim_type] = diff_optim_type
+
+
+def _lookup(optim_type: type) -> type[DifferentiableOptimizer]:
+    if optim_type in _registry:
+        return _registry[optim_type]
+    supported = ", ".join(sorted(t.__name__ for t in _registry))
+    raise TypeError(
+        f"Optimizer type {optim_type.__module__}.{optim_type.__name__} has no differentiable "
+        f"version. Supported: {supported}. Register one with "
+        "metarun.unroll.register_optim(optim_type, diff_optim_type)."
+    )
+
+
+def get_diff_optim(
+    opt: torch.optim.Optimizer,
+    reference_params: Iterable[Tensor],
+    fmodel: FunctionalModule | None = None,
+    device: torch.device | str | None = None,
+    override: Override | None = None,
+    track_higher_grads: bool = True,
+    **kwargs: Any,
+) -> DifferentiableOptimizer:
+    """The differentiable version of an existing optimizer instance (higher's API)."""
+    return _lookup(type(opt))(
+        opt,
+        reference_params,
+        fmodel=fmodel,
+        device=device,
+        override=override,
+        track_higher_grads=track_higher_grads,
+        **kwargs,
+    )
+
+
+def create_diff_optim(
+    opt_type: type[torch.optim.Optimizer],
+    opt_kwargs: dict[str, Any] | None = None,
+    params: Iterable[Tensor] | None = None,
+    fmodel: FunctionalModule | None = None,
+    device: torch.device | str | None = None,
+    override: Override | None = None,
+    track_higher_grads: bool = True,
+    **kwargs: Any,
+) -> DifferentiableOptimizer:
+    """Builds a differentiable optimizer from a type and settings (higher's API).
+
+    ``params`` (or the fast model's latest weights) define the parameters; a throwaway
+    ``torch.optim`` instance over detached copies supplies the param groups.
+    """
+    if params is None:
+        if fmodel is None:
+            raise ValueError("create_diff_optim needs params= or fmodel=")
+        params = fmodel.fast_params
+    params = list(params)
+    dummies = [torch.empty_like(p, device="meta").requires_grad_() for p in params]
+    opt = opt_type(dummies, **(opt_kwargs or {}))
+    return _lookup(opt_type)(
+        opt,
+        dummies,
+        fmodel=fmodel,
+        device=device,
+        override=override,
+        track_higher_grads=track_higher_grads,
+        **kwargs,
+    )
