@@ -17,8 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from metarun.data import FewShotTasks, SinusoidTasks, fixed_tasks, load_omniglot
-from metarun.data import omniglot
+from metarun.data import FewShotTasks, SinusoidTasks, fixed_tasks, load_omniglot, omniglot
 from metarun.tasks import TaskBatch
 
 # --------------------------------------------------------------------------- sinusoid
@@ -70,7 +69,7 @@ def test_sinusoid_deterministic_given_generator_only() -> None:
     b = tasks.sample(4, torch.Generator().manual_seed(7))
     assert torch.equal(torch.get_rng_state(), state)  # nor be consumed
     c = tasks.sample(4, torch.Generator().manual_seed(8))
-    assert all(torch.equal(u, v) for u, v in zip(a.tensors(), b.tensors()))
+    assert all(torch.equal(u, v) for u, v in zip(a.tensors(), b.tensors(), strict=True))
     assert not torch.equal(a.support_x, c.support_x)
 
 
@@ -103,9 +102,11 @@ def _codes(x: torch.Tensor) -> torch.Tensor:
 def test_fewshot_shapes_labels_and_distinct_classes() -> None:
     n, k, q, t = 5, 2, 3, 64
     tasks = FewShotTasks(_coded_pool(), n_way=n, k_shot=k, k_query=q)
-    assert (tasks.task_type, tasks.num_outputs, tasks.input_shape) == ("classification", 5, (1, 2, 3))
+    assert (tasks.task_type, tasks.num_outputs) == ("classification", 5)
+    assert tasks.input_shape == (1, 2, 3)
     batch = tasks.sample(t, torch.Generator().manual_seed(0))
-    assert batch.support_x.shape == (t, n * k, 1, 2, 3) and batch.query_x.shape == (t, n * q, 1, 2, 3)
+    assert batch.support_x.shape == (t, n * k, 1, 2, 3)
+    assert batch.query_x.shape == (t, n * q, 1, 2, 3)
     assert batch.support_y.shape == (t, n * k) and batch.query_y.shape == (t, n * q)
     assert batch.support_y.dtype == torch.int64 and batch.query_y.dtype == torch.int64
 
@@ -119,6 +120,7 @@ def test_fewshot_shapes_labels_and_distinct_classes() -> None:
         for code, label in zip(
             torch.cat([support[i], query[i]]).tolist(),
             torch.cat([batch.support_y[i], batch.query_y[i]]).tolist(),
+            strict=True,
         ):
             assert mapping.setdefault(label, code // 100) == code // 100
         assert len(set(mapping.values())) == n
@@ -142,7 +144,7 @@ def test_fewshot_deterministic_given_generator_only() -> None:
     b = tasks.sample(8, torch.Generator().manual_seed(5))
     assert torch.equal(torch.get_rng_state(), state)
     c = tasks.sample(8, torch.Generator().manual_seed(6))
-    assert all(torch.equal(u, v) for u, v in zip(a.tensors(), b.tensors()))
+    assert all(torch.equal(u, v) for u, v in zip(a.tensors(), b.tensors(), strict=True))
     assert not torch.equal(a.support_x, c.support_x)
 
 
@@ -167,14 +169,16 @@ def test_fixed_tasks_reproducible_and_batch_size_independent() -> None:
 
     first, again = run(4, seed=3), run(4, seed=3)
     assert [len(b) for b in first] == [4, 4, 2]
-    for a, b in zip(first, again):
-        assert all(torch.equal(u, v) for u, v in zip(a.tensors(), b.tensors()))
+    for a, b in zip(first, again, strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(a.tensors(), b.tensors(), strict=True))
 
     def joined(batches: list[TaskBatch]) -> list[torch.Tensor]:
-        return [torch.cat(parts) for parts in zip(*(b.tensors() for b in batches))]
+        return [torch.cat(parts) for parts in zip(*(b.tensors() for b in batches), strict=True)]
 
     # The tasks themselves do not depend on how they are grouped into batches.
-    assert all(torch.equal(u, v) for u, v in zip(joined(first), joined(run(3, seed=3))))
+    assert all(
+        torch.equal(u, v) for u, v in zip(joined(first), joined(run(3, seed=3)), strict=True)
+    )
     assert not torch.equal(joined(first)[0], joined(run(4, seed=4))[0])
     # Tasks within one evaluation set differ from each other.
     codes = _codes(joined(first)[0])
@@ -187,7 +191,8 @@ def test_fixed_tasks_reproducible_and_batch_size_independent() -> None:
 def test_data_and_models_import_neither_hydra_nor_runner() -> None:
     code = (
         "import sys, metarun.data, metarun.models; "
-        "bad = [m for m in sys.modules if m.split('.')[0] == 'hydra' or m.startswith('metarun.runner')]; "
+        "bad = [m for m in sys.modules "
+        "if m.split('.')[0] == 'hydra' or m.startswith('metarun.runner')]; "
         "assert not bad, bad"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -197,12 +202,15 @@ def test_data_and_models_import_neither_hydra_nor_runner() -> None:
 # --------------------------------------------------------------------------- fake Omniglot
 
 
-def _png(code: int, side: int = 12) -> bytes:
-    """A 1-bit white image with a black (stroke) bar whose length encodes ``code``: asymmetric, so
-    rotations are distinguishable. Omniglot draws black strokes on white."""
+def _png(character: int, alphabet: str, side: int = 12) -> bytes:
+    """A 1-bit white image with black (stroke) bars: row 1 as long as ``character``, row 3 as
+    long as a code of ``alphabet``'s name, and a dot at the lower left, so that every fake character
+    differs and rotations are distinguishable. Omniglot draws black strokes on white."""
     image = Image.new("1", (side, side), 1)
-    for col in range(1 + code % (side - 1)):
+    for col in range(min(character, side)):
         image.putpixel((col, 1), 0)
+    for col in range(1 + len(alphabet) % (side - 1)):
+        image.putpixel((col, 3), 0)
     image.putpixel((0, side - 2), 0)
     out = io.BytesIO()
     image.save(out, format="PNG")
@@ -210,16 +218,21 @@ def _png(code: int, side: int = 12) -> bytes:
 
 
 def _fake_archive(
-    root: Path, stem: str, alphabets: dict[str, int], *, drawers: int = 3, as_zip: bool = True,
+    root: Path,
+    stem: str,
+    alphabets: dict[str, int],
+    *,
+    drawers: int = 3,
+    as_zip: bool = True,
     side: int = 12,
 ) -> dict[str, bytes]:
-    """Write ``<stem>.zip`` (or the folder ``<stem>/``) in the official layout; returns the files."""
+    """Write ``<stem>.zip`` (or the folder ``<stem>/``) in the official layout."""
     files = {}
     for a, (alphabet, count) in enumerate(sorted(alphabets.items())):
         for c in range(1, count + 1):
             for d in range(1, drawers + 1):
                 name = f"{stem}/{alphabet}/character{c:02d}/{a:02d}{c:02d}_{d:02d}.png"
-                files[name] = _png(7 * a + c, side)
+                files[name] = _png(c, alphabet, side)
     root.mkdir(parents=True, exist_ok=True)
     if as_zip:
         with zipfile.ZipFile(root / f"{stem}.zip", "w") as archive:
@@ -242,9 +255,9 @@ def _load(root: Path, **kwargs) -> dict[str, torch.Tensor]:
 
 
 def test_fake_zip_and_folder_read_the_same_and_dedup(tmp_path: Path) -> None:
-    for stem, alphabets in (("images_background_small1", SMALL1), ("images_background_small2", SMALL2)):
-        _fake_archive(tmp_path / "zips", stem, alphabets, as_zip=True)
-        _fake_archive(tmp_path / "dirs", stem, alphabets, as_zip=False)
+    for stem, alphabets in (("small1", SMALL1), ("small2", SMALL2)):
+        _fake_archive(tmp_path / "zips", f"images_background_{stem}", alphabets, as_zip=True)
+        _fake_archive(tmp_path / "dirs", f"images_background_{stem}", alphabets, as_zip=False)
     from_zip = _load(tmp_path / "zips", rotations=False)
     from_dir = _load(tmp_path / "dirs", rotations=False)
     # 1 + 2 + 2 + 2 characters, the two Greek ones counted once: 5 -> 3/1/1.
@@ -295,10 +308,23 @@ def test_fake_cache_is_reused_and_invalidated(tmp_path: Path, monkeypatch) -> No
     # Another image size is another cache entry; a changed archive invalidates its entry.
     _load(tmp_path, fractions=(0.34, 0.33, 0.33), image_size=6)
     assert len(calls) == 18
-    stat = (tmp_path / "images_background_small1.zip").stat()
-    os.utime(tmp_path / "images_background_small1.zip", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    archive = tmp_path / "images_background_small1.zip"
+    stat = archive.stat()
+    os.utime(archive, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     _load(tmp_path, fractions=(0.34, 0.33, 0.33))
     assert len(calls) == 27
+
+
+def test_unwritable_cache_dir_only_warns(tmp_path: Path, caplog) -> None:
+    _fake_archive(tmp_path, "images_background_small1", SMALL1)
+    (tmp_path / "a_file").write_text("")
+    blocked = tmp_path / "a_file" / "cache"  # cannot be created, even by root
+    out = load_omniglot(
+        tmp_path, split="random", fractions=(0.34, 0.33, 0.33), image_size=12, cache_dir=blocked
+    )
+    assert sum(v.shape[0] for v in out.values()) == 3 * 4
+    assert "could not write the Omniglot cache" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "images_background_small1.zip"]
 
 
 def test_fake_lake_split_uses_alphabet_groups(tmp_path: Path) -> None:
@@ -306,9 +332,8 @@ def test_fake_lake_split_uses_alphabet_groups(tmp_path: Path) -> None:
     _fake_archive(tmp_path, "images_evaluation", {"Z": 3})
     out = _load(tmp_path, split="lake", rotations=False)
     assert {k: v.shape[0] for k, v in out.items()} == {"train": 18, "val": 2, "test": 3}
-    # The evaluation alphabet is the test set: bar lengths 7 * 0 + c for its only alphabet.
-    test_codes = sorted(int(img[0, 0, 1].sum()) for img in out["test"])
-    assert test_codes == [2, 3, 4]
+    # The evaluation alphabet is the test set: its characters 1, 2, 3 (row-1 bar lengths).
+    assert sorted(int(img[0, 0, 1].sum()) for img in out["test"]) == [1, 2, 3]
 
 
 def test_fake_finn_split_sizes_and_order(tmp_path: Path) -> None:
@@ -321,7 +346,9 @@ def test_fake_finn_split_sizes_and_order(tmp_path: Path) -> None:
     _fake_archive(tmp_path, "images_evaluation", evaluation, drawers=1, side=4)
     out = load_omniglot(tmp_path, split="finn", image_size=4, cache_dir=tmp_path / "cache")
     assert {k: v.shape for k, v in out.items()} == {
-        "train": (4400, 1, 1, 4, 4), "val": (400, 1, 1, 4, 4), "test": (1692, 1, 1, 4, 4)
+        "train": (4400, 1, 1, 4, 4),
+        "val": (400, 1, 1, 4, 4),
+        "test": (1692, 1, 1, 4, 4),
     }
     # The split is sorted (alphabet, character) shuffled by random.Random(1): check the test set.
     keys = sorted(
@@ -341,16 +368,17 @@ def test_fake_finn_split_sizes_and_order(tmp_path: Path) -> None:
 
 def _load_reference(root: Path, keys: list[tuple[str, str]]) -> torch.Tensor:
     """Decode the given characters straight from the fake archives, independently of the loader."""
-    images = []
-    for alphabet, character in keys:
-        stem = "images_background" if alphabet.startswith("Bg") else "images_evaluation"
+    data = {}
+    for stem in ("images_background", "images_evaluation"):
         with zipfile.ZipFile(root / f"{stem}.zip") as archive:
-            name = next(
-                n for n in archive.namelist() if n.startswith(f"{stem}/{alphabet}/{character}/")
-            )
-            with Image.open(io.BytesIO(archive.read(name))) as image:
-                grey = torch.tensor(list(image.convert("L").getdata()), dtype=torch.float32)
-        images.append(1.0 - grey.view(1, 1, 4, 4) / 255.0)
+            for name in archive.namelist():
+                alphabet, character = name.split("/")[1:3]
+                data[alphabet, character] = archive.read(name)
+    images = []
+    for key in keys:
+        with Image.open(io.BytesIO(data[key])) as image:
+            grey = torch.frombuffer(bytearray(image.convert("L").tobytes()), dtype=torch.uint8)
+        images.append(1.0 - grey.view(1, 1, 4, 4).float() / 255.0)
     return torch.stack(images)
 
 
@@ -416,7 +444,9 @@ def test_download_checks_md5_and_writes_atomically(tmp_path: Path, monkeypatch) 
     built = tmp_path / "built"
     _fake_archive(built, "images_background", {"A": 10})
     _fake_archive(built, "images_evaluation", {"B": 2})
-    payload = {n: (built / n).read_bytes() for n in ("images_background.zip", "images_evaluation.zip")}
+    payload = {
+        n: (built / n).read_bytes() for n in ("images_background.zip", "images_evaluation.zip")
+    }
     _serve(monkeypatch, payload)
 
     root = tmp_path / "data"
@@ -427,7 +457,11 @@ def test_download_checks_md5_and_writes_atomically(tmp_path: Path, monkeypatch) 
     md5 = {n: hashlib.md5(data).hexdigest() for n, data in payload.items()}
     monkeypatch.setattr(omniglot, "DOWNLOAD_MD5", md5)
     out = load_omniglot(
-        root, split="lake", download=True, image_size=12, rotations=False,
+        root,
+        split="lake",
+        download=True,
+        image_size=12,
+        rotations=False,
         cache_dir=tmp_path / "cache",
     )
     assert sorted(p.name for p in root.iterdir()) == sorted(payload)
@@ -463,6 +497,7 @@ def test_real_random_split_classes_and_pixels(real_omniglot) -> None:
     train = out["train"]
     c = train.shape[0] // 4
     assert torch.equal(train[2 * c : 3 * c], torch.rot90(train[:c], 2, dims=(-2, -1)))
+
     # No character in two splits.
     def fingerprints(pool: torch.Tensor) -> set[bytes]:
         return {img.numpy().tobytes() for img in pool[: pool.shape[0] // 4, 0]}
@@ -508,8 +543,25 @@ def test_real_fewshot_tasks_from_omniglot(real_omniglot) -> None:
     _, _, out = real_omniglot
     tasks = FewShotTasks(out["test"], n_way=20, k_shot=1, k_query=19)
     batch = tasks.sample(2, torch.Generator().manual_seed(0))
-    assert batch.support_x.shape == (2, 20, 1, 28, 28) and batch.query_x.shape == (2, 380, 1, 28, 28)
+    assert batch.support_x.shape == (2, 20, 1, 28, 28)
+    assert batch.query_x.shape == (2, 380, 1, 28, 28)
     with pytest.raises(ValueError, match=r"dataset\.k_shot \+ dataset\.k_query = 1 \+ 20 = 21"):
         FewShotTasks(out["test"], n_way=5, k_shot=1, k_query=20)
     with pytest.raises(ValueError, match=r"dataset\.n_way=145 exceeds the 144 classes"):
         FewShotTasks(out["test"], n_way=145, k_shot=1, k_query=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fewshot_pool_on_gpu_matches_cpu() -> None:
+    pool = _coded_pool()
+    cpu = FewShotTasks(pool, n_way=5, k_shot=1, k_query=2).sample(
+        4, torch.Generator().manual_seed(0)
+    )
+    gpu = FewShotTasks(pool.cuda(), n_way=5, k_shot=1, k_query=2).sample(
+        4, torch.Generator().manual_seed(0)
+    )
+    assert all(
+        g.is_cuda and torch.equal(g.cpu(), c)
+        for g, c in zip(gpu.tensors(), cpu.tensors(), strict=True)
+    )

@@ -151,4 +151,6 @@ def fixed_tasks(
             source.sample(1, torch.Generator().manual_seed(s))
             for s in seeds[start : start + batch_size]
         ]
-        yield TaskBatch(*(torch.cat(parts) for parts in zip(*(b.tensors() for b in tasks))))
+        yield TaskBatch(
+            *(torch.cat(parts) for parts in zip(*(b.tensors() for b in tasks), strict=True))
+        )

@@ -48,7 +48,7 @@ DOWNLOAD_MD5 = {
 }
 DOWNLOAD_TIMEOUT_S = 30.0
 FULL_CHARACTERS = 1623
-# Finn et al. 2017 (github.com/cbfinn/maml, data_generator.py): 1200 - 100 train, 100 val, rest test.
+# Finn et al. 2017 (github.com/cbfinn/maml, data_generator.py): 1100 train, 100 val, rest test.
 FINN_TRAIN, FINN_VAL = 1100, 100
 LAKE_VAL_FRACTION = 0.1
 _CACHE_FORMAT = 1  # bump when the decoded representation changes
@@ -146,6 +146,7 @@ def _download(root: Path, sources: dict[str, _Source]) -> None:
                     f"{DOWNLOAD_MD5[name]} (a truncated or altered download; retry, or place the "
                     f"official {name} in dataset.root={str(root)!r} yourself)"
                 )
+            os.chmod(tmp_path, 0o644)  # NamedTemporaryFile makes it 0600
             os.replace(tmp_path, dest)
             tmp_path = None
         except (urllib.error.URLError, OSError) as error:  # includes timeouts
@@ -199,8 +200,9 @@ def _decode_image(data: bytes, image_size: int) -> bytes:
     return grey.tobytes()
 
 
-def _decode(keys: Sequence[CharacterKey], characters: dict[CharacterKey, _Character],
-            image_size: int) -> Tensor:
+def _decode(
+    keys: Sequence[CharacterKey], characters: dict[CharacterKey, _Character], image_size: int
+) -> Tensor:
     """Decode every image: ``(C, M, 1, S, S)`` uint8, strokes 255 and background 0."""
     counts = {len(characters[k].files) for k in keys}
     if len(counts) != 1:
@@ -233,6 +235,11 @@ def _decode(keys: Sequence[CharacterKey], characters: dict[CharacterKey, _Charac
     return (255 - images).view(len(keys), per_class, 1, image_size, image_size)
 
 
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "metarun"
+
+
 def _cache_file(cache_dir: Path, sources: dict[str, _Source], image_size: int) -> Path:
     used = [sources[stem] for stem in ARCHIVES if stem in sources]
     key = "|".join([f"v{_CACHE_FORMAT}", f"size{image_size}", *(s.fingerprint() for s in used)])
@@ -263,13 +270,16 @@ def _save_cache(path: Path, keys: Sequence[CharacterKey], images: Tensor) -> Non
         ) as tmp:
             tmp_path = Path(tmp.name)
             torch.save({"characters": [list(k) for k in keys], "images": images}, tmp)
+        os.chmod(tmp_path, 0o644)  # NamedTemporaryFile makes it 0600
         os.replace(tmp_path, path)
         tmp_path = None
         logger.info("cached decoded Omniglot in %s", path)
     except OSError as error:  # e.g. a read-only data folder: caching is an optimisation only
         logger.warning(
             "could not write the Omniglot cache %s (%s); set dataset.cache_dir to a writable "
-            "folder to avoid decoding on every run", path, error
+            "folder to avoid decoding on every run",
+            path,
+            error,
         )
     finally:
         if tmp_path is not None:
@@ -290,7 +300,8 @@ def _split_keys(
         missing = [f"{s}.zip" for s in (BACKGROUND, EVALUATION) if s not in present]
         if missing or len(ordered) != FULL_CHARACTERS:
             reason = (
-                f"{', '.join(missing)} missing" if missing
+                f"{', '.join(missing)} missing"
+                if missing
                 else f"found {len(ordered)} characters (an archive is incomplete)"
             )
             raise ValueError(
@@ -389,7 +400,8 @@ def load_omniglot(
         rotations: add each character rotated by 90, 180 and 270 degrees as three more classes
             of the same split (C characters -> 4C classes).
         image_size: side of the resized square images.
-        cache_dir: where the decoded images are cached (default ``<root>/.metarun_cache``).
+        cache_dir: where the decoded images are cached (default ``$XDG_CACHE_HOME/metarun`` or
+            ``~/.cache/metarun``: data folders are often shared or read-only).
 
     Returns:
         ``{"train", "val", "test"}`` -> ``(C, 20, 1, image_size, image_size)`` float32 in
@@ -417,7 +429,7 @@ def load_omniglot(
     parts = _split_keys(list(characters), characters, split, fractions, seed, root)
 
     cache_path = _cache_file(
-        Path(cache_dir).expanduser() if cache_dir is not None else root / ".metarun_cache",
+        Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(),
         sources,
         image_size,
     )

@@ -53,7 +53,9 @@ class SinusoidTasks:
         x_range: tuple[float, float] = (-5.0, 5.0),
     ) -> None:
         if k_shot < 1:
-            raise ValueError(f"dataset.k_shot must be >= 1, got {k_shot} (set e.g. dataset.k_shot=10)")
+            raise ValueError(
+                f"dataset.k_shot must be >= 1, got {k_shot} (set e.g. dataset.k_shot=10)"
+            )
         if k_query < 1:
             raise ValueError(
                 f"dataset.k_query must be >= 1, got {k_query} (set e.g. dataset.k_query=10)"
@@ -85,7 +87,10 @@ class SinusoidTasks:
         y = amplitude * torch.sin(x - phase)  # (T, K+Q, 1)
         s = self.k_shot
         return TaskBatch(
-            x[:, :s].contiguous(), y[:, :s].contiguous(), x[:, s:].contiguous(), y[:, s:].contiguous()
+            x[:, :s].contiguous(),
+            y[:, :s].contiguous(),
+            x[:, s:].contiguous(),
+            y[:, s:].contiguous(),
         )
 
     def __repr__(self) -> str:

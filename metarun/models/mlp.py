@@ -36,7 +36,7 @@ class MLP(nn.Module):
                 f"out_features={out_features}"
             )
         layers: list[nn.Module] = []
-        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             layers.append(nn.Linear(fan_in, fan_out))
             if i < len(sizes) - 2:
                 layers.append(nn.ReLU())

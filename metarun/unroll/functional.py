@@ -158,7 +158,10 @@ def inner_step(
             grads = grads_of(loss, leaves, create_graph=False)
         with torch.no_grad():
             new_params, new_state = optimizer.step(leaves, grads, state, hyper)
-        return detach_params(new_params), detach_state(new_state), loss.detach()
+        # Results made under no_grad lose requires_grad; restore it so later steps differentiate.
+        new_params = {n: p.detach().requires_grad_(leaves[n].requires_grad)
+                      for n, p in new_params.items()}
+        return new_params, detach_state(new_state), loss.detach()
     if first_order:
         leaves = detach_params(params)
         loss = loss_fn(leaves)

@@ -1,0 +1,265 @@
+"""MAML and first-order MAML (one implementation; FOMAML is a flag), with optional learned inner
+learning rates (a scalar, or Meta-SGD's elementwise rates).
+
+References:
+    Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks",
+    ICML 2017. Li, Zhou, Chen & Li, "Meta-SGD: Learning to Learn Quickly for Few-Shot Learning",
+    2017.
+
+Example::
+
+    algo = MAML(Conv4(num_classes=5), task_type="classification", inner_lr=0.4,
+                inner_steps=1, eval_inner_steps=3)
+    meta_opt = torch.optim.Adam(algo.meta_parameters(), lr=1e-3)
+    meta_opt.zero_grad(); algo.meta_train_step(batch); meta_opt.step()
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metarun.tasks import TaskBatch
+from metarun.unroll import SGD, functional_call, get_params, inner_loop
+
+log = logging.getLogger(__name__)
+
+
+class LearnInnerLR(str, enum.Enum):
+    OFF = "off"
+    SCALAR = "scalar"
+    PER_PARAM = "per_param"
+
+
+class BNPolicy(str, enum.Enum):
+    """``batch_stats``: normalise with the current batch's statistics in training and evaluation
+    (the MAML reference code). ``running_stats``: meta-training updates the model's running
+    statistics; evaluation uses them (model in eval mode)."""
+
+    BATCH_STATS = "batch_stats"
+    RUNNING_STATS = "running_stats"
+
+
+@contextmanager
+def _norm_layers_training(module: nn.Module) -> Iterator[None]:
+    norms = [
+        m for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase) and not m.training
+    ]
+    for m in norms:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.training = False
+
+
+class MAML(nn.Module):
+    """Model-agnostic meta-learning on :mod:`metarun.unroll`'s functional layer.
+
+    Args:
+        model: the network whose initial weights are meta-learned.
+        task_type: ``"classification"`` (cross-entropy, accuracy) or ``"regression"`` (MSE).
+        inner_lr: inner SGD learning rate (initial value when learned).
+        inner_steps: inner steps during meta-training (>= 1).
+        eval_inner_steps: inner steps when evaluating or adapting.
+        first_order: first-order MAML: inner gradients detached, identity path kept.
+        copy_initial_weights: ``True`` adapts detached copies: the model's own weights then get
+            no meta-gradient (only learned learning rates are trained). A warning says so.
+        learn_inner_lr: ``off``, ``scalar`` (one learned rate) or ``per_param`` (Meta-SGD: an
+            elementwise rate for every parameter tensor).
+        bn_policy: see :class:`BNPolicy`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        task_type: str,
+        inner_lr: float,
+        inner_steps: int,
+        eval_inner_steps: int,
+        first_order: bool = False,
+        copy_initial_weights: bool = False,
+        learn_inner_lr: str = "off",
+        bn_policy: str = "batch_stats",
+    ) -> None:
+        super().__init__()
+        if task_type not in ("classification", "regression"):
+            raise ValueError(
+                f"task_type must be 'classification' or 'regression', got {task_type!r}"
+            )
+        if inner_steps < 1 or eval_inner_steps < 0:
+            raise ValueError(
+                f"inner_steps must be >= 1 and eval_inner_steps >= 0, got {inner_steps} and "
+                f"{eval_inner_steps}"
+            )
+        self.model = model
+        self.task_type = task_type
+        self.inner_steps = inner_steps
+        self.eval_inner_steps = eval_inner_steps
+        self.first_order = first_order
+        self.copy_initial_weights = copy_initial_weights
+        self.learn_inner_lr = LearnInnerLR(learn_inner_lr)
+        self.bn_policy = BNPolicy(bn_policy)
+        self.base_inner_lr = float(inner_lr)
+        self.inner_lr: nn.Parameter | None = None
+        self.inner_lrs: nn.ParameterDict | None = None
+        if self.learn_inner_lr is LearnInnerLR.SCALAR:
+            self.inner_lr = nn.Parameter(torch.tensor(float(inner_lr)))
+        elif self.learn_inner_lr is LearnInnerLR.PER_PARAM:
+            # ParameterDict keys may not contain dots.
+            self.inner_lrs = nn.ParameterDict(
+                {
+                    _key(n): nn.Parameter(torch.full_like(p.detach(), float(inner_lr)))
+                    for n, p in model.named_parameters()
+                    if p.requires_grad
+                }
+            )
+        self._optimizer = SGD(lr=float(inner_lr))
+        if copy_initial_weights:
+            log.warning(
+                "algo.copy_initial_weights=true: the inner loop starts from detached copies, so "
+                "the model's initial weights receive NO meta-gradient and are not meta-learned "
+                "(hypergrad/norm stays 0). Set algo.copy_initial_weights=false for MAML."
+            )
+
+    # -- pieces ------------------------------------------------------------------------------
+    def meta_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def _hyper(self) -> dict[str, object]:
+        if self.inner_lr is not None:
+            return {"lr": self.inner_lr}
+        if self.inner_lrs is not None:
+            return {
+                "lr": {
+                    n: self.inner_lrs[_key(n)]
+                    for n, p in self.model.named_parameters()
+                    if p.requires_grad
+                }
+            }
+        return {}
+
+    def _forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        if self.bn_policy is BNPolicy.BATCH_STATS:
+            # Scratch copies: batch statistics only, running statistics never written.
+            scratch = {n: b.clone() for n, b in self.model.named_buffers()}
+            with _norm_layers_training(self.model):
+                return functional_call(self.model, params, x, buffers=scratch)
+        return functional_call(self.model, params, x)
+
+    def _loss(self, out: Tensor, y: Tensor) -> Tensor:
+        if self.task_type == "classification":
+            return F.cross_entropy(out, y)
+        return F.mse_loss(out, y)
+
+    def _metrics(self, out: Tensor, y: Tensor) -> dict[str, Tensor]:
+        m = {"loss": self._loss(out, y).detach()}
+        if self.task_type == "classification":
+            m["accuracy"] = (out.argmax(-1) == y).float().mean()
+        return m
+
+    def _adapt(
+        self, sx: Tensor, sy: Tensor, steps: int, *, track: bool
+    ) -> dict[str, Tensor]:
+        params = get_params(self.model, copy=self.copy_initial_weights or not track)
+
+        def inner_loss(p: dict[str, Tensor]) -> Tensor:
+            return self._loss(self._forward(p, sx), sy)
+
+        result = inner_loop(
+            inner_loss,
+            params,
+            self._optimizer,
+            steps,
+            hyper=self._hyper(),
+            first_order=self.first_order,
+            track_higher_grads=track,
+        )
+        return result.params
+
+    # -- protocol ----------------------------------------------------------------------------
+    def meta_train_step(self, batch: TaskBatch) -> dict[str, float]:
+        """Meta-gradient of the mean query loss over the batch, accumulated task by task (each
+        task's graph is freed before the next)."""
+        n = len(batch)
+        totals: dict[str, float] = {}
+        for i in range(n):
+            sx, sy, qx, qy = (t[i] for t in batch.tensors())
+            params = self._adapt(sx, sy, self.inner_steps, track=True)
+            out = self._forward(params, qx)
+            loss = self._loss(out, qy)
+            (loss / n).backward()
+            with torch.no_grad():
+                post = self._metrics(out.detach(), qy)
+                pre = self._metrics(self._forward(get_params(self.model), qx), qy)
+            for prefix, metrics in (("post", post), ("pre", pre)):
+                for key, value in metrics.items():
+                    name = f"train/{prefix}_{key}"
+                    totals[name] = totals.get(name, 0.0) + float(value) / n
+        totals["train/query_loss"] = totals["train/post_loss"]
+        return totals
+
+    def evaluate(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
+        steps = self.eval_inner_steps if inner_steps is None else inner_steps
+        rows: dict[str, list[Tensor]] = {}
+        with self._eval_mode():
+            for i in range(len(batch)):
+                sx, sy, qx, qy = (t[i] for t in batch.tensors())
+                with torch.no_grad():
+                    pre = self._metrics(self._forward(get_params(self.model), qx), qy)
+                params = self._adapt(sx, sy, steps, track=False)
+                with torch.no_grad():
+                    post = self._metrics(self._forward(params, qx), qy)
+                for prefix, metrics in (("pre", pre), ("post", post)):
+                    for key, value in metrics.items():
+                        rows.setdefault(f"{prefix}/{key}", []).append(value.float().cpu())
+        return {k: torch.stack(v) for k, v in rows.items()}
+
+    @contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        was = self.model.training
+        self.model.train(self.bn_policy is BNPolicy.BATCH_STATS)
+        try:
+            yield
+        finally:
+            self.model.train(was)
+
+    def adapt(
+        self, support_x: Tensor, support_y: Tensor, steps: int | None = None
+    ) -> dict[str, Tensor]:
+        """Fast weights for one task (no task dimension), without a meta-graph."""
+        steps = self.eval_inner_steps if steps is None else steps
+        with self._eval_mode():
+            return self._adapt(support_x, support_y, steps, track=False)
+
+    def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        with self._eval_mode(), torch.no_grad():
+            return self._forward(params, x)
+
+    def log_scalars(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.inner_lr is not None:
+            out["inner_lr/value"] = float(self.inner_lr.detach())
+            if self.inner_lr.grad is not None:
+                out["inner_lr/hypergrad"] = float(self.inner_lr.grad)
+        if self.inner_lrs is not None:
+            sq = 0.0
+            for key, p in self.inner_lrs.items():
+                out[f"inner_lr/{key}"] = float(p.detach().mean())
+                if p.grad is not None:
+                    sq += float(p.grad.pow(2).sum())
+            out["inner_lr/hypergrad_norm"] = sq**0.5
+        return out
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
