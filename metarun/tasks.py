@@ -1,4 +1,4 @@
-"""The one data structure shared by datasets, algorithms and the runner: a batch of few-shot tasks."""
+"""The one structure shared by datasets, algorithms and the runner: a batch of few-shot tasks."""
 
 from __future__ import annotations
 
@@ -28,9 +28,7 @@ class TaskBatch:
         return int(self.support_x.shape[0])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TaskBatch:
-        return TaskBatch(
-            *(t.to(device, non_blocking=non_blocking) for t in self.tensors())
-        )
+        return TaskBatch(*(t.to(device, non_blocking=non_blocking) for t in self.tensors()))
 
     def pin_memory(self) -> TaskBatch:
         return TaskBatch(*(t.pin_memory() for t in self.tensors()))

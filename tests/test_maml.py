@@ -30,8 +30,9 @@ def _maml(**kw) -> MAML:
     return MAML(MLP(1, (8, 8), 1).to(DT), **args).to(DT)
 
 
-def _reference_meta_loss(model: nn.Module, batch: TaskBatch, lr: float, steps: int,
-                         first_order: bool = False) -> torch.Tensor:
+def _reference_meta_loss(
+    model: nn.Module, batch: TaskBatch, lr: float, steps: int, first_order: bool = False
+) -> torch.Tensor:
     """Hand-written MAML with torch.func.functional_call and autograd.grad."""
     total = 0.0
     for i in range(len(batch)):
@@ -131,11 +132,21 @@ def test_evaluate_and_adapt() -> None:
 def test_conv4_batchnorm_policies_keep_running_stats_as_documented() -> None:
     torch.manual_seed(0)
     pool = torch.rand(10, 6, 1, 28, 28)
-    batch = FewShotTasks(pool, n_way=3, k_shot=1, k_query=2).sample(2, torch.Generator().manual_seed(0))
+    batch = FewShotTasks(pool, n_way=3, k_shot=1, k_query=2).sample(
+        2, torch.Generator().manual_seed(0)
+    )
     for policy, changes in (("batch_stats", False), ("running_stats", True)):
-        algo = MAML(Conv4(num_classes=3, hidden=8), task_type="classification", inner_lr=0.4,
-                    inner_steps=1, eval_inner_steps=2, bn_policy=policy)
-        before = algo.model.layers[0][1].running_mean.clone() if hasattr(algo.model, "layers") else None
+        algo = MAML(
+            Conv4(num_classes=3, hidden=8),
+            task_type="classification",
+            inner_lr=0.4,
+            inner_steps=1,
+            eval_inner_steps=2,
+            bn_policy=policy,
+        )
+        before = (
+            algo.model.layers[0][1].running_mean.clone() if hasattr(algo.model, "layers") else None
+        )
         bufs = {n: b.clone() for n, b in algo.model.named_buffers()}
         metrics = algo.meta_train_step(batch)
         assert 0.0 <= metrics["train/post_accuracy"] <= 1.0
@@ -148,8 +159,13 @@ def test_conv4_batchnorm_policies_keep_running_stats_as_documented() -> None:
 
 def test_sinusoid_meta_training_reduces_post_adaptation_loss() -> None:
     torch.manual_seed(0)
-    algo = MAML(MLP(1, (40, 40), 1), task_type="regression", inner_lr=0.01, inner_steps=1,
-                eval_inner_steps=5)
+    algo = MAML(
+        MLP(1, (40, 40), 1),
+        task_type="regression",
+        inner_lr=0.01,
+        inner_steps=1,
+        eval_inner_steps=5,
+    )
     tasks = SinusoidTasks(k_shot=10, k_query=10)
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.Adam(algo.meta_parameters(), lr=3e-3)

@@ -138,15 +138,19 @@ def test_meta_gradient_matches_finite_differences(kind: str, opt_name: str, copy
     targets = list(model.parameters()) + hyper
     dirs = [torch.randn(t.shape, dtype=DT, generator=gen) for t in targets]
     analytic = sum((g * d).sum() for g, d in zip(grads, dirs)).item()
-    numeric = _fd_directional(lambda: _meta_loss(kind, opt_name, copy, model, override)[0],
-                              targets, dirs)
+    numeric = _fd_directional(
+        lambda: _meta_loss(kind, opt_name, copy, model, override)[0], targets, dirs
+    )
     assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-9)
 
     # Each hyperparameter on its own, so a wrong-but-small hypergradient cannot hide.
     for i, h in enumerate(hyper):
         g_h = grads[len(wrt) + i].item()
-        num_h = _fd_directional(lambda: _meta_loss(kind, opt_name, copy, model, override)[0],
-                                [h], [torch.ones((), dtype=DT)])
+        num_h = _fd_directional(
+            lambda: _meta_loss(kind, opt_name, copy, model, override)[0],
+            [h],
+            [torch.ones((), dtype=DT)],
+        )
         assert g_h == pytest.approx(num_h, rel=1e-5, abs=1e-9)
 
 
@@ -187,10 +191,7 @@ def test_per_parameter_learning_rates_functional_api() -> None:
     """Meta-SGD: one learnable lr tensor per parameter (elementwise), via the dict layer."""
     model = _model("mlp")
     x, y = _data("mlp")
-    lrs = {
-        n: torch.full_like(p, 0.1).requires_grad_()
-        for n, p in model.named_parameters()
-    }
+    lrs = {n: torch.full_like(p, 0.1).requires_grad_() for n, p in model.named_parameters()}
 
     def meta() -> torch.Tensor:
         params = mu.get_params(model)
@@ -214,8 +215,10 @@ def test_functional_inner_loop_equals_facade() -> None:
     model = _model("conv")
     x, y = _data("conv")
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    with mu.innerloop_ctx(model, opt, copy_initial_weights=False,
-                          buffer_policy="batch_stats") as (fm, do):
+    with mu.innerloop_ctx(model, opt, copy_initial_weights=False, buffer_policy="batch_stats") as (
+        fm,
+        do,
+    ):
         for _ in range(3):
             do.step(F.cross_entropy(fm(x), y))
         a = F.cross_entropy(fm(x), y)
@@ -247,8 +250,9 @@ def test_first_order_keeps_identity_path() -> None:
         meta = F.cross_entropy(fm(x[2:]), y[2:])
     meta.backward()
     expected = torch.autograd.grad(
-        F.cross_entropy(torch.func.functional_call(
-            model, dict(zip(fm.param_names, adapted)), (x[2:],)), y[2:]),
+        F.cross_entropy(
+            torch.func.functional_call(model, dict(zip(fm.param_names, adapted)), (x[2:],)), y[2:]
+        ),
         adapted,
     )
     for p, e in zip(model.parameters(), expected):
@@ -261,10 +265,14 @@ def test_first_order_keeps_identity_path() -> None:
 
     fo = mu.inner_loop(loss_fn, mu.get_params(model), mu.SGD(lr=0.5), 3, first_order=True)
     so = mu.inner_loop(loss_fn, mu.get_params(model), mu.SGD(lr=0.5), 3)
-    g_fo = torch.autograd.grad(F.cross_entropy(mu.functional_call(model, fo.params, x[2:]), y[2:]),
-                               list(model.parameters()))
-    g_so = torch.autograd.grad(F.cross_entropy(mu.functional_call(model, so.params, x[2:]), y[2:]),
-                               list(model.parameters()))
+    g_fo = torch.autograd.grad(
+        F.cross_entropy(mu.functional_call(model, fo.params, x[2:]), y[2:]),
+        list(model.parameters()),
+    )
+    g_so = torch.autograd.grad(
+        F.cross_entropy(mu.functional_call(model, so.params, x[2:]), y[2:]),
+        list(model.parameters()),
+    )
     for u, e in zip(g_fo, expected):
         torch.testing.assert_close(u, e, rtol=1e-10, atol=1e-12)
     assert any((u - v).abs().max() > 1e-6 for u, v in zip(g_fo, g_so))
@@ -304,8 +312,9 @@ def test_test_mode_inner_loop_matches_tracked_values() -> None:
 
     opt = mu.Adam(lr=0.05)
     tracked = mu.inner_loop(loss_fn, mu.get_params(model, copy=True), opt, 4)
-    untracked = mu.inner_loop(loss_fn, mu.get_params(model, copy=True), opt, 4,
-                              track_higher_grads=False)
+    untracked = mu.inner_loop(
+        loss_fn, mu.get_params(model, copy=True), opt, 4, track_higher_grads=False
+    )
     assert len({round(v.item(), 12) for v in untracked.losses}) == 4  # every step moved
     for n, p in untracked.params.items():
         assert p.grad_fn is None and p.requires_grad

@@ -8,6 +8,7 @@ from torch import nn
 
 import metarun.unroll as mu
 
+
 @pytest.fixture(autouse=True)
 def _float64_default():
     # torch.optim keeps scalar state (step, NAdam's mu_product) in the default dtype; float64
@@ -33,7 +34,10 @@ CASES = [
     (torch.optim.RMSprop, dict(lr=0.01, centered=True, momentum=0.9, weight_decay=0.1)),
     (torch.optim.RMSprop, dict(lr=0.01, momentum=0.5, alpha=0.9)),
     (torch.optim.Adagrad, dict(lr=0.1)),
-    (torch.optim.Adagrad, dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.2)),
+    (
+        torch.optim.Adagrad,
+        dict(lr=0.1, lr_decay=0.01, weight_decay=0.1, initial_accumulator_value=0.2),
+    ),
     (torch.optim.Adamax, dict(lr=0.01)),
     (torch.optim.Adamax, dict(lr=0.01, weight_decay=0.1, betas=(0.8, 0.95))),
     (torch.optim.NAdam, dict(lr=0.01)),
@@ -142,9 +146,10 @@ def test_zero_second_moment_gives_finite_hypergradients(cls: type, kw: dict) -> 
     lr = torch.tensor(kw["lr"], dtype=torch.float64, requires_grad=True)
     opt = cls(model.parameters(), **kw)
     with torch.autograd.detect_anomaly():
-        with mu.innerloop_ctx(
-            model, opt, copy_initial_weights=False, override={"lr": [lr]}
-        ) as (fmodel, diffopt):
+        with mu.innerloop_ctx(model, opt, copy_initial_weights=False, override={"lr": [lr]}) as (
+            fmodel,
+            diffopt,
+        ):
             for _ in range(3):
                 out = fmodel(x)
                 # p**2 at p == 0: the gradient 2p is exactly zero yet part of the graph, so the

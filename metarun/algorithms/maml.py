@@ -49,7 +49,8 @@ class BNPolicy(str, enum.Enum):
 @contextmanager
 def _norm_layers_training(module: nn.Module) -> Iterator[None]:
     norms = [
-        m for m in module.modules()
+        m
+        for m in module.modules()
         if isinstance(m, nn.modules.batchnorm._NormBase) and not m.training
     ]
     for m in norms:
@@ -76,7 +77,14 @@ class MAML(nn.Module):
         learn_inner_lr: ``off``, ``scalar`` (one learned rate) or ``per_param`` (Meta-SGD: an
             elementwise rate for every parameter tensor).
         bn_policy: see :class:`BNPolicy`.
+
+    Attributes:
+        pre_adaptation_metrics: when true (default), ``meta_train_step`` also reports query
+            metrics before adaptation (one extra no-grad forward per task); the runner turns it
+            off on steps it does not log.
     """
+
+    pre_adaptation_metrics: bool = True
 
     def __init__(
         self,
@@ -167,9 +175,7 @@ class MAML(nn.Module):
             m["accuracy"] = (out.argmax(-1) == y).float().mean()
         return m
 
-    def _adapt(
-        self, sx: Tensor, sy: Tensor, steps: int, *, track: bool
-    ) -> dict[str, Tensor]:
+    def _adapt(self, sx: Tensor, sy: Tensor, steps: int, *, track: bool) -> dict[str, Tensor]:
         params = get_params(self.model, copy=self.copy_initial_weights or not track)
 
         def inner_loss(p: dict[str, Tensor]) -> Tensor:
@@ -199,9 +205,11 @@ class MAML(nn.Module):
             loss = self._loss(out, qy)
             (loss / n).backward()
             with torch.no_grad():
-                post = self._metrics(out.detach(), qy)
-                pre = self._metrics(self._forward(get_params(self.model), qx), qy)
-            for prefix, metrics in (("post", post), ("pre", pre)):
+                groups = [("post", self._metrics(out.detach(), qy))]
+                if self.pre_adaptation_metrics:
+                    pre_out = self._forward(get_params(self.model), qx)
+                    groups.append(("pre", self._metrics(pre_out, qy)))
+            for prefix, metrics in groups:
                 for key, value in metrics.items():
                     name = f"train/{prefix}_{key}"
                     totals[name] = totals.get(name, 0.0) + float(value) / n

@@ -75,7 +75,7 @@ def functional_call(
     A thin wrapper of :func:`torch.func.functional_call`: hooks fire, tied weights stay tied,
     parametrizations see the substituted originals. Buffers not given are the module's own.
     """
-    tensors: Mapping[str, Tensor] = params if not buffers else {**buffers, **params}
+    tensors: dict[str, Tensor] = {**buffers, **params} if buffers else dict(params)
     return torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
 
 
@@ -159,8 +159,9 @@ def inner_step(
         with torch.no_grad():
             new_params, new_state = optimizer.step(leaves, grads, state, hyper)
         # Results made under no_grad lose requires_grad; restore it so later steps differentiate.
-        new_params = {n: p.detach().requires_grad_(leaves[n].requires_grad)
-                      for n, p in new_params.items()}
+        new_params = {
+            n: p.detach().requires_grad_(leaves[n].requires_grad) for n, p in new_params.items()
+        }
         return new_params, detach_state(new_state), loss.detach()
     if first_order:
         leaves = detach_params(params)
@@ -177,9 +178,7 @@ def inner_step(
     return new_params, new_state, loss.detach()
 
 
-def _checkpointed_grads(
-    loss_fn: LossFn, params: Params
-) -> tuple[dict[str, Tensor | None], Tensor]:
+def _checkpointed_grads(loss_fn: LossFn, params: Params) -> tuple[dict[str, Tensor | None], Tensor]:
     names = [n for n, p in params.items() if p.requires_grad]
 
     def grad_fn(*tensors: Tensor) -> tuple[Tensor, ...]:

@@ -174,14 +174,14 @@ class DifferentiableOptimizer:
         with torch.set_grad_enabled(track and torch.is_grad_enabled()):
             for group, indices in zip(self.param_groups, self._group_to_param_list):
                 for i in indices:
-                    g = grads[i]
-                    if g is None:
+                    grad = grads[i]
+                    if grad is None:
                         continue
                     s = self.state.get(i)
                     if s is None:
                         s = self._functional.init_param(params[i], group)
                     new_params[i], self.state[i] = self._functional.update_param(
-                        params[i], g, s, group
+                        params[i], grad, s, group
                     )
         if not track:
             new_params = [

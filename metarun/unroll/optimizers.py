@@ -97,9 +97,7 @@ class FunctionalOptimizer:
 
     def init(self, params: Params, hyper: Hyper | None = None) -> State:
         """Fresh state for every parameter in ``params``."""
-        return {
-            n: self.init_param(p, self._resolve(hyper, n)) for n, p in params.items()
-        }
+        return {n: self.init_param(p, self._resolve(hyper, n)) for n, p in params.items()}
 
     def _resolve(self, hyper: Hyper | None, name: str) -> dict[str, Any]:
         hp = dict(self.defaults)
@@ -178,7 +176,7 @@ def _nonzero(value: Any) -> bool:
 
 
 class SGD(FunctionalOptimizer):
-    """SGD with momentum, dampening, Nesterov, weight decay and ``maximize``, as ``torch.optim.SGD``."""
+    """SGD (momentum, dampening, Nesterov, weight decay, ``maximize``), as ``torch.optim.SGD``."""
 
     name = "SGD"
     DEFAULTS = {
@@ -263,7 +261,7 @@ class AdamW(Adam):
 
     name = "AdamW"
     DEFAULTS = {**Adam.DEFAULTS, "weight_decay": 1e-2, "decoupled_weight_decay": True}
-    torch_class = torch.optim.AdamW
+    torch_class = torch.optim.AdamW  # type: ignore[assignment]
 
 
 class RMSprop(FunctionalOptimizer):

@@ -119,9 +119,7 @@ class FunctionalModule:
             params = [params[n] for n in self.param_names]
         params = list(params)
         if len(params) != len(self.param_names):
-            raise ValueError(
-                f"expected {len(self.param_names)} fast weights, got {len(params)}"
-            )
+            raise ValueError(f"expected {len(self.param_names)} fast weights, got {len(params)}")
         if not self._track_higher_grads and len(self._fast_params) > 1:
             # Test mode keeps time 0 and the latest only: nothing needs the rest.
             self._fast_params[-1] = None
@@ -219,7 +217,8 @@ class FunctionalModule:
         return getattr(self.module, name)
 
     def __repr__(self) -> str:
-        return f"FunctionalModule(time={self.time}, buffers={self.buffer_policy.value}, {self.module!r})"
+        policy = self.buffer_policy.value
+        return f"FunctionalModule(time={self.time}, buffers={policy}, {self.module!r})"
 
     @contextmanager
     def _mode(self) -> Iterator[None]:
