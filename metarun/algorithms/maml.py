@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from metarun.tasks import TaskBatch
 from metarun.unroll import SGD, functional_call, get_params, inner_loop
+from metarun.unroll.batched import batch_stats_buffers, decomposed_batch_norm, func_inner_loop
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +47,13 @@ class BNPolicy(str, enum.Enum):
     RUNNING_STATS = "running_stats"
 
 
-@contextmanager
-def _norm_layers_training(module: nn.Module) -> Iterator[None]:
-    norms = [
-        m
-        for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._NormBase) and not m.training
-    ]
-    for m in norms:
-        m.training = True
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.training = False
+class TaskBatching(str, enum.Enum):
+    """``loop``: one task after another, each task's graph freed before the next (least memory).
+    ``vmap``: tasks run as one ``torch.func.vmap`` computation, ``task_chunk_size`` at a time
+    (each chunk's backward before the next), trading memory for speed."""
+
+    LOOP = "loop"
+    VMAP = "vmap"
 
 
 class MAML(nn.Module):
@@ -77,6 +71,8 @@ class MAML(nn.Module):
         learn_inner_lr: ``off``, ``scalar`` (one learned rate) or ``per_param`` (Meta-SGD: an
             elementwise rate for every parameter tensor).
         bn_policy: see :class:`BNPolicy`.
+        task_batching: see :class:`TaskBatching`.
+        task_chunk_size: tasks per vmapped chunk (``None``: the whole meta-batch).
 
     Attributes:
         pre_adaptation_metrics: when true (default), ``meta_train_step`` also reports query
@@ -98,6 +94,8 @@ class MAML(nn.Module):
         copy_initial_weights: bool = False,
         learn_inner_lr: str = "off",
         bn_policy: str = "batch_stats",
+        task_batching: str = "loop",
+        task_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if task_type not in ("classification", "regression"):
@@ -117,6 +115,22 @@ class MAML(nn.Module):
         self.copy_initial_weights = copy_initial_weights
         self.learn_inner_lr = LearnInnerLR(learn_inner_lr)
         self.bn_policy = BNPolicy(bn_policy)
+        self.task_batching = TaskBatching(task_batching)
+        if task_chunk_size is not None and task_chunk_size < 1:
+            raise ValueError(
+                f"task_chunk_size must be >= 1 or None, got {task_chunk_size} "
+                "(set e.g. algo.task_chunk_size=8)"
+            )
+        self.task_chunk_size = task_chunk_size
+        if self.task_batching is TaskBatching.VMAP and self.bn_policy is not BNPolicy.BATCH_STATS:
+            raise ValueError(
+                "task_batching=vmap needs bn_policy=batch_stats: tasks running at once cannot "
+                "share running statistics; set algo.bn_policy=batch_stats or "
+                "task_batching=loop"
+            )
+        # Substituting the norm layers' running statistics by None makes them normalise with
+        # per-batch (under vmap: per-task) statistics and write nothing.
+        self._stats_off = batch_stats_buffers(model)
         self.base_inner_lr = float(inner_lr)
         self.inner_lr: nn.Parameter | None = None
         self.inner_lrs: nn.ParameterDict | None = None
@@ -158,10 +172,7 @@ class MAML(nn.Module):
 
     def _forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         if self.bn_policy is BNPolicy.BATCH_STATS:
-            # Scratch copies: batch statistics only, running statistics never written.
-            scratch = {n: b.clone() for n, b in self.model.named_buffers()}
-            with _norm_layers_training(self.model):
-                return functional_call(self.model, params, x, buffers=scratch)
+            return functional_call(self.model, params, x, buffers=self._stats_off)
         return functional_call(self.model, params, x)
 
     def _loss(self, out: Tensor, y: Tensor) -> Tensor:
@@ -196,6 +207,8 @@ class MAML(nn.Module):
     def meta_train_step(self, batch: TaskBatch) -> dict[str, float]:
         """Meta-gradient of the mean query loss over the batch, accumulated task by task (each
         task's graph is freed before the next)."""
+        if self.task_batching is TaskBatching.VMAP:
+            return self._meta_train_vmap(batch)
         n = len(batch)
         totals: dict[str, float] = {}
         for i in range(n):
@@ -213,6 +226,49 @@ class MAML(nn.Module):
                 for key, value in metrics.items():
                     name = f"train/{prefix}_{key}"
                     totals[name] = totals.get(name, 0.0) + float(value) / n
+        totals["train/query_loss"] = totals["train/post_loss"]
+        return totals
+
+    def _meta_train_vmap(self, batch: TaskBatch) -> dict[str, float]:
+        n = len(batch)
+        params = get_params(self.model, copy=self.copy_initial_weights)
+        hyper = self._hyper()
+
+        def task(
+            p: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+        ) -> tuple[Tensor, Tensor]:
+            def inner_loss(q: dict[str, Tensor]) -> Tensor:
+                return self._loss(self._forward(q, sx), sy)
+
+            adapted = func_inner_loop(
+                inner_loss,
+                p,
+                self._optimizer,
+                self.inner_steps,
+                hyper=hyper,
+                first_order=self.first_order,
+            )
+            out = self._forward(adapted, qx)
+            return self._loss(out, qy), out
+
+        batched = torch.func.vmap(task, in_dims=(None, 0, 0, 0, 0))
+        totals: dict[str, float] = {}
+        for chunk in batch.split(self.task_chunk_size or n):
+            with decomposed_batch_norm():
+                losses, outs = batched(params, *chunk.tensors())
+            (losses.sum() / n).backward()
+            with torch.no_grad():
+                groups = [("post", outs.detach())]
+                if self.pre_adaptation_metrics:
+                    pre = torch.func.vmap(self._forward, in_dims=(None, 0))(
+                        get_params(self.model), chunk.query_x
+                    )
+                    groups.append(("pre", pre))
+                for prefix, out in groups:
+                    for i in range(len(chunk)):
+                        for key, value in self._metrics(out[i], chunk.query_y[i]).items():
+                            name = f"train/{prefix}_{key}"
+                            totals[name] = totals.get(name, 0.0) + float(value) / n
         totals["train/query_loss"] = totals["train/post_loss"]
         return totals
 

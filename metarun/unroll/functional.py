@@ -67,7 +67,7 @@ def functional_call(
     module: nn.Module,
     params: Mapping[str, Tensor],
     *args: Any,
-    buffers: Mapping[str, Tensor] | None = None,
+    buffers: Mapping[str, Tensor | None] | None = None,
     **kwargs: Any,
 ) -> Any:
     """Runs the unmodified ``module`` with ``params`` (and ``buffers``) substituted.
@@ -75,7 +75,8 @@ def functional_call(
     A thin wrapper of :func:`torch.func.functional_call`: hooks fire, tied weights stay tied,
     parametrizations see the substituted originals. Buffers not given are the module's own.
     """
-    tensors: dict[str, Tensor] = {**buffers, **params} if buffers else dict(params)
+    # None for a buffer is allowed: e.g. batch_stats_buffers() switches running statistics off.
+    tensors: dict[str, Any] = {**buffers, **params} if buffers else dict(params)
     return torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
 
 
