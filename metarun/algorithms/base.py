@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -40,3 +41,10 @@ class MetaAlgorithm(Protocol):
     def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor: ...
 
     def log_scalars(self) -> dict[str, float]: ...
+
+    # Provided by nn.Module; listed so the runner can type-check against the protocol alone.
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any: ...
+
+    def train(self, mode: bool = True) -> Any: ...
