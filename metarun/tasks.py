@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,32 +18,36 @@ class TaskBatch:
         support_y: ``(T, S)`` int64 class labels in ``[0, n_way)``, or ``(T, S, 1)`` float targets.
         query_x: ``(T, Q, *input_shape)`` query inputs.
         query_y: ``(T, Q)`` or ``(T, Q, 1)``, like ``support_y``.
+        support_info: optional ``(T, S)`` side information about the support examples that
+            algorithms may log but never train on (e.g. the true labels behind noisy ones).
     """
 
     support_x: Tensor
     support_y: Tensor
     query_x: Tensor
     query_y: Tensor
+    support_info: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.support_x.shape[0])
 
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> TaskBatch:
+        info = None if self.support_info is None else fn(self.support_info)
+        return TaskBatch(*(fn(t) for t in self.tensors()), support_info=info)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TaskBatch:
-        return TaskBatch(*(t.to(device, non_blocking=non_blocking) for t in self.tensors()))
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> TaskBatch:
-        return TaskBatch(*(t.pin_memory() for t in self.tensors()))
+        return self._map(lambda t: t.pin_memory())
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return (self.support_x, self.support_y, self.query_x, self.query_y)
 
     def task(self, i: int) -> TaskBatch:
         """Task ``i`` as a batch of one (keeps the leading dimension)."""
-        return TaskBatch(*(t[i : i + 1] for t in self.tensors()))
+        return self._map(lambda t: t[i : i + 1])
 
     def split(self, chunk: int) -> list[TaskBatch]:
         """Consecutive sub-batches of at most ``chunk`` tasks (for ranks or memory chunks)."""
-        return [
-            TaskBatch(*(t[i : i + chunk] for t in self.tensors()))
-            for i in range(0, len(self), chunk)
-        ]
+        return [self._map(lambda t, i=i: t[i : i + chunk]) for i in range(0, len(self), chunk)]

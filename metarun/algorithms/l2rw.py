@@ -1,0 +1,226 @@
+"""Learning to reweight examples (L2RW): per-example weights chosen each step by how a
+differentiable look-ahead step changes the loss on a small clean validation set.
+
+References:
+    Ren, Zeng, Yang & Urtasun, "Learning to Reweight Examples for Robust Deep Learning",
+    ICML 2018 (Algorithm 1).
+
+Each training step, with a training batch (support) and a clean batch (query) in a
+:class:`~metarun.tasks.TaskBatch` of one "task":
+
+1. per-example weights ``eps = 0`` (requires grad), weighted loss ``sum_i eps_i * loss_i``;
+2. one differentiable look-ahead step of the model's own optimizer (type, settings and current
+   state, via :mod:`metarun.unroll`) from detached copies of the weights: the model is untouched;
+3. clean loss at the look-ahead weights, and its gradient w.r.t. ``eps``;
+4. ``w = max(-grad, 0)`` normalised to sum 1 (all zero if the sum is 0);
+5. backward of ``sum_i w_i * loss_i`` on the real model; the runner's optimizer steps.
+
+``algo=erm`` is the same loop with uniform weights (plain training).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from metarun.tasks import TaskBatch
+from metarun.unroll import get_diff_optim, monkeypatch
+
+log = logging.getLogger(__name__)
+
+
+def normalise_weights(grad_eps: Tensor) -> Tensor:
+    """Step 4 of L2RW: ``max(-grad, 0)`` normalised to sum 1; all zeros when nothing is positive."""
+    w = torch.clamp(-grad_eps, min=0.0)
+    total = w.sum()
+    if total > 0:
+        return w / total
+    return torch.zeros_like(w)
+
+
+class ReweightingBase(nn.Module):
+    """Shared plumbing of example-reweighting algorithms (L2RW and the ERM baseline)."""
+
+    task_type = "classification"
+
+    def __init__(self, model: nn.Module, *, minority_class: int | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.minority_class = minority_class
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.last_weights: Tensor | None = None
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The runner's optimizer over ``meta_parameters()``; L2RW's look-ahead copies it."""
+        self.optimizer = optimizer
+
+    def meta_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def example_weights(self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def meta_train_step(self, batch: TaskBatch) -> dict[str, float]:
+        x, y, val_x, val_y = (t[0] for t in batch.tensors())
+        w, extra = self._weights_and_stats(x, y, val_x, val_y)
+        losses = F.cross_entropy(self.model(x), y, reduction="none")
+        (w * losses).sum().backward()
+        self.last_weights = w.detach()
+        metrics = {
+            "train/loss": float(losses.mean()),
+            "val/clean_loss": self._clean_loss(val_x, val_y),
+            "train/weighted_loss": float((w * losses).sum()),
+            "weights/zero_fraction": float((w == 0).float().mean()),
+            **extra,
+        }
+        if self.minority_class is not None:
+            metrics["weights/minority_mass"] = float(w[y == self.minority_class].sum())
+        if batch.support_info is not None:
+            flipped = batch.support_info[0] != y
+            metrics["weights/flipped_mass"] = float(w[flipped].sum())
+        return metrics
+
+    def _weights_and_stats(
+        self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def _clean_loss(self, val_x: Tensor, val_y: Tensor) -> float:
+        # Eval mode: a logging forward must not move BatchNorm running statistics.
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return float(F.cross_entropy(self.model(val_x), val_y))
+        finally:
+            self.model.train(was)
+
+    def evaluate(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
+        """Per-example test metrics on the query set (no adaptation: pre equals post)."""
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                rows: dict[str, list[Tensor]] = {"post/accuracy": [], "post/loss": []}
+                for i in range(len(batch)):
+                    qx, qy = batch.query_x[i], batch.query_y[i]
+                    out = self.model(qx)
+                    rows["post/accuracy"].append((out.argmax(-1) == qy).float().cpu())
+                    rows["post/loss"].append(
+                        F.cross_entropy(out, qy, reduction="none").float().cpu()
+                    )
+        finally:
+            self.model.train(was)
+        res = {k: torch.cat(v) for k, v in rows.items()}
+        res["pre/accuracy"], res["pre/loss"] = res["post/accuracy"], res["post/loss"]
+        return res
+
+    def adapt(
+        self, support_x: Tensor, support_y: Tensor, steps: int | None = None
+    ) -> dict[str, Tensor]:
+        return {n: p.detach() for n, p in self.model.named_parameters()}
+
+    def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        was = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return torch.func.functional_call(self.model, params, (x,))
+        finally:
+            self.model.train(was)
+
+    def log_scalars(self) -> dict[str, float]:
+        return {}
+
+    def log_histograms(self) -> dict[str, Tensor]:
+        return {} if self.last_weights is None else {"weights/examples": self.last_weights}
+
+
+class ERM(ReweightingBase):
+    """Plain training: uniform weights ``1/B`` (the L2RW paper's baseline)."""
+
+    def _weights_and_stats(
+        self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
+        return torch.full((x.shape[0],), 1.0 / x.shape[0], device=x.device, dtype=x.dtype), {}
+
+
+class L2RW(ReweightingBase):
+    """Learning to reweight examples.
+
+    Args:
+        model: the classifier being trained.
+        lookahead_lr: learning rate of the look-ahead step (``None``: the optimizer's own).
+        clean_as_train: also train on the clean set (appended to every batch; off in the paper).
+        minority_class: label whose weight mass is logged (imbalanced MNIST).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lookahead_lr: float | None = None,
+        clean_as_train: bool = False,
+        minority_class: int | None = None,
+    ) -> None:
+        super().__init__(model, minority_class=minority_class)
+        if lookahead_lr is not None and lookahead_lr <= 0:
+            raise ValueError(
+                f"algo.lookahead_lr must be > 0 or null, got {lookahead_lr} "
+                "(null uses the optimizer's learning rate)"
+            )
+        self.lookahead_lr = lookahead_lr
+        self.clean_as_train = clean_as_train
+
+    def meta_train_step(self, batch: TaskBatch) -> dict[str, float]:
+        if self.clean_as_train:
+            x, y, vx, vy = batch.tensors()
+            info = batch.support_info
+            batch = TaskBatch(
+                torch.cat([x, vx], 1),
+                torch.cat([y, vy], 1),
+                vx,
+                vy,
+                None if info is None else torch.cat([info, vy], 1),
+            )
+        return super().meta_train_step(batch)
+
+    def example_weights(self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor) -> Tensor:
+        """Steps 1-4: the normalised example weights (detached)."""
+        return self._weights_and_stats(x, y, val_x, val_y)[0]
+
+    def eps_gradient(self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor) -> Tensor:
+        """Gradient of the clean loss after the look-ahead step w.r.t. ``eps`` at ``eps = 0``."""
+        eps = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype, requires_grad=True)
+        return torch.autograd.grad(self._lookahead_val_loss(eps, x, y, val_x, val_y), eps)[0]
+
+    def _lookahead_val_loss(
+        self, eps: Tensor, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor
+    ) -> Tensor:
+        if self.optimizer is None:
+            raise RuntimeError(
+                "L2RW needs the training optimizer: call attach_optimizer(opt) first "
+                "(the runner does this)"
+            )
+        # Detached copies and private BN buffers: the look-ahead leaves the model untouched.
+        fmodel = monkeypatch(self.model, copy_initial_weights=True)
+        override: dict[str, Any] | None = None
+        if self.lookahead_lr is not None:
+            override = {"lr": [self.lookahead_lr]}
+        diffopt = get_diff_optim(
+            self.optimizer, self.model.parameters(), fmodel=fmodel, override=override
+        )
+        losses = F.cross_entropy(fmodel(x), y, reduction="none")
+        diffopt.step((eps * losses).sum())
+        return F.cross_entropy(fmodel(val_x), val_y)
+
+    def _weights_and_stats(
+        self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
+        grad = self.eps_gradient(x, y, val_x, val_y)
+        w = normalise_weights(grad.detach())
+        return w, {"weights/eps_grad_norm": float(grad.norm())}
