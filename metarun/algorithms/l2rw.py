@@ -68,12 +68,13 @@ class ReweightingBase(nn.Module):
         x, y, val_x, val_y = (t[0] for t in batch.tensors())
         w, extra = self._weights_and_stats(x, y, val_x, val_y)
         losses = F.cross_entropy(self.model(x), y, reduction="none")
-        (w * losses).sum().backward()
+        weighted = (w * losses).sum()
+        weighted.backward()
         self.last_weights = w.detach()
         metrics = {
-            "train/loss": float(losses.mean()),
+            "train/loss": float(losses.detach().mean()),
             "val/clean_loss": self._clean_loss(val_x, val_y),
-            "train/weighted_loss": float((w * losses).sum()),
+            "train/weighted_loss": float(weighted.detach()),
             "weights/zero_fraction": float((w == 0).float().mean()),
             **extra,
         }

@@ -49,6 +49,15 @@ class BNPolicy(str, Enum):
     running_stats = "running_stats"
 
 
+class TaskBatching(str, Enum):
+    """How a meta-batch is computed: ``loop`` (task after task, least memory) or ``vmap`` (tasks
+    at once with ``torch.func.vmap``, ``algo.task_chunk_size`` at a time; needs
+    ``bn_policy=batch_stats``)."""
+
+    loop = "loop"
+    vmap = "vmap"
+
+
 class OmniglotSplit(str, Enum):
     finn = "finn"
     lake = "lake"
@@ -59,8 +68,8 @@ class OmniglotSplit(str, Enum):
 
 
 def _require(ok: bool, key: str, value: Any, requirement: str, example: str) -> None:
-    """Raise :class:`ConfigError` ``"<key> must be <requirement>, got <value> (set e.g. <example>)"``
-    unless ``ok``."""
+    """Unless ``ok``, raise :class:`ConfigError`
+    ``"<key> must be <requirement>, got <value> (set e.g. <example>)"``."""
     if not ok:
         raise ConfigError(f"{key} must be {requirement}, got {value!r} (set e.g. {example})")
 
@@ -95,11 +104,18 @@ class MAMLConfig:
     copy_initial_weights: bool = False
     learn_inner_lr: InnerLR = InnerLR.off
     bn_policy: BNPolicy = BNPolicy.batch_stats
+    # vmap: several times faster for small models; loop: the least memory.
+    task_batching: TaskBatching = TaskBatching.vmap
+    task_chunk_size: int | None = None  # tasks per vmapped chunk; null = the whole meta-batch
 
     def __post_init__(self) -> None:
         _require(self.inner_lr > 0, "algo.inner_lr", self.inner_lr, "> 0", "algo.inner_lr=0.01")
         _require(
-            self.inner_steps >= 1, "algo.inner_steps", self.inner_steps, ">= 1", "algo.inner_steps=5"
+            self.inner_steps >= 1,
+            "algo.inner_steps",
+            self.inner_steps,
+            ">= 1",
+            "algo.inner_steps=5",
         )
         _require(
             self.eval_inner_steps >= 0,
@@ -108,6 +124,15 @@ class MAMLConfig:
             ">= 0",
             "algo.eval_inner_steps=10",
         )
+        _require_optional_count(
+            "algo.task_chunk_size", self.task_chunk_size, "algo.task_chunk_size=8"
+        )
+        if self.task_batching is TaskBatching.vmap and self.bn_policy is not BNPolicy.batch_stats:
+            raise ConfigError(
+                f"algo.task_batching=vmap needs algo.bn_policy=batch_stats, got "
+                f"algo.bn_policy={self.bn_policy.value} (tasks computed at once cannot share "
+                "running statistics; set algo.task_batching=loop)"
+            )
 
 
 @dataclass
@@ -216,16 +241,25 @@ class MLPConfig:
 
     def __post_init__(self) -> None:
         _require(
-            self.in_features >= 1, "model.in_features", self.in_features, ">= 1",
+            self.in_features >= 1,
+            "model.in_features",
+            self.in_features,
+            ">= 1",
             "model.in_features=1",
         )
         _require(
-            self.out_features >= 1, "model.out_features", self.out_features, ">= 1",
+            self.out_features >= 1,
+            "model.out_features",
+            self.out_features,
+            ">= 1",
             "model.out_features=1",
         )
         _require(
-            all(h >= 1 for h in self.hidden), "model.hidden", list(self.hidden),
-            "a list of positive widths", "model.hidden=[40,40]",
+            all(h >= 1 for h in self.hidden),
+            "model.hidden",
+            list(self.hidden),
+            "a list of positive widths",
+            "model.hidden=[40,40]",
         )
 
 
@@ -243,16 +277,25 @@ class Conv4Config:
 
     def __post_init__(self) -> None:
         _require(
-            self.in_channels >= 1, "model.in_channels", self.in_channels, ">= 1",
+            self.in_channels >= 1,
+            "model.in_channels",
+            self.in_channels,
+            ">= 1",
             "model.in_channels=1",
         )
         _require(
-            self.num_classes >= 2, "model.num_classes", self.num_classes, ">= 2",
+            self.num_classes >= 2,
+            "model.num_classes",
+            self.num_classes,
+            ">= 2",
             "model.num_classes=5",
         )
         _require(self.hidden >= 1, "model.hidden", self.hidden, ">= 1", "model.hidden=64")
         _require(
-            self.image_size >= 4, "model.image_size", self.image_size, ">= 4",
+            self.image_size >= 4,
+            "model.image_size",
+            self.image_size,
+            ">= 4",
             "model.image_size=28",
         )
 
@@ -272,11 +315,17 @@ class MetaOptimizerConfig:
     def __post_init__(self) -> None:
         _require(self.lr > 0, "meta_optimizer.lr", self.lr, "> 0", "meta_optimizer.lr=0.001")
         _require(
-            self.weight_decay >= 0, "meta_optimizer.weight_decay", self.weight_decay, ">= 0",
+            self.weight_decay >= 0,
+            "meta_optimizer.weight_decay",
+            self.weight_decay,
+            ">= 0",
             "meta_optimizer.weight_decay=0",
         )
         _require(
-            self.momentum >= 0, "meta_optimizer.momentum", self.momentum, ">= 0",
+            self.momentum >= 0,
+            "meta_optimizer.momentum",
+            self.momentum,
+            ">= 0",
             "meta_optimizer.momentum=0.9",
         )
 
@@ -310,12 +359,18 @@ class EvalConfig:
             self.batch_size >= 1, "eval.batch_size", self.batch_size, ">= 1", "eval.batch_size=25"
         )
         _require(
-            self.inner_steps is None or self.inner_steps >= 0, "eval.inner_steps",
-            self.inner_steps, ">= 0 or null", "eval.inner_steps=10",
+            self.inner_steps is None or self.inner_steps >= 0,
+            "eval.inner_steps",
+            self.inner_steps,
+            ">= 0 or null",
+            "eval.inner_steps=10",
         )
         _require(
-            all(s >= 0 for s in self.curve_steps), "eval.curve_steps", list(self.curve_steps),
-            "a list of step counts >= 0", "eval.curve_steps=[1,5,10]",
+            all(s >= 0 for s in self.curve_steps),
+            "eval.curve_steps",
+            list(self.curve_steps),
+            "a list of step counts >= 0",
+            "eval.curve_steps=[1,5,10]",
         )
 
 
@@ -361,6 +416,8 @@ class RunConfig:
     meta_batch_size: int = 25
     meta_optimizer: MetaOptimizerConfig = field(default_factory=MetaOptimizerConfig)
     grad_clip: float | None = None  # max global norm of the meta-gradient; null = no clipping
+    # Meta-batches sampled ahead in a background thread (0 = in the loop); results are the same.
+    prefetch: int = 2
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
@@ -370,19 +427,27 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _require(
-            _DEVICE.fullmatch(self.device) is not None, "device", self.device,
-            "auto, cpu, cuda or cuda:N", "device=cpu",
+            _DEVICE.fullmatch(self.device) is not None,
+            "device",
+            self.device,
+            "auto, cpu, cuda or cuda:N",
+            "device=cpu",
         )
+        _require(self.outer_steps >= 1, "outer_steps", self.outer_steps, ">= 1", "outer_steps=1000")
         _require(
-            self.outer_steps >= 1, "outer_steps", self.outer_steps, ">= 1", "outer_steps=1000"
-        )
-        _require(
-            self.meta_batch_size >= 1, "meta_batch_size", self.meta_batch_size, ">= 1",
+            self.meta_batch_size >= 1,
+            "meta_batch_size",
+            self.meta_batch_size,
+            ">= 1",
             "meta_batch_size=25",
         )
+        _require(self.prefetch >= 0, "prefetch", self.prefetch, ">= 0", "prefetch=2")
         _require(
-            self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip,
-            "> 0 or null", "grad_clip=10",
+            self.grad_clip is None or self.grad_clip > 0,
+            "grad_clip",
+            self.grad_clip,
+            "> 0 or null",
+            "grad_clip=10",
         )
         if self.mode is Mode.eval and not self.checkpoint:
             raise ConfigError(
@@ -419,13 +484,27 @@ def _check_model_values(model: Any, dataset: Any) -> None:
             value = getattr(model, key)
             _require(value == 1, f"model.{key}", value, "1 for dataset=sinusoid", f"model.{key}=1")
     elif isinstance(dataset, OmniglotConfig):
-        _require(model.num_classes == dataset.n_way, "model.num_classes", model.num_classes,
-                 f"dataset.n_way={dataset.n_way}", "model.num_classes=${dataset.n_way}")
-        _require(model.image_size == dataset.image_size, "model.image_size", model.image_size,
-                 f"dataset.image_size={dataset.image_size}",
-                 "model.image_size=${dataset.image_size}")
-        _require(model.in_channels == 1, "model.in_channels", model.in_channels,
-                 "1 for dataset=omniglot (grayscale)", "model.in_channels=1")
+        _require(
+            model.num_classes == dataset.n_way,
+            "model.num_classes",
+            model.num_classes,
+            f"equal to dataset.n_way ({dataset.n_way})",
+            "model.num_classes=${dataset.n_way}",
+        )
+        _require(
+            model.image_size == dataset.image_size,
+            "model.image_size",
+            model.image_size,
+            f"equal to dataset.image_size ({dataset.image_size})",
+            "model.image_size=${dataset.image_size}",
+        )
+        _require(
+            model.in_channels == 1,
+            "model.in_channels",
+            model.in_channels,
+            "1 for dataset=omniglot (grayscale)",
+            "model.in_channels=1",
+        )
 
 
 # ------------------------------------------------------------------------------------- registry

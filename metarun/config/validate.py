@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from metarun.config.errors import ConfigError
@@ -27,7 +25,7 @@ def validate(cfg: DictConfig) -> RunConfig:
             names the full key and the value.
     """
     cfg = cfg.copy()
-    with _open(cfg):
+    with open_dict(cfg):
         cfg.pop("hydra", None)
     for group in GROUPS:
         if OmegaConf.is_missing(cfg, group):
@@ -81,20 +79,4 @@ def from_yaml(text: str, chosen: dict[str, str]) -> RunConfig:
         merged = OmegaConf.merge(schema, OmegaConf.create(text))
     except OmegaConfBaseException as error:
         raise ConfigError(f"saved config does not match the schema: {error}") from None
-    assert isinstance(merged, DictConfig)  # merging two DictConfigs gives one
-    return validate(merged)
-
-
-class _open:
-    """``with _open(cfg):`` temporarily lifts struct mode, to drop the ``hydra`` node."""
-
-    def __init__(self, cfg: DictConfig) -> None:
-        self.cfg = cfg
-        self.flag: Any = None
-
-    def __enter__(self) -> None:
-        self.flag = OmegaConf.is_struct(self.cfg)
-        OmegaConf.set_struct(self.cfg, False)
-
-    def __exit__(self, *exc: object) -> None:
-        OmegaConf.set_struct(self.cfg, self.flag)
+    return validate(merged)  # type: ignore[arg-type]  # merging DictConfigs gives a DictConfig

@@ -7,3 +7,16 @@ from metarun.data.omniglot import load_omniglot
 from metarun.data.sinusoid import SinusoidTasks
 
 __all__ = ["FewShotTasks", "SinusoidTasks", "fixed_tasks", "load_omniglot"]
+
+# Learning to reweight (Ren et al. 2018): imbalanced MNIST and noisy-label CIFAR.
+from metarun.data.cifar import background_flip, load_cifar_noisy, uniform_flip  # noqa: E402
+from metarun.data.mnist import load_mnist_imbalance  # noqa: E402
+from metarun.data.supervised import SplitData  # noqa: E402
+
+__all__ += [
+    "SplitData",
+    "background_flip",
+    "load_cifar_noisy",
+    "load_mnist_imbalance",
+    "uniform_flip",
+]

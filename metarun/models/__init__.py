@@ -6,3 +6,9 @@ from metarun.models.conv4 import Conv4
 from metarun.models.mlp import MLP
 
 __all__ = ["MLP", "Conv4"]
+
+# Learning to reweight (Ren et al. 2018): the MNIST LeNet and the CIFAR residual networks.
+from metarun.models.lenet import LeNet  # noqa: E402
+from metarun.models.resnet import CifarResNet, WideResNet, resnet32, wrn28_10  # noqa: E402
+
+__all__ += ["CifarResNet", "LeNet", "WideResNet", "resnet32", "wrn28_10"]
