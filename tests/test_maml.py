@@ -177,3 +177,15 @@ def test_sinusoid_meta_training_reduces_post_adaptation_loss() -> None:
         opt.step()
     after = algo.evaluate(eval_batch)["post/loss"].mean().item()
     assert after < 0.6 * before
+
+
+def test_checkpointed_inner_loop_gives_the_same_meta_gradient() -> None:
+    batch = _batch()
+    plain = _maml(inner_steps=3)
+    plain.meta_train_step(batch)
+    ckpt = _maml(inner_steps=3, checkpoint_inner=True)
+    ckpt.meta_train_step(batch)
+    for a, b in zip(plain.model.parameters(), ckpt.model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="checkpoint_inner=true works with task_batching=loop"):
+        _maml(checkpoint_inner=True, task_batching="vmap")

@@ -73,6 +73,9 @@ class MAML(nn.Module):
         bn_policy: see :class:`BNPolicy`.
         task_batching: see :class:`TaskBatching`.
         task_chunk_size: tasks per vmapped chunk (``None``: the whole meta-batch).
+        checkpoint_inner: recompute each inner step's forward during the meta-backward instead
+            of storing its activations (less memory on long unrolls, ~1 extra forward per step;
+            task loop only).
 
     Attributes:
         pre_adaptation_metrics: when true (default), ``meta_train_step`` also reports query
@@ -96,6 +99,7 @@ class MAML(nn.Module):
         bn_policy: str = "batch_stats",
         task_batching: str = "loop",
         task_chunk_size: int | None = None,
+        checkpoint_inner: bool = False,
     ) -> None:
         super().__init__()
         if task_type not in ("classification", "regression"):
@@ -122,6 +126,12 @@ class MAML(nn.Module):
                 "(set e.g. algo.task_chunk_size=8)"
             )
         self.task_chunk_size = task_chunk_size
+        self.checkpoint_inner = checkpoint_inner
+        if checkpoint_inner and self.task_batching is TaskBatching.VMAP:
+            raise ValueError(
+                "algo.checkpoint_inner=true works with task_batching=loop only "
+                "(torch.func transforms do not support activation checkpointing)"
+            )
         if self.task_batching is TaskBatching.VMAP and self.bn_policy is not BNPolicy.BATCH_STATS:
             raise ValueError(
                 "task_batching=vmap needs bn_policy=batch_stats: tasks running at once cannot "
@@ -200,6 +210,7 @@ class MAML(nn.Module):
             hyper=self._hyper(),
             first_order=self.first_order,
             track_higher_grads=track,
+            checkpoint=self.checkpoint_inner and track,
         )
         return result.params
 
