@@ -1,0 +1,450 @@
+"""Noisy-label CIFAR-10/100 (Ren et al. 2018, Sec. 5.2) from the official pickled batches.
+
+The official "python version" archives extract to::
+
+    cifar-10-batches-py/   data_batch_1 .. data_batch_5, test_batch, batches.meta
+    cifar-100-python/      train, test, meta
+
+each batch a pickled dict with ``data`` (uint8 ``(N, 3072)``, channel-major 32x32 RGB) and
+``labels`` (CIFAR-10) or ``fine_labels`` (CIFAR-100). They are looked for in ``<root>``,
+``<root>/cifar10`` (``cifar100``) and ``<root>/cifar``.
+
+The pickles on disk are read here, not through ``torchvision.datasets.CIFAR10``: torchvision
+re-hashes every file (MD5) on each construction and would reject anything but the official
+bytes. Instead the files are unpickled with an allow-list that admits only what the official
+batches contain (numpy arrays and plain containers), so a tampered pickle cannot run code, and
+their contents are checked (shapes, label ranges). Downloads (``download=True``) go through
+torchvision's downloader and are MD5-checked.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metarun.data.supervised import (
+    DOWNLOAD_ERRORS,
+    DOWNLOAD_TIMEOUT_S,
+    SplitData,
+    replace_into,
+    socket_timeout,
+    staging_dir,
+)
+
+__all__ = ["background_flip", "load_cifar_noisy", "uniform_flip"]
+
+logger = logging.getLogger(__name__)
+
+NOISE_TYPES = ("uniform", "background")
+_LAYOUT: dict[int, dict[str, Any]] = {
+    10: {
+        "folder": "cifar-10-batches-py",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "labels": "labels",
+        "subdirs": ("", "cifar10", "cifar"),
+        "dataset": "CIFAR10",  # torchvision.datasets class holding url, filename and MD5
+    },
+    100: {
+        "folder": "cifar-100-python",
+        "train": ["train"],
+        "test": ["test"],
+        "labels": "fine_labels",
+        "subdirs": ("", "cifar100", "cifar"),
+        "dataset": "CIFAR100",
+    },
+}
+_SIDE = 32
+
+
+# --------------------------------------------------------------------------- label noise
+
+
+def _check_noise(labels: Tensor, num_classes: int, noise: float) -> int:
+    """Validate and return how many labels are touched: ``round(noise * N)``."""
+    if num_classes < 2:
+        raise ValueError(f"label noise needs num_classes >= 2, got {num_classes}")
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(
+            f"dataset.noise must be in [0, 1] (the fraction of training labels flipped), got "
+            f"{noise} (set e.g. dataset.noise=0.4)"
+        )
+    if labels.dim() != 1 or labels.dtype != torch.long:
+        raise TypeError(
+            f"labels must be a 1-d int64 tensor, got shape {tuple(labels.shape)} {labels.dtype}"
+        )
+    if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got [{int(labels.min())}, {int(labels.max())}]"
+        )
+    return round(noise * len(labels))
+
+
+def uniform_flip(
+    labels: Tensor,
+    num_classes: int,
+    noise: float,
+    generator: torch.Generator,
+    *,
+    exclude_true: bool = True,
+) -> Tensor:
+    """UniformFlip (Ren et al. 2018, Sec. 5.2): "all label classes can uniformly flip to any
+    other label classes".
+
+    Exactly ``round(noise * N)`` examples, chosen uniformly without replacement, get a label
+    drawn uniformly from the ``num_classes - 1`` other classes; so exactly that many labels are
+    wrong and the noise transition matrix is ``1 - noise`` on the diagonal and
+    ``noise / (num_classes - 1)`` elsewhere.
+
+    The official code (``cifar/generate_noisy_cifar_data.py``, "Not garanteeing flip")
+    instead redraws the chosen labels from ``floor(uniform(0, C - 1))``, which can return the
+    true label and never returns class ``C - 1``; ``exclude_true=False`` redraws from all
+    ``num_classes`` classes (about ``noise * (1 - 1/C)`` of the labels then end up wrong).
+
+    Args:
+        labels: ``(N,)`` int64 true labels in ``[0, num_classes)``; not modified.
+        num_classes: number of classes.
+        noise: fraction of the examples relabelled, in ``[0, 1]``.
+        generator: the only source of randomness.
+        exclude_true: draw the new label from the other classes only.
+
+    Returns:
+        ``(N,)`` int64 noisy labels.
+
+    Raises:
+        ValueError: ``noise`` outside ``[0, 1]``, fewer than 2 classes, labels out of range.
+        TypeError: labels not a 1-d int64 tensor.
+    """
+    k = _check_noise(labels, num_classes, noise)
+    chosen = torch.randperm(len(labels), generator=generator)[:k]
+    noisy = labels.clone()
+    if exclude_true:
+        # A shift by 1..C-1 (mod C) is uniform over the other classes.
+        shift = torch.randint(1, num_classes, (k,), generator=generator)
+        noisy[chosen] = (labels[chosen] + shift) % num_classes
+    else:
+        noisy[chosen] = torch.randint(0, num_classes, (k,), generator=generator)
+    return noisy
+
+
+def background_flip(
+    labels: Tensor,
+    num_classes: int,
+    noise: float,
+    generator: torch.Generator,
+    background: int | None = None,
+) -> Tensor:
+    """BackgroundFlip (Ren et al. 2018, Sec. 5.2): "all label classes can flip to a single
+    background class", as when annotators miss positives that then stay in the background.
+
+    As in the official code (``_flip_data_background``): exactly ``round(noise * N)`` examples,
+    chosen uniformly without replacement from all of them, get the label ``background``; those
+    already of that class keep a correct label, so about ``noise * (1 - 1/C)`` of the labels of a
+    balanced set end up wrong, and the background class is then the most frequent one.
+
+    Args:
+        labels: ``(N,)`` int64 true labels in ``[0, num_classes)``; not modified.
+        num_classes: number of classes.
+        noise: fraction of the examples relabelled, in ``[0, 1]``.
+        generator: the only source of randomness.
+        background: the background class; ``None``: one class drawn uniformly with
+            ``generator`` (the official code draws it at random too, from the first ``C - 1``).
+
+    Returns:
+        ``(N,)`` int64 noisy labels.
+
+    Raises:
+        ValueError: ``noise`` outside ``[0, 1]``, fewer than 2 classes, labels or
+            ``background`` out of range.
+        TypeError: labels not a 1-d int64 tensor.
+    """
+    k = _check_noise(labels, num_classes, noise)
+    if background is None:
+        background = int(torch.randint(0, num_classes, (1,), generator=generator))
+    if not 0 <= background < num_classes:
+        raise ValueError(
+            f"dataset.background must be a class in [0, {num_classes}), got {background}"
+        )
+    chosen = torch.randperm(len(labels), generator=generator)[:k]
+    noisy = labels.clone()
+    noisy[chosen] = background
+    return noisy
+
+
+# --------------------------------------------------------------------------- files
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only what the official CIFAR batches hold: dicts, lists, strings, numbers and
+    numpy arrays (``numpy.core`` in the official Python 2 files, ``numpy._core`` since NumPy 2)."""
+
+    _ALLOWED = {
+        ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: the official CIFAR batches hold only numpy "
+                f"arrays, lists and strings"
+            )
+        if module == "numpy.core.multiarray":
+            # NumPy 2 moved numpy.core to numpy._core (the old name still loads, with a warning).
+            try:
+                return super().find_class("numpy._core.multiarray", name)
+            except ModuleNotFoundError:  # NumPy 1
+                pass
+        return super().find_class(module, name)
+
+
+def _read_batch(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
+    """One pickled batch -> ``(images (N, 3, 32, 32) uint8, labels (N,) int64)``."""
+    try:
+        # latin1: the official files were pickled by Python 2 (keys and names are byte strings).
+        entry = _BatchUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+        data, labels = entry["data"], entry[label_key]
+    except Exception as error:  # corrupt bytes raise anything from EOFError to IndexError
+        raise ValueError(
+            f"cannot read the CIFAR batch {path} ({type(error).__name__}: {error}). Fix: delete "
+            f"its folder and set dataset.download=true, or replace it with the official file"
+        ) from error
+    images = torch.as_tensor(data)
+    targets = torch.as_tensor(labels, dtype=torch.long)
+    if images.dtype != torch.uint8 or images.dim() != 2 or images.shape[1] != 3 * _SIDE * _SIDE:
+        raise ValueError(
+            f"{path}: 'data' must be uint8 of shape (N, {3 * _SIDE * _SIDE}), got "
+            f"{images.dtype} {tuple(images.shape)}. Fix: replace it with the official file"
+        )
+    if targets.shape != (images.shape[0],):
+        raise ValueError(
+            f"{path}: {images.shape[0]} images but {tuple(targets.shape)} {label_key!r}. Fix: "
+            f"replace it with the official file"
+        )
+    return images.reshape(-1, 3, _SIDE, _SIDE), targets
+
+
+def _find(root: Path, num_classes: int) -> Path | None:
+    layout = _LAYOUT[num_classes]
+    for sub in layout["subdirs"]:
+        folder = (root / sub if sub else root) / layout["folder"]
+        if all((folder / name).is_file() for name in layout["train"] + layout["test"]):
+            return folder
+    return None
+
+
+def _not_found_message(root: Path, num_classes: int) -> str:
+    layout = _LAYOUT[num_classes]
+    looked_in = ", ".join(str(root / sub if sub else root) for sub in layout["subdirs"])
+    names = ", ".join(layout["train"] + layout["test"])
+    return (
+        f"CIFAR-{num_classes} not found for dataset.root={str(root)!r} (resolved: "
+        f"{root.resolve()}): looked for {layout['folder']}/ holding {names} in {looked_in}. "
+        f"Fix: set dataset.root=<folder holding {layout['folder']}/>, or set "
+        f"dataset.download=true on a machine with network"
+    )
+
+
+def _download(root: Path, num_classes: int) -> None:
+    """Fetch and extract the official archive into ``<root>/<folder>/``, file by file."""
+    # Imported here: torchvision.datasets takes about a second to import.
+    import torchvision.datasets
+    from torchvision.datasets.utils import download_url, extract_archive
+
+    layout = _LAYOUT[num_classes]
+    dataset = getattr(torchvision.datasets, layout["dataset"])
+    dest = root / layout["folder"]
+    logger.info("downloading %s to %s", dataset.url, root)
+    with staging_dir(root) as tmp:
+        try:
+            with socket_timeout(DOWNLOAD_TIMEOUT_S):
+                download_url(dataset.url, str(tmp), filename=dataset.filename, md5=dataset.tgz_md5)
+        except DOWNLOAD_ERRORS as error:  # includes timeouts and MD5 mismatches
+            raise RuntimeError(
+                f"could not download {dataset.url} into {root}: {error}. Fix: on a machine with "
+                f"network, retry dataset.download=true; otherwise extract the official "
+                f"{dataset.filename} there by hand and set dataset.root=<that folder> with "
+                f"dataset.download=false"
+            ) from error
+        extract_archive(str(tmp / dataset.filename), str(tmp))
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in sorted((tmp / layout["folder"]).iterdir()):
+            replace_into(path, dest / path.name)
+
+
+def _read_split(folder: Path, num_classes: int, split: str) -> tuple[Tensor, Tensor]:
+    layout = _LAYOUT[num_classes]
+    parts = [_read_batch(folder / name, layout["labels"]) for name in layout[split]]
+    images = torch.cat([p[0] for p in parts])
+    labels = torch.cat([p[1] for p in parts])
+    if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
+        raise ValueError(
+            f"{folder}: {split} labels span [{int(labels.min())}, {int(labels.max())}], not "
+            f"[0, {num_classes}): is this CIFAR-{num_classes}? Fix: set dataset.num_classes to "
+            f"match the files"
+        )
+    return images, labels
+
+
+def _clean_split(
+    labels: Tensor, n_clean: int, num_classes: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    """Class-balanced clean indices (``n_clean // C`` per class, the remainder to random
+    classes) and the rest, both sorted."""
+    order = torch.randperm(len(labels), generator=generator)
+    quota = torch.full((num_classes,), n_clean // num_classes, dtype=torch.long)
+    quota[torch.randperm(num_classes, generator=generator)[: n_clean % num_classes]] += 1
+    have = torch.bincount(labels, minlength=num_classes)
+    short = (have < quota).nonzero().squeeze(1).tolist()
+    if short:
+        raise ValueError(
+            f"dataset.n_clean={n_clean} takes {quota[short[0]]} clean images of class "
+            f"{short[0]} but the training set has only {have[short[0]]} (classes short: "
+            f"{short}). Fix: lower dataset.n_clean"
+        )
+    shuffled = labels[order]
+    # Rank of each shuffled example among those of its class: take the first quota[c].
+    rank = torch.empty_like(order)
+    for c in range(num_classes):
+        mask = shuffled == c
+        rank[mask] = torch.arange(int(mask.sum()))
+    is_clean = torch.zeros(len(labels), dtype=torch.bool)
+    is_clean[order[rank < quota[shuffled]]] = True
+    return is_clean.nonzero().squeeze(1), (~is_clean).nonzero().squeeze(1)
+
+
+def _to_float(images: Tensor) -> Tensor:
+    return images.float().div_(255.0)  # (N, 3, 32, 32) in [0, 1]
+
+
+def load_cifar_noisy(
+    root: str | Path,
+    *,
+    num_classes: int = 10,
+    noise: float = 0.4,
+    noise_type: str = "uniform",
+    n_clean: int = 1000,
+    seed: int = 0,
+    download: bool = False,
+    background: int | None = None,
+) -> SplitData:
+    """CIFAR-10/100 with synthetic label noise on the training set and a small clean set.
+
+    Following Ren et al. (2018, Sec. 5.2): ``n_clean`` training images (1,000 in the paper) are
+    set aside with their true labels as the clean validation set, then label noise is applied
+    to the rest: :func:`uniform_flip` or :func:`background_flip` at rate ``noise`` (40% in the
+    paper). The test set is the official one, clean. Randomness comes from one
+    ``torch.Generator().manual_seed(seed)``, used in this order: clean split, (background
+    class), noise.
+
+    Difference from the official code, which takes a random (not class-balanced) clean set: the
+    clean set here is class-balanced, ``n_clean // C`` images per class, the remaining
+    ``n_clean % C`` one each to randomly chosen classes. Both pools keep the files' order.
+
+    Args:
+        root: folder holding ``cifar-10-batches-py/`` or ``cifar-100-python/`` (see the
+            module docstring for where).
+        num_classes: 10 (CIFAR-10) or 100 (CIFAR-100, fine labels).
+        noise: fraction of the remaining training examples relabelled, in ``[0, 1]``.
+        noise_type: ``"uniform"`` (to a different class, uniformly) or ``"background"`` (to
+            one background class).
+        n_clean: size of the clean validation set taken out of the training set.
+        seed: seed of the clean split and the noise.
+        download: fetch and extract the official archive into ``root`` when the files are
+            missing (MD5-checked; fails within ``DOWNLOAD_TIMEOUT_S`` when offline).
+        background: ``noise_type="background"``: the background class; ``None``: drawn with the
+            seed. Ignored for uniform noise.
+
+    Returns:
+        :class:`SplitData`: ``(N, 3, 32, 32)`` float32 images in ``[0, 1]`` (no standardisation
+        or augmentation); ``train_y`` noisy, ``train_y_true`` the true labels, ``val_*`` the
+        clean set, ``test_*`` the official test set; ``background_class`` for background noise.
+
+    Raises:
+        FileNotFoundError: the files are missing and ``download=False``.
+        RuntimeError: ``download=True`` but the download failed.
+        ValueError: bad arguments, or a corrupt or foreign file.
+
+    References:
+        Ren, Zeng, Yang, Urtasun. Learning to Reweight Examples for Robust Deep Learning.
+        ICML 2018, Sec. 5.2 and Table 1.
+
+    Example:
+        >>> data = load_cifar_noisy("data", noise=0.4, noise_type="background")
+        >>> data.train_x.shape, float((data.train_y != data.train_y_true).float().mean())
+        (torch.Size([49000, 3, 32, 32]), 0.36...)
+    """
+    if num_classes not in _LAYOUT:
+        raise ValueError(
+            f"dataset.num_classes must be 10 (CIFAR-10) or 100 (CIFAR-100), got {num_classes}"
+        )
+    if noise_type not in NOISE_TYPES:
+        raise ValueError(
+            f"dataset.noise_type must be one of {', '.join(NOISE_TYPES)}, got {noise_type!r}"
+        )
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(
+            f"dataset.noise must be in [0, 1] (the fraction of training labels flipped), got "
+            f"{noise} (set e.g. dataset.noise=0.4)"
+        )
+    if n_clean < 1:
+        raise ValueError(f"dataset.n_clean must be >= 1, got {n_clean} (set e.g. 1000)")
+    root = Path(root).expanduser()
+    folder = _find(root, num_classes)
+    if folder is None and download:
+        _download(root, num_classes)
+        folder = _find(root, num_classes)
+    if folder is None:
+        raise FileNotFoundError(_not_found_message(root, num_classes))
+
+    train_images, train_labels = _read_split(folder, num_classes, "train")
+    test_images, test_labels = _read_split(folder, num_classes, "test")
+    if n_clean >= len(train_labels):
+        raise ValueError(
+            f"dataset.n_clean={n_clean} leaves no training images: the training set in {folder} "
+            f"has {len(train_labels)}. Fix: set dataset.n_clean<{len(train_labels)}"
+        )
+
+    generator = torch.Generator().manual_seed(seed)
+    clean, rest = _clean_split(train_labels, n_clean, num_classes, generator)
+    y_true = train_labels[rest]
+    background_class = None
+    if noise_type == "uniform":
+        y_noisy = uniform_flip(y_true, num_classes, noise, generator)
+    else:
+        if background is None:
+            background = int(torch.randint(0, num_classes, (1,), generator=generator))
+        background_class = background
+        y_noisy = background_flip(y_true, num_classes, noise, generator, background=background)
+    logger.info(
+        "CIFAR-%d: %d training images (%d labels flipped, %s noise %.2f), %d clean, %d test",
+        num_classes,
+        len(y_true),
+        int((y_noisy != y_true).sum()),
+        noise_type,
+        noise,
+        len(clean),
+        len(test_labels),
+    )
+    return SplitData(
+        train_x=_to_float(train_images[rest]),
+        train_y=y_noisy,
+        val_x=_to_float(train_images[clean]),
+        val_y=train_labels[clean],
+        test_x=_to_float(test_images),
+        test_y=test_labels,
+        num_classes=num_classes,
+        train_y_true=y_true,
+        background_class=background_class,
+    )

@@ -1,0 +1,433 @@
+"""Class-imbalanced binary MNIST (Ren et al. 2018, Sec. 5.1) from the official IDX files.
+
+The official files are gzipped IDX arrays, read here directly (no torchvision dataset object)::
+
+    train-images-idx3-ubyte.gz  train-labels-idx1-ubyte.gz   60,000 training images
+    t10k-images-idx3-ubyte.gz   t10k-labels-idx1-ubyte.gz    10,000 test images
+
+(or the same names without ``.gz``, as torchvision leaves them after extracting) in
+``<root>/mnist/raw/``, ``<root>/MNIST/raw/`` (torchvision's layout), ``<root>/raw/`` or ``<root>``.
+In the test split digit 4 has 982 images and digit 9 has 1,009; in the training split 5,842
+and 5,949.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import struct
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from metarun.data.supervised import (
+    DOWNLOAD_ERRORS,
+    DOWNLOAD_TIMEOUT_S,
+    SplitData,
+    replace_into,
+    socket_timeout,
+    staging_dir,
+)
+
+__all__ = ["SplitData", "load_mnist_imbalance"]
+
+logger = logging.getLogger(__name__)
+
+SOURCE_SPLITS = ("train", "test")
+# Where root may hold the files: torchvision's layout, a data folder's, or root itself.
+_SUBDIRS = ("mnist/raw", "MNIST/raw", "raw", "")
+_STEMS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_DOWNLOAD_SUBDIR = "MNIST/raw"  # where torchvision.datasets.MNIST(root) would put them
+_IDX_UBYTE = 0x08  # IDX type code of unsigned bytes
+
+
+def _root_hint(root: Path) -> str:
+    return f"dataset.root={str(root)!r} (resolved: {root.resolve()})"
+
+
+def _find(root: Path, split: str) -> tuple[Path, Path] | None:
+    """``(images, labels)`` files of ``split`` ("train" or "test"), or None."""
+    for sub in _SUBDIRS:
+        folder = root / sub if sub else root
+        images, labels = (
+            next((c for c in (folder / f"{stem}.gz", folder / stem) if c.is_file()), None)
+            for stem in _STEMS[split]
+        )
+        if images is not None and labels is not None:
+            return images, labels
+    return None
+
+
+def _not_found_message(root: Path, split: str) -> str:
+    looked_in = ", ".join(str(root / sub if sub else root) for sub in _SUBDIRS)
+    names = " and ".join(f"{stem}.gz" for stem in _STEMS[split])
+    hint = (
+        " (only the 10,000-image test split is needed with dataset.source_split=test)"
+        if split == "train"
+        else ""
+    )
+    return (
+        f"MNIST {split} split not found for {_root_hint(root)}: looked for {names} (or the same "
+        f"names without .gz) in {looked_in}. Fix: set dataset.root=<folder holding them>, or set "
+        f"dataset.download=true on a machine with network{hint}"
+    )
+
+
+def _download(root: Path, split: str) -> None:
+    """Fetch the two files of ``split`` into ``<root>/MNIST/raw/``, MD5-checked, atomically."""
+    # Imported here: torchvision.datasets takes about a second to import.
+    from torchvision.datasets import MNIST
+    from torchvision.datasets.utils import download_url
+
+    md5 = dict(MNIST.resources)
+    dest = root / _DOWNLOAD_SUBDIR
+    for stem in _STEMS[split]:
+        name = f"{stem}.gz"
+        if (dest / name).is_file():
+            continue
+        errors: list[str] = []
+        with staging_dir(dest) as tmp:
+            for mirror in MNIST.mirrors:
+                url = f"{mirror}{name}"
+                logger.info("downloading %s to %s", url, dest)
+                try:
+                    with socket_timeout(DOWNLOAD_TIMEOUT_S):
+                        download_url(url, str(tmp), filename=name, md5=md5[name])
+                except DOWNLOAD_ERRORS as error:  # includes timeouts and MD5 mismatches
+                    errors.append(f"{url}: {error}")
+                    (tmp / name).unlink(missing_ok=True)
+                    continue
+                replace_into(tmp / name, dest / name)
+                break
+        if errors and not (dest / name).is_file():
+            raise RuntimeError(
+                f"could not download {name} into {dest} ({'; '.join(errors)}). Fix: on a machine "
+                f"with network, retry dataset.download=true; otherwise copy the official "
+                f"{' and '.join(f'{s}.gz' for s in _STEMS[split])} into <folder>/mnist/raw/ by "
+                f"hand and set dataset.root=<folder> with dataset.download=false"
+            )
+
+
+def _read_idx(path: Path, ndim: int) -> Tensor:
+    """One IDX file of unsigned bytes -> uint8 tensor of its shape."""
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as error:
+        raise ValueError(
+            f"cannot read {path} ({error}): the file is corrupt or truncated. Fix: delete it and "
+            f"set dataset.download=true, or replace it with the official file"
+        ) from error
+    header = 4 + 4 * ndim
+    if len(data) < header or data[:3] != bytes([0, 0, _IDX_UBYTE]) or data[3] != ndim:
+        raise ValueError(
+            f"{path} is not an IDX file of {ndim}-d unsigned bytes (magic {data[:4].hex()}, "
+            f"expected 000008{ndim:02x}). Fix: replace it with the official MNIST file"
+        )
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    if len(data) - header != math.prod(shape):
+        raise ValueError(
+            f"{path} holds {len(data) - header} bytes of data, its header promises shape {shape} "
+            f"({math.prod(shape)} bytes): the file is truncated. Fix: delete it and set "
+            f"dataset.download=true, or replace it with the official file"
+        )
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).view(*shape)
+
+
+def _load_split(root: Path, split: str, download: bool) -> tuple[Tensor, Tensor]:
+    """``(images (N, 28, 28) uint8, labels (N,) int64)`` of the official ``split``."""
+    files = _find(root, split)
+    if files is None and download:
+        _download(root, split)
+        files = _find(root, split)
+    if files is None:
+        raise FileNotFoundError(_not_found_message(root, split))
+    images, labels = _read_idx(files[0], 3), _read_idx(files[1], 1)
+    if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28):
+        raise ValueError(
+            f"{files[0]} holds images of shape {tuple(images.shape)} but {files[1]} holds "
+            f"{labels.shape[0]} labels (expected (N, 28, 28) and N). Fix: replace both with the "
+            f"official MNIST files"
+        )
+    return images, labels.long()
+
+
+def _check_arguments(
+    pos_ratio: float,
+    n_train: int,
+    n_val: int,
+    n_test: int | None,
+    digits: Sequence[int],
+    source_split: str,
+) -> None:
+    if source_split not in SOURCE_SPLITS:
+        raise ValueError(
+            f"dataset.source_split must be one of {', '.join(SOURCE_SPLITS)}, got {source_split!r}"
+        )
+    if not 0.5 <= pos_ratio < 1.0:
+        raise ValueError(
+            f"dataset.pos_ratio must be in [0.5, 1) (the fraction of the dominant digit in the "
+            f"training pool), got {pos_ratio} (set e.g. dataset.pos_ratio=0.995)"
+        )
+    if n_train < 1:
+        raise ValueError(f"dataset.n_train must be >= 1, got {n_train} (set e.g. 5000)")
+    if n_val < 2 or n_val % 2:
+        raise ValueError(
+            f"dataset.n_val must be an even number >= 2 (a balanced validation set: n_val/2 "
+            f"images per digit), got {n_val} (set e.g. dataset.n_val=10)"
+        )
+    if n_test is not None and (n_test < 2 or n_test % 2):
+        raise ValueError(
+            f"dataset.n_test must be null (the largest balanced test set) or an even number >= 2 "
+            f"(n_test/2 images per digit), got {n_test}"
+        )
+    if len(digits) != 2 or digits[0] == digits[1] or any(not 0 <= d <= 9 for d in digits):
+        raise ValueError(
+            f"dataset.digits must be two different digits 0..9 (minority, dominant), got "
+            f"{tuple(digits)} (set e.g. dataset.digits=[4,9])"
+        )
+
+
+def _train_counts(n_train: int, pos_ratio: float) -> tuple[int, int]:
+    """``(minority, dominant)`` images in a training pool of ``n_train``."""
+    dominant = round(pos_ratio * n_train)
+    return n_train - dominant, dominant
+
+
+def _fits(
+    n_train: int,
+    pos_ratio: float,
+    per_val: int,
+    per_test: int,
+    available: tuple[int, int],
+    shared: bool,
+) -> bool:
+    """Whether the training pool, the validation set and (when they share the source split)
+    ``per_test`` test images per digit fit in the ``(minority, dominant)`` images available."""
+    need = _train_counts(n_train, pos_ratio)
+    extra = per_val + (per_test if shared else 0)
+    return all(n + extra <= a for n, a in zip(need, available))
+
+
+def _largest_n_train(
+    limit: int,
+    pos_ratio: float,
+    per_val: int,
+    per_test: int,
+    available: tuple[int, int],
+    shared: bool,
+) -> int | None:
+    # Both class counts are non-decreasing in n_train, so the first fit going down is the largest.
+    for n in range(limit, 0, -1):
+        if _fits(n, pos_ratio, per_val, per_test, available, shared):
+            return n
+    return None
+
+
+def _plan(
+    n_train: int,
+    pos_ratio: float,
+    n_val: int,
+    n_test: int | None,
+    digits: Sequence[int],
+    source_split: str,
+    available: tuple[int, int],
+    test_available: tuple[int, int],
+) -> tuple[tuple[int, int], int, int]:
+    """``((minority, dominant) training images, val per digit, test per digit)``, or a
+    ValueError saying what does not fit."""
+    shared = source_split == "test"
+    per_val = n_val // 2
+    train_min, train_dom = _train_counts(n_train, pos_ratio)
+    if train_min < 1:
+        smallest = next(n for n in range(n_train + 1, 10**9) if _train_counts(n, pos_ratio)[0])
+        raise ValueError(
+            f"dataset.n_train={n_train} at dataset.pos_ratio={pos_ratio} leaves no image of the "
+            f"minority digit {digits[0]} in the training pool (round({pos_ratio} * {n_train}) = "
+            f"{train_dom} images of digit {digits[1]}). Fix: set dataset.n_train>={smallest} or "
+            f"lower dataset.pos_ratio"
+        )
+    source = f"the MNIST {source_split} split"
+    if not shared and n_test is not None and n_test // 2 > min(test_available):
+        raise ValueError(
+            f"dataset.n_test={n_test} needs {n_test // 2} test images of each digit but the MNIST "
+            f"test split has {test_available[0]} of digit {digits[0]} and {test_available[1]} of "
+            f"digit {digits[1]}. Fix: set dataset.n_test<={2 * min(test_available)} or "
+            f"dataset.n_test=null"
+        )
+    # Sharing the source split, the test set needs at least one image of each digit left over.
+    per_test_min = n_test // 2 if n_test is not None else 1
+    if not _fits(n_train, pos_ratio, per_val, per_test_min, available, shared):
+        largest = _largest_n_train(n_train, pos_ratio, per_val, per_test_min, available, shared)
+        test_part = (
+            f" + {per_test_min} (test{', at least' if n_test is None else ''})" if shared else ""
+        )
+        needs = "; ".join(
+            f"{train} (train) + {per_val} (val){test_part} = "
+            f"{train + per_val + (per_test_min if shared else 0)} of digit {digit}, "
+            f"{have} available"
+            for train, digit, have in zip((train_min, train_dom), digits, available)
+        )
+        test_setting = "null" if n_test is None else n_test
+        settings = f"dataset.n_val={n_val}" + (f", dataset.n_test={test_setting}" if shared else "")
+        fix = (
+            f"the largest dataset.n_train that works with these settings ({settings}) is {largest}"
+            if largest is not None
+            else f"no dataset.n_train works with {settings}: lower them"
+        )
+        if largest is not None and shared and n_test is None:
+            left = min(
+                a - t - per_val for a, t in zip(available, _train_counts(largest, pos_ratio))
+            )
+            fix += f" (leaving a test set of {2 * left}: set dataset.n_test to reserve more)"
+        alternative = (
+            "use dataset.source_split=train (the 60,000-image training file)"
+            if shared
+            else "lower dataset.pos_ratio"
+        )
+        raise ValueError(
+            f"dataset.source_split={source_split}, dataset.pos_ratio={pos_ratio}, "
+            f"dataset.n_train={n_train} do not fit in {source}: needed {needs}. Fix: {fix}; or "
+            f"{alternative}"
+        )
+    if n_test is not None:
+        per_test = n_test // 2
+    elif shared:
+        per_test = min(a - t - per_val for a, t in zip(available, (train_min, train_dom)))
+    else:
+        per_test = min(test_available)
+    return (train_min, train_dom), per_val, per_test
+
+
+def _take(
+    images: Tensor,
+    labels: Tensor,
+    parts: Sequence[Tensor],
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """Images of ``parts[k]`` (indices) get label ``k``; shuffled so the classes are mixed."""
+    index = torch.cat(list(parts))
+    target = torch.cat([torch.full((len(p),), k, dtype=torch.long) for k, p in enumerate(parts)])
+    order = torch.randperm(len(index), generator=generator)
+    x = images[index[order]].unsqueeze(1).float().div_(255.0)  # (N, 1, 28, 28) in [0, 1]
+    return x, target[order]
+
+
+def load_mnist_imbalance(
+    root: str | Path,
+    *,
+    pos_ratio: float = 0.995,
+    n_train: int = 5000,
+    n_val: int = 10,
+    n_test: int | None = None,
+    digits: Sequence[int] = (4, 9),
+    source_split: str = "train",
+    seed: int = 0,
+    download: bool = False,
+) -> SplitData:
+    """Binary, class-imbalanced MNIST: a training pool dominated by one digit, a small balanced
+    clean validation set, and a balanced test set.
+
+    Following Ren et al. (2018, Sec. 5.1), digit ``digits[1]`` (9) dominates the training pool
+    and ``digits[0]`` (4) is the minority; the labels are binary: ``digits[0] -> 0`` and
+    ``digits[1] -> 1``. The three pools are disjoint and each is shuffled. Each digit's images
+    are permuted with ``torch.Generator().manual_seed(seed)`` and taken in order: validation
+    first, then training, then (``source_split="test"``) test.
+
+    Differences from the official code (``mnist/mnist_train.py``), which carves the validation
+    images out of the ``n_train`` and rounds the class counts down: here the training pool has
+    exactly ``n_train`` images, ``round(pos_ratio * n_train)`` of them of the dominant digit, and
+    the ``n_val`` validation images come on top.
+
+    Args:
+        root: folder holding the IDX files (see the module docstring for where).
+        pos_ratio: fraction of the dominant digit in the training pool, in ``[0.5, 1)`` (the
+            paper sweeps 0.9 .. 0.995).
+        n_train: size of the training pool.
+        n_val: size of the balanced clean validation set (``n_val / 2`` per digit), taken from
+            the same split as the training pool.
+        n_test: size of the balanced test set; ``None``: the largest the remaining images allow.
+        digits: ``(minority, dominant)`` digits.
+        source_split: ``"train"``: training pool and validation set from the 60,000 training
+            images, test set from the 10,000 test images. ``"test"``: all three from the test
+            images only (for machines with just that file).
+        seed: seed of the selection and shuffles.
+        download: fetch the missing files of the splits needed into ``<root>/MNIST/raw/``
+            (MD5-checked; fails within ``DOWNLOAD_TIMEOUT_S`` when offline).
+
+    Returns:
+        :class:`SplitData` with ``(N, 1, 28, 28)`` float32 images in ``[0, 1]``, int64 labels in
+        ``{0, 1}``, ``num_classes=2`` and ``minority_class=0``.
+
+    Raises:
+        FileNotFoundError: the files of a needed split are missing and ``download=False``.
+        RuntimeError: ``download=True`` but the download failed.
+        ValueError: bad arguments; a corrupt file; or more images asked for than the split holds
+            (the message gives the numbers and the largest ``dataset.n_train`` that fits).
+
+    References:
+        Ren, Zeng, Yang, Urtasun. Learning to Reweight Examples for Robust Deep Learning.
+        ICML 2018, Sec. 5.1.
+
+    Example:
+        >>> data = load_mnist_imbalance("data", source_split="test", n_train=1000)
+        >>> data.train_x.shape, int(data.train_y.sum())
+        (torch.Size([1000, 1, 28, 28]), 995)
+    """
+    _check_arguments(pos_ratio, n_train, n_val, n_test, digits, source_split)
+    root = Path(root).expanduser()
+    shared = source_split == "test"
+    images, labels = _load_split(root, source_split, download)
+    test_images, test_labels = (images, labels) if shared else _load_split(root, "test", download)
+
+    def count(y: Tensor) -> tuple[int, int]:
+        return int((y == digits[0]).sum()), int((y == digits[1]).sum())
+
+    (train_min, train_dom), per_val, per_test = _plan(
+        n_train, pos_ratio, n_val, n_test, digits, source_split, count(labels), count(test_labels)
+    )
+
+    generator = torch.Generator().manual_seed(seed)
+    val_parts, train_parts, test_parts = [], [], []
+    for digit, n in zip(digits, (train_min, train_dom)):
+        index = (labels == digit).nonzero().squeeze(1)
+        index = index[torch.randperm(len(index), generator=generator)]
+        val_parts.append(index[:per_val])
+        train_parts.append(index[per_val : per_val + n])
+        if shared:
+            test_parts.append(index[per_val + n : per_val + n + per_test])
+    if not shared:
+        for digit in digits:
+            index = (test_labels == digit).nonzero().squeeze(1)
+            test_parts.append(index[torch.randperm(len(index), generator=generator)][:per_test])
+
+    train_x, train_y = _take(images, labels, train_parts, generator)
+    val_x, val_y = _take(images, labels, val_parts, generator)
+    test_x, test_y = _take(test_images, test_labels, test_parts, generator)
+    logger.info(
+        "MNIST %d-vs-%d from the %s split: train %d (%d + %d), val %d, test %d",
+        digits[0],
+        digits[1],
+        source_split,
+        len(train_y),
+        train_min,
+        train_dom,
+        len(val_y),
+        len(test_y),
+    )
+    return SplitData(
+        train_x=train_x,
+        train_y=train_y,
+        val_x=val_x,
+        val_y=val_y,
+        test_x=test_x,
+        test_y=test_y,
+        num_classes=2,
+        minority_class=0,
+    )

@@ -1,0 +1,235 @@
+#!/usr/bin/env python
+"""Task batching: meta-iterations per second and peak memory of loop vs vmap (vs higher when
+installed) vs what `auto` picks, plus peak memory against inner steps with and without
+gradient checkpointing.
+
+Setting (issue 6): Omniglot-shaped 5-way 1-shot tasks (28x28, Conv4 with 64 filters and
+BatchNorm), 1 query per class (the paper) and 15 queries per class, meta-batch 32, 1 and 5
+inner steps, second and first order. Inputs are random tensors of Omniglot's shape: speed and
+memory depend on shapes, not pixel values.
+
+    python scripts/bench_batching.py                      # everything (slow on 2 CPU cores)
+    python scripts/bench_batching.py --part checkpoint    # memory vs inner steps only
+
+Each configuration runs in a fresh process. Memory: CUDA peak allocated bytes; CPU peak resident
+memory added by one meta-iteration (Linux high-water mark, glibc told to return freed memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from metarun.algorithms.maml import MAML
+from metarun.models import Conv4
+from metarun.runner.autotune import choose_task_batching, cpu_peak_bytes
+from metarun.tasks import TaskBatch
+
+try:
+    import higher
+except ImportError:
+    higher = None
+
+
+def make_batch(meta_batch: int, queries: int, device: torch.device, shots: int = 1) -> TaskBatch:
+    g = torch.Generator().manual_seed(0)
+    n = 5
+    return TaskBatch(
+        torch.rand(meta_batch, n * shots, 1, 28, 28, generator=g),
+        torch.arange(n).repeat_interleave(shots).expand(meta_batch, -1).clone(),
+        torch.rand(meta_batch, n * queries, 1, 28, 28, generator=g),
+        torch.arange(n).repeat_interleave(queries).expand(meta_batch, -1).clone(),
+    ).to(device)
+
+
+def peak(fn, device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return cpu_peak_bytes(fn) or 0
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    fn()
+    out = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def higher_step(model, batch: TaskBatch, steps: int, first_order: bool) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.4)
+    n = len(batch)
+    for i in range(n):
+        sx, sy, qx, qy = (t[i] for t in batch.tensors())
+        with higher.innerloop_ctx(
+            model, opt, copy_initial_weights=False, track_higher_grads=not first_order
+        ) as (fm, do):
+            for _ in range(steps):
+                do.step(F.cross_entropy(fm(sx), sy))
+            (F.cross_entropy(fm(qx), qy) / n).backward()
+
+
+def make_algo(steps: int, first_order: bool, device: torch.device, **kw) -> MAML:
+    torch.manual_seed(0)
+    algo = MAML(
+        Conv4(num_classes=5).to(device),
+        task_type="classification",
+        inner_lr=0.4,
+        inner_steps=steps,
+        eval_inner_steps=steps,
+        first_order=first_order,
+        **kw,
+    )
+    algo.pre_adaptation_metrics = False
+    return algo
+
+
+def worker(args, device: torch.device) -> None:
+    """One configuration in a fresh process: prints 'seconds peak_bytes pick'."""
+    impl, queries, steps, order = args.worker
+    queries, steps, first_order = int(queries), int(steps), order == "first"
+    shots = args.ckpt_shots if impl.startswith("ckpt") else 1
+    meta_batch = args.ckpt_meta_batch if impl.startswith("ckpt") else args.meta_batch
+    batch = make_batch(meta_batch, queries, device, shots=shots)
+    pick = "-"
+    if impl == "higher":
+        model = make_algo(steps, first_order, device).model
+        fn = partial(higher_step, model, batch, steps, first_order)
+    elif impl == "auto":
+        algo = make_algo(steps, first_order, device)
+        choice = choose_task_batching(
+            algo, batch, device, repeats=args.repeats, memory_budget_mb=args.budget_mb
+        )
+        pick = choice.mode if choice.mode == "loop" else f"vmap/{choice.chunk or 'all'}"
+        fn = partial(algo.meta_train_step, batch)
+    elif impl.startswith("ckpt"):
+        algo = make_algo(steps, False, device, checkpoint_inner=impl == "ckpt_on")
+        fn = partial(algo.meta_train_step, batch)
+    else:
+        algo = make_algo(steps, first_order, device, task_batching=impl)
+        fn = partial(algo.meta_train_step, batch)
+    fn()  # warm-up
+    mem = peak(fn, device)
+    seconds = timed(fn, device, args.repeats)
+    print(f"RESULT {seconds} {mem} {pick}")
+
+
+def run_worker(impl: str, queries: int, steps: int, order: str, args) -> tuple[float, float, str]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        impl,
+        str(queries),
+        str(steps),
+        order,
+        "--device",
+        args.device,
+        "--repeats",
+        str(args.repeats),
+        "--meta-batch",
+        str(args.meta_batch),
+        "--ckpt-shots",
+        str(args.ckpt_shots),
+        "--ckpt-meta-batch",
+        str(args.ckpt_meta_batch),
+    ]
+    if args.budget_mb is not None:
+        cmd += ["--budget-mb", str(args.budget_mb)]
+    # A fixed mmap threshold makes glibc return freed tensors to the OS at once, so the
+    # resident high-water mark measures live memory rather than allocator caching.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("RESULT"))
+    _, sec, mem, pick = line.split()
+    return float(sec), float(mem) / 2**20, pick
+
+
+def part_batching(args) -> None:
+    print("\n## loop vs vmap vs auto vs higher: meta-iterations/s (peak MiB)")
+    impls = ["loop", "vmap", "auto"] + (["higher"] if higher is not None else [])
+    print("| queries/class | inner steps | order | " + " | ".join(impls) + " | auto picked |")
+    print("|---" * (4 + len(impls)) + "|")
+    for queries in args.queries:
+        for steps in args.steps:
+            for order in ("second", "first"):
+                cells, pick = [], "-"
+                for impl in impls:
+                    if impl == "higher" and order == "first":
+                        cells.append("n/a")  # higher has no first-order mode with meta-grads
+                        continue
+                    sec, mib, p = run_worker(impl, queries, steps, order, args)
+                    cells.append(f"{1 / sec:.2f} ({mib:.0f})")
+                    pick = p if impl == "auto" else pick
+                print(
+                    f"| {queries} | {steps} | {order} | " + " | ".join(cells) + f" | {pick} |",
+                    flush=True,
+                )
+
+
+def part_checkpoint(args) -> None:
+    print(
+        f"\n## peak MiB of one second-order meta-iteration vs inner steps (task loop, 5-way "
+        f"{args.ckpt_shots}-shot, {args.ckpt_queries} queries/class, "
+        f"meta-batch {args.ckpt_meta_batch})"
+    )
+    print("| inner steps | plain MiB | checkpointed MiB | plain s | checkpointed s |")
+    print("|---|---|---|---|---|")
+    for steps in args.ckpt_steps:
+        (s0, m0, _), (s1, m1, _) = (
+            run_worker(impl, args.ckpt_queries, steps, "second", args)
+            for impl in ("ckpt_off", "ckpt_on")
+        )
+        print(f"| {steps} | {m0:.0f} | {m1:.0f} | {s0:.2f} | {s1:.2f} |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["all", "batching", "checkpoint"], default="all")
+    ap.add_argument("--meta-batch", type=int, default=32)
+    ap.add_argument("--queries", type=int, nargs="+", default=[1, 15])
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 5])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget-mb", type=float, default=None)
+    ap.add_argument("--ckpt-steps", type=int, nargs="+", default=[1, 5, 10, 20])
+    ap.add_argument("--ckpt-queries", type=int, default=15)
+    ap.add_argument("--ckpt-meta-batch", type=int, default=1)
+    ap.add_argument("--ckpt-shots", type=int, default=20, help="support examples per class")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if args.worker:
+        worker(args, device)
+        return
+    print(
+        f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
+        f"meta_batch={args.meta_batch} repeats={args.repeats} "
+        f"higher={'yes' if higher else 'no'}"
+    )
+    if args.part in ("all", "batching"):
+        part_batching(args)
+    if args.part in ("all", "checkpoint"):
+        part_checkpoint(args)
+
+
+if __name__ == "__main__":
+    main()
