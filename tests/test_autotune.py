@@ -7,7 +7,7 @@ import torch
 from metarun.algorithms.maml import MAML
 from metarun.data import FewShotTasks
 from metarun.models import Conv4
-from metarun.runner.autotune import candidates, choose_task_batching
+from metarun.runner.autotune import candidates, choose_task_batching, task_graph_bytes
 
 
 def _setup():
@@ -46,6 +46,14 @@ def test_choice_is_applied_and_gradients_discarded() -> None:
 
 def test_memory_budget_excludes_full_vmap() -> None:
     algo, batch = _setup()
+    per_task = task_graph_bytes(algo, batch)
+    assert per_task > 0
+    # Room for 2.5 tasks' graphs: full vmap (4 tasks) is out, chunks of 2 or the loop are in.
+    choice = choose_task_batching(
+        algo, batch, torch.device("cpu"), memory_budget_mb=2.5 * per_task / 2**20, repeats=1
+    )
+    assert choice.mode == "loop" or choice.chunk == 2
+    assert choice.bytes <= 2.5 * per_task
     # A budget below any candidate's graph: falls back to the loop.
     choice = choose_task_batching(
         algo, batch, torch.device("cpu"), memory_budget_mb=1e-6, repeats=1

@@ -50,12 +50,14 @@ class BNPolicy(str, Enum):
 
 
 class TaskBatching(str, Enum):
-    """How a meta-batch is computed: ``loop`` (task after task, least memory) or ``vmap`` (tasks
+    """How a meta-batch is computed: ``loop`` (task after task, least memory), ``vmap`` (tasks
     at once with ``torch.func.vmap``, ``algo.task_chunk_size`` at a time; needs
-    ``bn_policy=batch_stats``)."""
+    ``bn_policy=batch_stats``) or ``auto`` (measure both and vmap chunk sizes on a meta-batch at
+    start-up, take the fastest within ``algo.memory_budget_mb``)."""
 
     loop = "loop"
     vmap = "vmap"
+    auto = "auto"
 
 
 class OmniglotSplit(str, Enum):
@@ -107,6 +109,9 @@ class MAMLConfig:
     # vmap: several times faster for small models; loop: the least memory.
     task_batching: TaskBatching = TaskBatching.vmap
     task_chunk_size: int | None = None  # tasks per vmapped chunk; null = the whole meta-batch
+    memory_budget_mb: float | None = None  # task_batching=auto: skip faster but bigger choices
+    # Recompute inner forwards in the meta-backward: less memory on long unrolls (loop only).
+    checkpoint_inner: bool = False
 
     def __post_init__(self) -> None:
         _require(self.inner_lr > 0, "algo.inner_lr", self.inner_lr, "> 0", "algo.inner_lr=0.01")
@@ -127,6 +132,19 @@ class MAMLConfig:
         _require_optional_count(
             "algo.task_chunk_size", self.task_chunk_size, "algo.task_chunk_size=8"
         )
+        _require(
+            self.memory_budget_mb is None or self.memory_budget_mb > 0,
+            "algo.memory_budget_mb",
+            self.memory_budget_mb,
+            "> 0 or null",
+            "algo.memory_budget_mb=4000",
+        )
+        if self.checkpoint_inner and self.task_batching is not TaskBatching.loop:
+            raise ConfigError(
+                f"algo.checkpoint_inner=true needs algo.task_batching=loop, got "
+                f"algo.task_batching={self.task_batching.value} (torch.func transforms do not "
+                "support activation checkpointing)"
+            )
         if self.task_batching is TaskBatching.vmap and self.bn_policy is not BNPolicy.batch_stats:
             raise ConfigError(
                 f"algo.task_batching=vmap needs algo.bn_policy=batch_stats, got "
@@ -408,11 +426,11 @@ class RunConfig:
     algo: Any = MISSING
     dataset: Any = MISSING
     model: Any = MISSING
-    name: str = "run"
+    name: str = "run"  # run dir: outputs/<name>/<time>; conf/config.yaml sets <algo>_<dataset>
     mode: Mode = Mode.train
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto = cuda if available
-    outer_steps: int = 2000
+    outer_steps: int = 20000  # the default run: about 1.5 minutes on a 2-core CPU
     meta_batch_size: int = 25
     meta_optimizer: MetaOptimizerConfig = field(default_factory=MetaOptimizerConfig)
     grad_clip: float | None = None  # max global norm of the meta-gradient; null = no clipping

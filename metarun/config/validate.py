@@ -30,7 +30,9 @@ def validate(cfg: DictConfig) -> RunConfig:
     for group in GROUPS:
         if OmegaConf.is_missing(cfg, group):
             raise ConfigError(f"{group} must be chosen, got nothing (set e.g. {group}=...)")
-    check_model_fits_dataset(OmegaConf.get_type(cfg.model), OmegaConf.get_type(cfg.dataset))
+    model_type, dataset_type = OmegaConf.get_type(cfg.model), OmegaConf.get_type(cfg.dataset)
+    if model_type is not None and dataset_type is not None:
+        check_model_fits_dataset(model_type, dataset_type)
     try:
         run = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as error:

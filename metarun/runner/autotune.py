@@ -1,9 +1,9 @@
 """``task_batching=auto``: pick loop or vmap (and the vmap chunk size) from a short measurement.
 
 Candidates: the task loop, full vmap and vmap in halving chunks. Each is timed on a real
-meta-batch (median of ``repeats`` after a warm-up) and its memory measured: peak allocated bytes
-on CUDA; on CPU the peak resident memory one step adds (Linux high-water mark). The fastest
-candidate within the memory budget wins. Gradients produced while measuring are discarded.
+meta-batch (median of ``repeats`` after a warm-up). Memory: peak allocated bytes on CUDA; on
+CPU a model from one task's autograd graph (see :func:`task_graph_bytes`). The fastest candidate
+within the memory budget wins. Gradients produced while measuring are discarded.
 """
 
 from __future__ import annotations
@@ -70,11 +70,34 @@ def _measure(algo: Any, batch: TaskBatch, device: torch.device, repeats: int) ->
         if cuda:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
-    if cuda:
-        mem = int(torch.cuda.max_memory_allocated(device))
-    else:
-        mem = cpu_peak_bytes(step) or 0
+    mem = int(torch.cuda.max_memory_allocated(device)) if cuda else 0
     return statistics.median(times), mem
+
+
+def task_graph_bytes(algo: Any, batch: TaskBatch) -> int:
+    """Bytes autograd saves for one task's meta-gradient (task loop, first task of ``batch``).
+
+    The CPU allocator exposes no peak and caches freed blocks, so on CPU memory is modelled:
+    the loop holds one task's graph at a time, a vmapped chunk of ``c`` tasks about ``c`` times
+    that. (``torch.func`` transforms refuse saved-tensor hooks, hence measuring the loop.)
+    """
+    from metarun.algorithms.maml import TaskBatching
+
+    mode = algo.task_batching
+    algo.task_batching = TaskBatching.LOOP
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            algo.meta_train_step(batch.task(0))
+    finally:
+        algo.task_batching = mode
+    return total
 
 
 def candidates(n: int) -> list[tuple[str, int | None]]:
@@ -123,9 +146,12 @@ def choose_task_batching(
     results: list[Choice] = []
     budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
     try:
+        per_task = 0 if device.type == "cuda" else task_graph_bytes(algo, batch)
         for mode, chunk in candidates(len(batch)):
             algo.task_batching, algo.task_chunk_size = TaskBatching(mode), chunk
             seconds, mem = _measure(algo, batch, device, repeats)
+            if device.type != "cuda":
+                mem = per_task * (1 if mode == "loop" else (chunk or len(batch)))
             results.append(Choice(mode, chunk, seconds, mem))
             log.info("task_batching=auto measured %s", results[-1].describe())
     finally:

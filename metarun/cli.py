@@ -1,0 +1,80 @@
+"""``metarun``: the command line. Compose (Hydra) -> validate -> build -> run; nothing else.
+
+Examples::
+
+    metarun                                   # MAML on sinusoid regression, CPU, ~2 minutes
+    metarun algo=maml dataset=omniglot        # Finn et al. 2017, Omniglot 5-way 1-shot
+    metarun experiment=omniglot_20way_5shot   # a paper preset (conf/experiment/)
+    metarun mode=eval checkpoint=outputs/.../checkpoints/best.pt
+    metarun --cfg job                         # print the composed config
+    metarun --help                            # every group, option and key
+
+User mistakes (unknown option or key, wrong type, impossible value, missing data or checkpoint)
+print ``error: ...`` or Hydra's message naming the key, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from metarun.config import ConfigError, validate
+from metarun.config.store import register_configs
+
+EXIT_USAGE = 2  # bad configuration or input, as argparse does
+EXIT_INTERRUPTED = 130  # SIGINT, as a shell reports it; SIGTERM (preemption) exits 0
+
+
+def config_dir() -> Path:
+    """``conf/``: shipped inside the package in a wheel (``metarun/conf``), or at the top of a
+    source checkout."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"no conf/config.yaml next to or above {package}; reinstall metarun")
+
+
+register_configs()
+_started = False  # set once Hydra has composed a config and called the task function
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+def _app(cfg: DictConfig) -> None:
+    global _started
+    _started = True
+    # Imported here so that `metarun --help` and compose errors stay fast.
+    from metarun.runner.api import run
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        config = validate(cfg)
+        summary = run(
+            config, hydra_cfg.runtime.output_dir, overrides=list(hydra_cfg.overrides.task)
+        )
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    print(summary.format())
+    if summary.stopped_by == "SIGINT":
+        raise SystemExit(EXIT_INTERRUPTED)
+
+
+def main() -> None:
+    """Console-script entry point (``metarun``)."""
+    try:
+        _app()
+    except SystemExit as exit_:
+        # Hydra reports composition errors (unknown option or key, wrong type) itself and exits
+        # with 1, the same status as a crash; before the task started it can only be the former.
+        if exit_.code == 1 and not _started:
+            raise SystemExit(EXIT_USAGE) from None
+        raise
+
+
+if __name__ == "__main__":
+    main()

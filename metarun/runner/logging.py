@@ -1,0 +1,131 @@
+"""Where scalars go: TensorBoard event files and ``metrics.jsonl`` under the run dir.
+
+This is the one place a :class:`~torch.utils.tensorboard.SummaryWriter` is created.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TENSORBOARD_DIR = "tb"
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunLogger:
+    """Writes scalars keyed ``split/name`` (``train/query_loss``, ``val/accuracy``, ...).
+
+    Args:
+        run_dir: the run's output folder; TensorBoard files go to ``<run_dir>/tb``.
+        tensorboard: also write TensorBoard event files (``metrics.jsonl`` is always written).
+        resume_step: when resuming from a checkpoint taken after this many steps: drop what the
+            interrupted run logged after it, so curves do not fork.
+    """
+
+    def __init__(
+        self, run_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.tensorboard_dir = self.run_dir / TENSORBOARD_DIR
+        self.metrics_path = self.run_dir / METRICS_FILE
+        if resume_step is not None:
+            _truncate_jsonl(self.metrics_path, resume_step)
+        self._jsonl = self.metrics_path.open("a", encoding="utf-8")
+        self._writer: Any = None
+        if tensorboard:
+            # Imported here: tensorboard is slow to import and unused with log.tensorboard=false.
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(
+                str(self.tensorboard_dir),
+                # TensorBoard hides events of earlier files at steps >= purge_step.
+                purge_step=None if resume_step is None else resume_step + 1,
+            )
+
+    def log(self, step: int, scalars: Mapping[str, float], *, jsonl: bool = True) -> None:
+        """Log ``scalars`` at ``step``: one TensorBoard scalar each, and one JSON line in all
+        unless ``jsonl=False`` (for series whose x axis is not the outer step)."""
+        if not scalars:
+            return
+        values = {key: float(value) for key, value in scalars.items()}
+        if self._writer is not None:
+            for key, value in values.items():
+                self._writer.add_scalar(key, value, step)
+        if not jsonl:
+            return
+        record = {"step": step, **{k: _json_number(v) for k, v in values.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+
+    def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        """TensorBoard's HParams view: the flattened config next to the final metrics."""
+        if self._writer is None:
+            return
+        clean = {key: _hparam_value(value) for key, value in hparams.items()}
+        # run_name="." keeps the hparams in the run's own folder instead of a timestamped child.
+        self._writer.add_hparams(
+            clean, {f"hparam/{k}": float(v) for k, v in metrics.items()}, run_name="."
+        )
+
+    def flush(self) -> None:
+        self._jsonl.flush()
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self._writer is not None:
+            self._writer.close()
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _json_number(value: float) -> float | str:
+    # JSON has no NaN or infinity; write them as strings rather than emit invalid JSON.
+    return value if math.isfinite(value) else str(value)
+
+
+def _hparam_value(value: Any) -> bool | int | float | str:
+    if isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep only the records of steps ``<= last_step`` (rewritten atomically)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short when the previous run was killed
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"algo": {"inner_lr": 0.4}}`` -> ``{"algo.inner_lr": 0.4}`` (for ``add_hparams``)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,340 @@
+"""The outer loop: sample a meta-batch, meta-gradient, clip, meta-optimizer step; validate, log and
+checkpoint on schedule; stop cleanly on SIGINT / SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+import metarun
+from metarun.data.prefetch import Prefetcher
+from metarun.runner.build import Experiment, task_batching_state
+from metarun.runner.checkpoint import (
+    BEST,
+    CHECKPOINT_DIR,
+    LAST,
+    restore_rng_state,
+    rng_state,
+    save_checkpoint,
+)
+from metarun.runner.evaluate import Stat, evaluate_fixed, split_scalars
+from metarun.runner.logging import RunLogger
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Best:
+    """The best validation result so far: ``val/accuracy`` (higher is better) for classification,
+    ``val/loss`` (lower is better) for regression."""
+
+    metric: str
+    value: float
+    step: int
+
+
+@dataclass
+class FitResult:
+    step: int  # completed outer steps
+    stopped_by: str | None  # "SIGINT" / "SIGTERM" when a signal ended training early
+    best: Best | None
+
+
+class StopFlag:
+    """SIGINT / SIGTERM set a flag instead of killing the process mid-step; the loop checks it
+    after each step, saves a checkpoint and returns. A second SIGINT aborts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        # Python delivers signals to the main thread only; elsewhere (e.g. a notebook worker)
+        # keep the default behaviour.
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = name
+        logger.warning("%s received: stopping after this step and saving a checkpoint", name)
+
+
+def hypergrad_norms(model: nn.Module) -> dict[str, float]:
+    """Norms of the meta-gradient on the model's initial weights: ``hypergrad/norm`` (global)
+    and ``hypergrad/<parameter name>``. Parameters without a gradient count as 0, so
+    ``algo.copy_initial_weights=true`` shows up as a norm of 0."""
+    norms: dict[str, float] = {}
+    squares: list[torch.Tensor] = []
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            norms[f"hypergrad/{name}"] = 0.0
+            continue
+        norm = torch.linalg.vector_norm(param.grad.detach().float())
+        squares.append(norm.square())
+        norms[f"hypergrad/{name}"] = float(norm)
+    total = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+    return {"hypergrad/norm": total, **norms}
+
+
+class _Mean:
+    """Running mean of dicts of scalars over one logging interval."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def pop(self) -> dict[str, float]:
+        means = {key: self.sums[key] / self.counts[key] for key in self.sums}
+        self.sums.clear()
+        self.counts.clear()
+        return means
+
+
+class Trainer:
+    """Runs ``experiment.config.outer_steps`` outer steps (continuing from :attr:`step`).
+
+    The trainer owns the task generator, so that a checkpoint captures exactly which tasks come
+    next: resuming from step ``k`` gives the same parameters as an uninterrupted run.
+
+    Args:
+        experiment: the built run (``tasks`` must be set).
+        meta_optimizer: the outer-loop optimizer over ``algorithm.meta_parameters()``.
+        run_logger: where scalars go.
+        run_dir: checkpoints go to ``<run_dir>/checkpoints/{last,best}.pt``.
+        config_yaml: resolved config saved in each checkpoint.
+        options: chosen option of each config group, saved in each checkpoint.
+    """
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        meta_optimizer: torch.optim.Optimizer,
+        run_logger: RunLogger,
+        run_dir: str | Path,
+        *,
+        config_yaml: str,
+        options: dict[str, str],
+    ) -> None:
+        if experiment.tasks is None:
+            raise ValueError("the trainer needs an experiment built with data")
+        self.experiment = experiment
+        self.tasks = experiment.tasks
+        self.config = experiment.config
+        self.algorithm = experiment.algorithm
+        self.meta_optimizer = meta_optimizer
+        self.run_logger = run_logger
+        self.checkpoint_dir = Path(run_dir) / CHECKPOINT_DIR
+        self.config_yaml = config_yaml
+        self.options = options
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.step = 0
+        self.best: Best | None = None
+        self._prefetcher: Prefetcher | None = None
+        self._saved_at = -1
+        if experiment.task_type == "classification":
+            self._best_metric, self._higher_is_better = "val/accuracy", True
+        else:
+            self._best_metric, self._higher_is_better = "val/loss", False
+
+    # ------------------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint of the current state (layout: :mod:`metarun.runner.checkpoint`)."""
+        return {
+            "algorithm": self.algorithm.state_dict(),
+            "meta_opt": self.meta_optimizer.state_dict(),
+            "step": self.step,
+            "rng": rng_state(self._tasks_state()),
+            "config": self.config_yaml,
+            "options": dict(self.options),
+            "task_type": self.experiment.task_type,
+            "best": asdict(self.best) if self.best is not None else None,
+            "task_batching": task_batching_state(self.algorithm),
+            "metarun_version": metarun.__version__,
+        }
+
+    def _tasks_state(self) -> torch.Tensor:
+        # While prefetching, the generator runs ahead of what training consumed.
+        if self._prefetcher is not None:
+            return self._prefetcher.resume_state
+        return self.generator.get_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint written by :meth:`state_dict`."""
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.meta_optimizer.load_state_dict(state["meta_opt"])
+        self.step = int(state["step"])
+        self.best = Best(**state["best"]) if state.get("best") else None
+        restore_rng_state(state["rng"], self.generator)
+
+    def save(self, name: str = LAST) -> Path:
+        path = save_checkpoint(self.checkpoint_dir / name, self.state_dict())
+        logger.debug("saved %s at step %d", path, self.step)
+        return path
+
+    # ------------------------------------------------------------------------------- evaluation
+
+    def validate(self) -> dict[str, Stat]:
+        """Metrics on the fixed validation tasks (``eval.val_tasks`` of them, ``eval.val_seed``)."""
+        cfg = self.config.eval
+        return evaluate_fixed(
+            self.algorithm,
+            self.tasks.val,
+            num_tasks=cfg.val_tasks,
+            batch_size=cfg.batch_size,
+            seed=cfg.val_seed,
+            device=self.experiment.device,
+            inner_steps=cfg.inner_steps,
+        )
+
+    def _update_best(self, scalars: dict[str, float]) -> bool:
+        value = scalars.get(self._best_metric)
+        if value is None or math.isnan(value):
+            return False
+        better = self.best is None or (
+            value > self.best.value if self._higher_is_better else value < self.best.value
+        )
+        if better:
+            self.best = Best(self._best_metric, value, self.step)
+        return better
+
+    # ------------------------------------------------------------------------------------ loop
+
+    def train_step(self, *, logged: bool = False) -> dict[str, float]:
+        """One outer step. Returns the algorithm's metrics (``train/...``); on a ``logged`` step
+        also pre-adaptation metrics and the meta-gradient norms before clipping
+        (``hypergrad/...``)."""
+        cfg = self.config
+        if self._prefetcher is not None:
+            batch = self._prefetcher.next()
+        else:
+            batch = self.tasks.train.sample(cfg.meta_batch_size, self.generator)
+            batch = batch.to(self.experiment.device)
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        if hasattr(self.algorithm, "pre_adaptation_metrics"):
+            # Pre-adaptation query metrics cost a forward per task: only on steps that log them.
+            self.algorithm.pre_adaptation_metrics = logged
+        metrics = dict(self.algorithm.meta_train_step(batch))
+        if "train/post_accuracy" in metrics:
+            # The headline tag, post-adaptation like val/accuracy and test/accuracy.
+            metrics.setdefault("train/accuracy", metrics["train/post_accuracy"])
+        if logged:
+            norms = hypergrad_norms(self.algorithm.model)
+            if not cfg.log.hypergrad_layers:
+                norms = {"hypergrad/norm": norms["hypergrad/norm"]}
+            metrics.update(norms)
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.algorithm.meta_parameters(), cfg.grad_clip)
+        self.meta_optimizer.step()
+        self.step += 1
+        return metrics
+
+    def fit(self) -> FitResult:
+        """Train until ``outer_steps`` or a stop signal; always leaves ``last.pt`` behind."""
+        cfg = self.config
+        self.algorithm.train()
+        self._prefetcher = Prefetcher(
+            self.tasks.train.sample,
+            cfg.meta_batch_size,
+            self.generator,
+            depth=cfg.prefetch,
+            device=self.experiment.device,
+        )
+        try:
+            stop = self._loop()
+        finally:
+            prefetcher, self._prefetcher = self._prefetcher, None
+            prefetcher.close()
+            # Rewind to the first batch not consumed: what a resumed run would draw next.
+            self.generator.set_state(prefetcher.resume_state)
+        if self._saved_at != self.step:
+            self.save(LAST)
+        self.run_logger.flush()
+        return FitResult(step=self.step, stopped_by=stop.signal, best=self.best)
+
+    def _loop(self) -> StopFlag:
+        """Steps until done or signalled; returns the flag saying which."""
+        cfg = self.config
+        interval = _Mean()
+        step_time = 0.0
+        steps_timed = 0
+        with (
+            StopFlag() as stop,
+            logging_redirect_tqdm(),
+            tqdm(
+                total=cfg.outer_steps,
+                initial=self.step,
+                desc="meta-train",
+                unit="step",
+                dynamic_ncols=True,
+                disable=None if cfg.log.progress else True,  # None: shown only on a terminal
+            ) as bar,
+        ):
+            while self.step < cfg.outer_steps and stop.signal is None:
+                start = time.perf_counter()
+                next_step = self.step + 1
+                log_due = next_step % cfg.log.every == 0 or next_step == cfg.outer_steps
+                metrics = self.train_step(logged=log_due)
+                step_time += time.perf_counter() - start
+                steps_timed += 1
+                interval.add(metrics)
+                bar.update(1)
+                bar.set_postfix(_postfix(metrics), refresh=False)
+
+                scalars: dict[str, float] = {}
+                if log_due:
+                    scalars.update(interval.pop())  # means over the interval; hypergrad: now
+                    scalars.update(self.algorithm.log_scalars())
+                    scalars["time/sec_per_step"] = step_time / max(steps_timed, 1)
+                    step_time, steps_timed = 0.0, 0
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    val = split_scalars("val", self.validate())
+                    scalars.update(val)
+                    improved = self._update_best(val)
+                    logger.info("step %d: %s", self.step, _format(val))
+                    if improved and cfg.save.keep_best:
+                        self.save(BEST)
+                self.run_logger.log(self.step, scalars)
+                if cfg.save.every and self.step % cfg.save.every == 0:
+                    self.save(LAST)
+                    self._saved_at = self.step
+        return stop
+
+
+def _postfix(metrics: dict[str, float]) -> dict[str, str]:
+    """Progress-bar postfix: the last step's query loss and accuracy (post-adaptation)."""
+    shown = {"loss": "train/query_loss", "acc": "train/accuracy"}
+    return {short: f"{metrics[key]:.3g}" for short, key in shown.items() if key in metrics}
+
+
+def _format(scalars: dict[str, float]) -> str:
+    return ", ".join(f"{key} {value:.4g}" for key, value in sorted(scalars.items()))

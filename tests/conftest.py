@@ -1,0 +1,61 @@
+"""Shared helpers: compose a config from ``conf/`` as the CLI does, tiny run settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from metarun.cli import config_dir
+from metarun.config import RunConfig, validate
+from metarun.config.store import register_configs
+
+# A sinusoid run that takes a second or two on a laptop CPU.
+TINY = [
+    "outer_steps=6",
+    "meta_batch_size=2",
+    "log.every=2",
+    "eval.every=3",
+    "eval.val_tasks=4",
+    "eval.num_tasks=6",
+    "eval.batch_size=3",
+    "save.every=3",
+    "log.progress=false",
+    "device=cpu",
+]
+
+Compose = Callable[..., DictConfig]
+
+
+@pytest.fixture(scope="session")
+def tiny() -> list[str]:
+    """Overrides for a sinusoid run of a second or two."""
+    return list(TINY)
+
+
+@pytest.fixture
+def compose_cfg() -> Iterator[Compose]:
+    """``compose_cfg(overrides)`` -> the composed DictConfig, with Hydra's runtime config set so
+    that ``${hydra:...}`` interpolations resolve, as under the CLI."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+
+        def _compose(overrides: Sequence[str] = ()) -> DictConfig:
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            return cfg
+
+        yield _compose
+
+
+@pytest.fixture
+def make_config(compose_cfg: Compose) -> Callable[..., RunConfig]:
+    """``make_config(overrides)`` -> validated :class:`RunConfig`."""
+
+    def _make(overrides: Sequence[str] = ()) -> RunConfig:
+        return validate(compose_cfg(overrides))
+
+    return _make

@@ -1,0 +1,299 @@
+"""The ``metarun`` command end to end (subprocesses), its error handling, and packaging."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from metarun import cli
+
+REPO = Path(__file__).resolve().parents[1]
+# The console script of the interpreter running the tests (the project's virtualenv).
+METARUN = str(Path(sys.executable).with_name("metarun"))
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _env() -> dict[str, str]:
+    """Hydra's short error reports; one thread per process (the runs are tiny, and equal thread
+    counts keep float results comparable between processes)."""
+    env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _metarun(args, cwd, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [METARUN, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny) -> Path:
+    """One tiny CLI training run (from a folder that is not the checkout), shared below."""
+    root = tmp_path_factory.mktemp("cli")
+    run_dir = root / "run"
+    result = subprocess.run(
+        [METARUN, *tiny, f"hydra.run.dir={run_dir}"],
+        cwd=root,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    (run_dir / "stdout.txt").write_text(result.stdout)
+    return run_dir
+
+
+def test_cli_trains_and_prints_a_summary(trained):
+    stdout = (trained / "stdout.txt").read_text()
+    assert "test loss:" in stdout and "± " in stdout
+    assert f"tensorboard --logdir {trained / 'tb'}" in stdout
+    results = json.loads((trained / "results.json").read_text())
+    assert results["step"] == 6 and results["test"]["metrics"]["loss"]["n"] == 6
+    assert (trained / "checkpoints" / "last.pt").is_file()
+    assert (trained / ".hydra" / "config.yaml").is_file()  # Hydra's record of the run
+
+
+def test_cli_eval_mode(trained, tmp_path):
+    checkpoint = trained / "checkpoints" / "last.pt"
+    result = _metarun(
+        [
+            "mode=eval",
+            f"checkpoint={checkpoint}",
+            "device=cpu",
+            "eval.num_tasks=6",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    evaluated = json.loads((tmp_path / "results.json").read_text())
+    trained_results = json.loads((trained / "results.json").read_text())
+    assert evaluated["mode"] == "eval"
+    # Same weights, same test tasks.
+    for name, stat in trained_results["test"]["metrics"].items():
+        assert evaluated["test"]["metrics"][name]["mean"] == pytest.approx(stat["mean"], rel=1e-5)
+    assert "test loss:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["algo.inner_lrr=0.1"], ["algo.inner_lrr"]),
+        (["algo.inner_lr=abc"], ["'abc'", "algo.inner_lr"]),
+        (["algo=reptile"], ["algo/reptile", "fomaml"]),
+        (
+            ["algo.inner_steps=0"],
+            ["error: algo.inner_steps must be >= 1, got 0 (set e.g. algo.inner_steps=5)"],
+        ),
+        (["device=gpu"], ["error: device must be auto, cpu, cuda or cuda:N, got 'gpu'"]),
+        (
+            ["mode=eval", "checkpoint=/no/such.pt"],
+            ["error: checkpoint '/no/such.pt' does not exist"],
+        ),
+    ],
+)
+def test_config_errors_exit_2_without_traceback(args, expected, tmp_path, monkeypatch, capsys):
+    """In-process for speed: the same main() the console script runs."""
+    monkeypatch.setattr(sys, "argv", ["metarun", *args, f"hydra.run.dir={tmp_path}"])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(cli, "_started", False)
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    for part in expected:
+        assert part in err
+    assert "Traceback" not in err
+
+
+def test_config_error_in_a_real_process(tmp_path):
+    for args, message in (
+        (["dataset=omniglot", "dataset.n_way=1"], "error: dataset.n_way must be >= 2, got 1"),
+        (["meta_optimizer.lr=fast"], "full_key: meta_optimizer.lr"),
+    ):
+        result = _metarun([*args, f"hydra.run.dir={tmp_path}"], tmp_path)
+        assert result.returncode == 2 and message in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_sigterm_checkpoints_and_resume_continues(tmp_path, tiny):
+    run_dir = tmp_path / "run"
+    args = [
+        *tiny,
+        "outer_steps=100000",
+        "log.every=1",
+        "eval.every=0",
+        "save.every=0",
+        f"hydra.run.dir={run_dir}",
+    ]
+    process = subprocess.Popen(
+        [METARUN, *args],
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr  # preemption is not a failure
+    assert "stopped by SIGTERM" in stdout and "resume with: metarun" in stdout
+    assert "resume=true" in stdout and f"hydra.run.dir={run_dir}" in stdout
+
+    from metarun.runner.checkpoint import load_checkpoint
+
+    step = load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
+    assert step >= 2
+    resumed = _metarun([*args, f"outer_steps={step + 2}", "resume=true"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run_dir / "results.json").read_text())["step"] == step + 2
+
+
+def test_unroll_and_algorithms_do_not_import_hydra():
+    code = (
+        "import sys, metarun, metarun.unroll, metarun.algorithms.maml; "
+        "assert 'hydra' not in sys.modules and 'omegaconf' not in sys.modules, 'hydra'; "
+        "assert callable(metarun.load)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_wheel_package_list_covers_every_package():
+    """pyproject lists packages explicitly (conf/ ships as metarun.conf): none may be missing."""
+    listed = set(
+        tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(p.parent.relative_to(REPO).parts)
+        for p in (REPO / "metarun").rglob("__init__.py")
+        if "__pycache__" not in p.parts
+    }
+    assert found | {"metarun.conf"} == listed
+
+
+@pytest.mark.slow
+def test_installed_wheel_finds_its_configs(tmp_path, tiny):
+    """Build the wheel, install it into a fresh venv, run from elsewhere: configs ship inside."""
+    # Build from a copy: building in the checkout would write build/ and *.egg-info there.
+    source = tmp_path / "source"
+    for name in ("metarun", "conf"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        if (REPO / name).exists():
+            shutil.copy(REPO / name, source / name)
+        else:
+            (source / name).write_text("")
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(dist),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    wheel = next(dist.glob("metarun-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    subprocess.run(
+        [venv / "bin" / "pip", "install", "--no-deps", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    # torch, hydra, ... come from the project's environment.
+    site = next(Path(sys.prefix).glob("lib/python*/site-packages"))
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "PYTHONPATH": str(site), "HOME": str(tmp_path)}
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    metarun = str(venv / "bin" / "metarun")
+    shown = subprocess.run(
+        [metarun, "--cfg", "job", "experiment=omniglot_5way_1shot"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "inner_lr: 0.4" in shown.stdout
+    where = subprocess.run(
+        [venv / "bin" / "python", "-c", "import metarun.cli as c; print(c.config_dir())"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert str(venv) in where.stdout, where.stderr
+    result = subprocess.run(
+        [metarun, *tiny, "outer_steps=2"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    assert list(work.glob("outputs/maml_sinusoid/*/results.json"))
+
+
+OMNIGLOT_DATA = Path(os.environ.get("METARUN_DATA", "/work/shared/data"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not list((OMNIGLOT_DATA / "omniglot").glob("images_background*")),
+    reason="Omniglot archives not under $METARUN_DATA/omniglot",
+)
+def test_omniglot_short_run_beats_chance(tmp_path):
+    """Real data: 40 meta-steps of 5-way 1-shot MAML on the characters present (split=random)."""
+    env = {**_env(), "METARUN_DATA": str(OMNIGLOT_DATA)}
+    run_dir = tmp_path / "run"
+    args = [
+        "dataset=omniglot",
+        "dataset.split=random",
+        f"dataset.cache_dir={tmp_path / 'cache'}",  # not next to the shared archives
+        "outer_steps=40",
+        "meta_batch_size=4",
+        "eval.every=20",
+        "eval.val_tasks=20",
+        "eval.num_tasks=100",
+        "log.every=10",
+        f"hydra.run.dir={run_dir}",
+    ]
+    result = subprocess.run(
+        [METARUN, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((run_dir / "results.json").read_text())["test"]["metrics"]
+    chance = 1 / 5
+    assert metrics["accuracy"]["mean"] - metrics["accuracy"]["ci95"] > chance + 0.1
+    assert metrics["accuracy"]["mean"] > metrics["pre_accuracy"]["mean"] + 0.1
+    assert "test accuracy:" in result.stdout
