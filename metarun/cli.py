@@ -15,7 +15,9 @@ print ``error: ...`` or Hydra's message naming the key, and exit with status 2.
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -64,8 +66,23 @@ def _app(cfg: DictConfig) -> None:
         raise SystemExit(EXIT_INTERRUPTED)
 
 
+def _quiet_secondary_rank(argv: list[str]) -> None:
+    """Under ``torchrun`` every rank starts this app. Ranks other than 0 write nothing of their
+    own: no Hydra run dir or log file (the runner uses rank 0's run dir)."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    if rank == 0:
+        return
+    scratch = Path(tempfile.gettempdir()) / f"metarun-rank{rank}"
+    argv[:] = [a for a in argv if not a.startswith("hydra.run.dir=")] + [
+        f"hydra.run.dir={scratch}",
+        "hydra.output_subdir=null",
+        "hydra/job_logging=disabled",
+    ]
+
+
 def main() -> None:
     """Console-script entry point (``metarun``)."""
+    _quiet_secondary_rank(sys.argv)
     try:
         _app()
     except SystemExit as exit_:

@@ -36,10 +36,12 @@ from metarun.config import (
     to_yaml,
     validate,
 )
+from metarun.runner import distributed
 from metarun.runner.build import (
     Experiment,
     build_experiment,
     build_meta_optimizer,
+    resolve_device,
     restore_task_batching,
     tune_task_batching,
 )
@@ -134,6 +136,24 @@ def train(config: RunConfig, run_dir: str | Path, *, overrides: Sequence[str] = 
     it exactly (same parameters as an uninterrupted run). Without ``resume=true`` an existing
     checkpoint is an error rather than silently overwritten.
     """
+    ctx = distributed.setup(resolve_device(config.device))
+    try:
+        if ctx.enabled:
+            if resolve_device(config.device).type == "cuda":
+                config.device = f"cuda:{ctx.local_rank}"
+            # torchrun starts N Hydra apps, each with its own timestamped dir: use rank 0's.
+            run_dir = distributed.broadcast(str(run_dir), ctx)
+        return _train(config, run_dir, overrides, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(
+    config: RunConfig,
+    run_dir: str | Path,
+    overrides: Sequence[str],
+    ctx: distributed.DistContext,
+) -> RunSummary:
     run_dir = Path(run_dir)
     last = run_dir / CHECKPOINT_DIR / LAST
     state = None
@@ -160,7 +180,12 @@ def train(config: RunConfig, run_dir: str | Path, *, overrides: Sequence[str] = 
         config.meta_optimizer, experiment.algorithm.meta_parameters()
     )
     resume_step = int(state["step"]) if state is not None else None
-    with RunLogger(run_dir, tensorboard=config.log.tensorboard, resume_step=resume_step) as out:
+    with RunLogger(
+        run_dir,
+        tensorboard=config.log.tensorboard,
+        resume_step=resume_step,
+        active=ctx.is_main,
+    ) as out:
         trainer = Trainer(
             experiment,
             meta_optimizer,
@@ -168,6 +193,7 @@ def train(config: RunConfig, run_dir: str | Path, *, overrides: Sequence[str] = 
             run_dir,
             config_yaml=to_yaml(config),
             options=options(config),
+            dist_ctx=ctx,
         )
         if state is not None:
             trainer.load_state_dict(state)
@@ -202,7 +228,8 @@ def train(config: RunConfig, run_dir: str | Path, *, overrides: Sequence[str] = 
             results.update(_test(experiment, out, fit.step, weights=weights))
             test_means = {k: v["mean"] for k, v in results["test"]["metrics"].items()}
             out.log_hparams(flatten(_as_dict(config)), test_means)
-        summary.results = _write_results(run_dir, results, config)
+        if ctx.is_main:
+            summary.results = _write_results(run_dir, results, config)
     return summary
 
 

@@ -26,19 +26,29 @@ class RunLogger:
         tensorboard: also write TensorBoard event files (``metrics.jsonl`` is always written).
         resume_step: when resuming from a checkpoint taken after this many steps: drop what the
             interrupted run logged after it, so curves do not fork.
+        active: ``False`` writes nothing (ranks other than 0 of a distributed run).
     """
 
     def __init__(
-        self, run_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None
+        self,
+        run_dir: str | Path,
+        *,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+        active: bool = True,
     ) -> None:
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._writer: Any = None
         self.tensorboard_dir = self.run_dir / TENSORBOARD_DIR
         self.metrics_path = self.run_dir / METRICS_FILE
+        self._jsonl: Any = None
+        if not active:
+            # Ranks other than 0 of a distributed run write nothing.
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             _truncate_jsonl(self.metrics_path, resume_step)
         self._jsonl = self.metrics_path.open("a", encoding="utf-8")
-        self._writer: Any = None
         if tensorboard:
             # Imported here: tensorboard is slow to import and unused with log.tensorboard=false.
             from torch.utils.tensorboard import SummaryWriter
@@ -58,7 +68,7 @@ class RunLogger:
         if self._writer is not None:
             for key, value in values.items():
                 self._writer.add_scalar(key, value, step)
-        if not jsonl:
+        if not jsonl or self._jsonl is None:
             return
         record = {"step": step, **{k: _json_number(v) for k, v in values.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
@@ -75,12 +85,14 @@ class RunLogger:
         )
 
     def flush(self) -> None:
-        self._jsonl.flush()
+        if self._jsonl is not None:
+            self._jsonl.flush()
         if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:
-        self._jsonl.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
         if self._writer is not None:
             self._writer.close()
 

@@ -29,6 +29,14 @@ from metarun.runner.checkpoint import (
     rng_state,
     save_checkpoint,
 )
+from metarun.runner.distributed import (
+    SINGLE,
+    DistContext,
+    any_rank,
+    average_gradients,
+    average_metrics,
+    rank_slice,
+)
 from metarun.runner.evaluate import Stat, evaluate_fixed, split_scalars
 from metarun.runner.logging import RunLogger
 
@@ -143,6 +151,7 @@ class Trainer:
         *,
         config_yaml: str,
         options: dict[str, str],
+        dist_ctx: DistContext = SINGLE,
     ) -> None:
         if experiment.tasks is None:
             raise ValueError("the trainer needs an experiment built with data")
@@ -155,6 +164,7 @@ class Trainer:
         self.checkpoint_dir = Path(run_dir) / CHECKPOINT_DIR
         self.config_yaml = config_yaml
         self.options = options
+        self.dist = dist_ctx
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.step = 0
         self.best: Best | None = None
@@ -197,7 +207,10 @@ class Trainer:
         restore_rng_state(state["rng"], self.generator)
 
     def save(self, name: str = LAST) -> Path:
-        path = save_checkpoint(self.checkpoint_dir / name, self.state_dict())
+        path = self.checkpoint_dir / name
+        if not self.dist.is_main:  # one writer: rank 0
+            return path
+        path = save_checkpoint(path, self.state_dict())
         logger.debug("saved %s at step %d", path, self.step)
         return path
 
@@ -239,11 +252,19 @@ class Trainer:
         else:
             batch = self.tasks.train.sample(cfg.meta_batch_size, self.generator)
             batch = batch.to(self.experiment.device)
+        if self.dist.enabled:
+            # Every rank drew the same full meta-batch; each keeps its share of the tasks.
+            sl = rank_slice(len(batch), self.dist)
+            batch = batch.split(sl.stop - sl.start)[self.dist.rank]
         self.meta_optimizer.zero_grad(set_to_none=True)
         if hasattr(self.algorithm, "pre_adaptation_metrics"):
             # Pre-adaptation query metrics cost a forward per task: only on steps that log them.
             self.algorithm.pre_adaptation_metrics = logged
         metrics = dict(self.algorithm.meta_train_step(batch))
+        if self.dist.enabled:
+            # Explicit all-reduce: DDP's hooks never see functional_call's fast weights.
+            average_gradients(self.algorithm.meta_parameters(), self.dist)
+            metrics = average_metrics(metrics, self.dist, self.experiment.device)
         if "train/post_accuracy" in metrics:
             # The headline tag, post-adaptation like val/accuracy and test/accuracy.
             metrics.setdefault("train/accuracy", metrics["train/post_accuracy"])
@@ -296,10 +317,11 @@ class Trainer:
                 desc="meta-train",
                 unit="step",
                 dynamic_ncols=True,
-                disable=None if cfg.log.progress else True,  # None: shown only on a terminal
+                # None: shown only on a terminal; one bar per run, not per rank.
+                disable=None if cfg.log.progress and self.dist.is_main else True,
             ) as bar,
         ):
-            while self.step < cfg.outer_steps and stop.signal is None:
+            while self.step < cfg.outer_steps and not self._stopping(stop):
                 start = time.perf_counter()
                 next_step = self.step + 1
                 log_due = next_step % cfg.log.every == 0 or next_step == cfg.outer_steps
@@ -328,6 +350,16 @@ class Trainer:
                     self.save(LAST)
                     self._saved_at = self.step
         return stop
+
+
+    def _stopping(self, stop: StopFlag) -> bool:
+        # A signal on any rank stops every rank after the same step.
+        if not self.dist.enabled:
+            return stop.signal is not None
+        if any_rank(stop.signal is not None, self.dist, self.experiment.device):
+            stop.signal = stop.signal or "SIGTERM"
+            return True
+        return False
 
 
 def _postfix(metrics: dict[str, float]) -> dict[str, str]:
