@@ -175,6 +175,25 @@ def _nonzero(value: Any) -> bool:
     return torch.is_tensor(value) or value != 0
 
 
+def _adam_moments(
+    p: Tensor, g: Tensor, s: ParamState, hp: Hyper
+) -> tuple[Tensor, Tensor, Tensor, Tensor, float]:
+    """What Adam, AdamW, NAdam and RAdam share: sign, weight decay (L2 or decoupled) and the
+    two moment updates. Returns ``(p, g, exp_avg, exp_avg_sq, step)``."""
+    if hp.get("maximize"):
+        g = -g
+    lr, wd = hp["lr"], hp["weight_decay"]
+    beta1, beta2 = hp["betas"]
+    if _nonzero(wd):
+        if hp["decoupled_weight_decay"]:
+            p = p * (1 - lr * wd)
+        else:
+            g = g + wd * p
+    exp_avg = s["exp_avg"] + (1 - beta1) * (g - s["exp_avg"])
+    exp_avg_sq = s["exp_avg_sq"] * beta2 + (1 - beta2) * g * g
+    return p, g, exp_avg, exp_avg_sq, s["step"] + 1
+
+
 class SGD(FunctionalOptimizer):
     """SGD (momentum, dampening, Nesterov, weight decay, ``maximize``), as ``torch.optim.SGD``."""
 
@@ -226,18 +245,9 @@ class Adam(FunctionalOptimizer):
         return s
 
     def update_param(self, p, g, s, hp):  # type: ignore[no-untyped-def]
-        if hp.get("maximize"):
-            g = -g
-        lr, wd, eps = hp["lr"], hp["weight_decay"], hp["eps"]
+        p, g, exp_avg, exp_avg_sq, step = _adam_moments(p, g, s, hp)
+        lr, eps = hp["lr"], hp["eps"]
         beta1, beta2 = hp["betas"]
-        step = s["step"] + 1
-        if _nonzero(wd):
-            if hp["decoupled_weight_decay"]:
-                p = p * (1 - lr * wd)
-            else:
-                g = g + wd * p
-        exp_avg = s["exp_avg"] + (1 - beta1) * (g - s["exp_avg"])
-        exp_avg_sq = s["exp_avg_sq"] * beta2 + (1 - beta2) * g * g
         bias_correction1 = 1 - _pow(beta1, step)
         bias_correction2 = 1 - _pow(beta2, step)
         step_size = lr / bias_correction1
@@ -386,22 +396,13 @@ class NAdam(FunctionalOptimizer):
         }
 
     def update_param(self, p, g, s, hp):  # type: ignore[no-untyped-def]
-        if hp.get("maximize"):
-            g = -g
-        lr, wd, eps, psi = hp["lr"], hp["weight_decay"], hp["eps"], hp["momentum_decay"]
+        p, g, exp_avg, exp_avg_sq, step = _adam_moments(p, g, s, hp)
+        lr, eps, psi = hp["lr"], hp["eps"], hp["momentum_decay"]
         beta1, beta2 = hp["betas"]
-        step = s["step"] + 1
         bias_correction2 = 1 - _pow(beta2, step)
-        if _nonzero(wd):
-            if hp["decoupled_weight_decay"]:
-                p = p * (1 - lr * wd)
-            else:
-                g = g + wd * p
         mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * psi)))
         mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * psi)))
         mu_product = s["mu_product"] * mu
-        exp_avg = s["exp_avg"] + (1 - beta1) * (g - s["exp_avg"])
-        exp_avg_sq = s["exp_avg_sq"] * beta2 + (1 - beta2) * g * g
         denom = safe_sqrt(exp_avg_sq / bias_correction2) + eps
         mu_product_next = mu_product * mu_next
         p = p - lr * (1.0 - mu) / (1.0 - mu_product) * g / denom
@@ -433,18 +434,9 @@ class RAdam(FunctionalOptimizer):
         return {"step": 0.0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
     def update_param(self, p, g, s, hp):  # type: ignore[no-untyped-def]
-        if hp.get("maximize"):
-            g = -g
-        lr, wd, eps = hp["lr"], hp["weight_decay"], hp["eps"]
+        p, g, exp_avg, exp_avg_sq, step = _adam_moments(p, g, s, hp)
+        lr, eps = hp["lr"], hp["eps"]
         beta1, beta2 = hp["betas"]
-        step = s["step"] + 1
-        if _nonzero(wd):
-            if hp["decoupled_weight_decay"]:
-                p = p * (1 - lr * wd)
-            else:
-                g = g + wd * p
-        exp_avg = s["exp_avg"] + (1 - beta1) * (g - s["exp_avg"])
-        exp_avg_sq = s["exp_avg_sq"] * beta2 + (1 - beta2) * g * g
         bias_correction1 = 1 - _pow(beta1, step)
         bias_correction2 = 1 - _pow(beta2, step)
         bias_corrected_exp_avg = exp_avg / bias_correction1
