@@ -6,11 +6,14 @@ Examples::
     metarun algo=maml dataset=omniglot        # Finn et al. 2017, Omniglot 5-way 1-shot
     metarun experiment=omniglot_20way_5shot   # a paper preset (conf/experiment/)
     metarun mode=eval checkpoint=outputs/.../checkpoints/best.pt
+    metarun -m algo.inner_lr=0.1,0.4 seed=0,1,2   # a sweep (metarun/sweep/)
     metarun --cfg job                         # print the composed config
     metarun --help                            # every group, option and key
 
 User mistakes (unknown option or key, wrong type, impossible value, missing data or checkpoint)
-print ``error: ...`` or Hydra's message naming the key, and exit with status 2.
+print ``error: ...`` or Hydra's message naming the key, and exit with status 2. In a sweep
+(``-m``) such a mistake in one job's config fails that job only (status ``failed`` in the
+sweep's summary).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from metarun.config import ConfigError, validate
@@ -29,6 +33,7 @@ from metarun.config.store import register_configs
 
 EXIT_USAGE = 2  # bad configuration or input, as argparse does
 EXIT_INTERRUPTED = 130  # SIGINT, as a shell reports it; SIGTERM (preemption) exits 0
+_BASIC = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # jobs in this process
 
 
 def config_dir() -> Path:
@@ -46,24 +51,45 @@ _started = False  # set once Hydra has composed a config and called the task fun
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
-def _app(cfg: DictConfig) -> None:
+def _app(cfg: DictConfig) -> float:
+    """Returns the sweep objective (:func:`metarun.sweep.summary.objective`, lower is better),
+    what hydra-optuna-sweeper minimises."""
     global _started
     _started = True
     # Imported here so that `metarun --help` and compose errors stay fast.
     from metarun.runner.api import run
+    from metarun.sweep.preemption import Preemption
+    from metarun.sweep.summary import objective, write_summary
 
     hydra_cfg = HydraConfig.get()
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         config = validate(cfg)
-        summary = run(
-            config, hydra_cfg.runtime.output_dir, overrides=list(hydra_cfg.overrides.task)
-        )
+        # Submitit's preemption signal saves a checkpoint before the job is requeued; a sweep
+        # job continues from a checkpoint in its own run dir (a requeued or re-run job).
+        with Preemption() as preemption:
+            summary = run(
+                config,
+                hydra_cfg.runtime.output_dir,
+                overrides=list(hydra_cfg.overrides.task),
+                auto_resume=in_sweep,
+            )
     except (ConfigError, FileNotFoundError) as error:
+        if in_sweep:
+            raise  # this job fails; Hydra reports it, the summary lists it
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
     print(summary.format())
-    if summary.stopped_by == "SIGINT":
-        raise SystemExit(EXIT_INTERRUPTED)
+    # Ctrl-C ends a sweep too, and so does SIGTERM when the sweep runs in this process (basic
+    # launcher): the same command with hydra.sweep.dir=<sweep dir> continues it.
+    if summary.stopped_by == "SIGINT" or (
+        in_sweep and summary.stopped_by == "SIGTERM" and hydra_cfg.launcher._target_ == _BASIC
+    ):
+        if in_sweep:
+            write_summary(hydra_cfg.sweep.dir)  # Hydra's callbacks do not run on SystemExit
+        raise SystemExit(EXIT_INTERRUPTED if summary.stopped_by == "SIGINT" else 0)
+    preemption.requeue_if_stopped(summary.stopped_by)
+    return objective(summary.results)
 
 
 def _quiet_secondary_rank(argv: list[str]) -> None:

@@ -36,6 +36,7 @@ from metarun.config import (
     to_yaml,
     validate,
 )
+from metarun.data.supervised import ExampleSet
 from metarun.runner import distributed
 from metarun.runner.build import (
     Experiment,
@@ -89,7 +90,14 @@ class RunSummary:
             )
             lines.append(f"resume with: {self.resume_command}")
         test = self.results.get("test")
-        if test:
+        if test and "num_examples" in test:  # a fixed test set (algo=l2rw / erm): no adaptation
+            for name in ("accuracy", "error", "loss"):
+                if name in test["metrics"]:
+                    lines.append(
+                        f"test {name}: {_stat_text(test['metrics'][name])} "
+                        f"({test['num_examples']} test examples, mean ± 95% CI)"
+                    )
+        elif test:
             steps = test["inner_steps"]
             where = f"{test['num_tasks']} test tasks, {steps} inner step{'' if steps == 1 else 's'}"
             for name in ("accuracy", "loss"):
@@ -109,7 +117,13 @@ def _stat_text(stat: dict[str, Any] | None) -> str:
     return "n/a" if stat is None else f"{stat['mean']:.4f} ± {stat['ci95']:.4f}"
 
 
-def run(config: RunConfig, run_dir: str | Path, *, overrides: Sequence[str] = ()) -> RunSummary:
+def run(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    auto_resume: bool = False,
+) -> RunSummary:
     """Meta-train (``mode=train``) or test a checkpoint (``mode=eval``).
 
     Args:
@@ -117,24 +131,37 @@ def run(config: RunConfig, run_dir: str | Path, *, overrides: Sequence[str] = ()
         run_dir: where checkpoints, logs and ``results.json`` go (Hydra's output dir).
         overrides: the command-line overrides, to print an exact resume command and, in eval
             mode, to apply ``algo.*`` / ``dataset.*`` overrides on top of the checkpoint's config.
+        auto_resume: training continues from ``<run_dir>/checkpoints/last.pt`` if it exists, as
+            with ``resume=true``, provided it holds the same experiment (see :func:`train`).
+            The CLI sets it for sweep jobs, whose run dir is their own: a checkpoint there comes
+            from an earlier attempt of the same job (requeued after a preemption or time limit,
+            or the sweep run again with the same ``hydra.sweep.dir``).
 
     Raises:
         ConfigError: a setting the run cannot use. FileNotFoundError: missing data or checkpoint.
     """
     if config.mode is Mode.eval:
         return evaluate_checkpoint(config, run_dir, overrides=overrides)
-    return train(config, run_dir, overrides=overrides)
+    return train(config, run_dir, overrides=overrides, auto_resume=auto_resume)
 
 
 # ------------------------------------------------------------------------------------------ train
 
 
-def train(config: RunConfig, run_dir: str | Path, *, overrides: Sequence[str] = ()) -> RunSummary:
+def train(
+    config: RunConfig,
+    run_dir: str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    auto_resume: bool = False,
+) -> RunSummary:
     """Meta-train, checkpoint, then test on ``eval.num_tasks`` fixed tasks.
 
     With ``resume=true`` and ``<run_dir>/checkpoints/last.pt`` present, training continues from
     it exactly (same parameters as an uninterrupted run). Without ``resume=true`` an existing
-    checkpoint is an error rather than silently overwritten.
+    checkpoint is an error rather than silently overwritten. ``auto_resume`` continues from it
+    too, but only if it was written with the same config (keys that may change on resume
+    aside); a different experiment in the run dir is an error.
     """
     ctx = distributed.setup(resolve_device(config.device))
     try:
@@ -143,7 +170,7 @@ def train(config: RunConfig, run_dir: str | Path, *, overrides: Sequence[str] = 
                 config.device = f"cuda:{ctx.local_rank}"
             # torchrun starts N Hydra apps, each with its own timestamped dir: use rank 0's.
             run_dir = distributed.broadcast(str(run_dir), ctx)
-        return _train(config, run_dir, overrides, ctx)
+        return _train(config, run_dir, overrides, ctx, auto_resume=auto_resume)
     finally:
         distributed.teardown(ctx)
 
@@ -153,18 +180,29 @@ def _train(
     run_dir: str | Path,
     overrides: Sequence[str],
     ctx: distributed.DistContext,
+    *,
+    auto_resume: bool = False,
 ) -> RunSummary:
     run_dir = Path(run_dir)
     last = run_dir / CHECKPOINT_DIR / LAST
     state = None
     if last.exists():
-        if not config.resume:
+        if not (config.resume or auto_resume):
             raise ConfigError(
                 f"resume must be true to continue the run in {run_dir} (it holds {last}), got "
                 "False (set resume=true, or choose a new hydra.run.dir)"
             )
         state = _load_user_checkpoint(last, "resume")
-        _warn_config_changes(state["config"], to_yaml(config))
+        if config.resume:
+            _warn_config_changes(state["config"], to_yaml(config))
+        elif changed := _config_changes(state["config"], to_yaml(config)):
+            raise ConfigError(
+                f"the run dir {run_dir} holds a checkpoint of another experiment ({last} "
+                f"differs in: {', '.join(changed)}); a sweep job continues only its own run "
+                "(choose a new hydra.sweep.dir)"
+            )
+        else:
+            logger.info("continuing the run in %s from %s", run_dir, last)
     elif config.resume:
         logger.warning("resume=true but %s does not exist: starting from step 0", last)
 
@@ -179,6 +217,9 @@ def _train(
     meta_optimizer = build_meta_optimizer(
         config.meta_optimizer, experiment.algorithm.meta_parameters()
     )
+    if hasattr(experiment.algorithm, "attach_optimizer"):
+        # L2RW's look-ahead steps a differentiable copy of the training optimizer.
+        experiment.algorithm.attach_optimizer(meta_optimizer)
     resume_step = int(state["step"]) if state is not None else None
     with RunLogger(
         run_dir,
@@ -227,7 +268,11 @@ def _train(
                 weights = "best"
             results.update(_test(experiment, out, fit.step, weights=weights))
             test_means = {k: v["mean"] for k, v in results["test"]["metrics"].items()}
-            out.log_hparams(flatten(_as_dict(config)), test_means)
+            if fit.best is not None:  # a sweep's objective (metarun.sweep.summary.objective)
+                test_means[fit.best.metric.replace("/", "/best_", 1)] = fit.best.value
+            # The group options too: in a sweep over algo=maml,fomaml the HParams view would
+            # otherwise show the choice only through algo.first_order.
+            out.log_hparams({**options(config), **flatten(_as_dict(config))}, test_means)
         if ctx.is_main:
             summary.results = _write_results(run_dir, results, config)
     return summary
@@ -254,16 +299,22 @@ def resume_command(overrides: Sequence[str], run_dir: str | Path) -> str:
     return " ".join(["metarun", *(shlex.quote(a) for a in args)])
 
 
-def _warn_config_changes(saved_yaml: str, current_yaml: str) -> None:
+def _config_changes(saved_yaml: str, current_yaml: str) -> list[str]:
+    """Keys whose values differ, except those a resumed run may change (``outer_steps``, ...)."""
+
     def flat(text: str) -> dict[str, Any]:
         return flatten(cast(dict[str, Any], OmegaConf.to_container(OmegaConf.create(text))))
 
     saved, current = flat(saved_yaml), flat(current_yaml)
-    changed = sorted(
+    return sorted(
         key
         for key in saved.keys() | current.keys()
         if saved.get(key) != current.get(key) and not key.startswith(_RESUMABLE_CHANGES)
     )
+
+
+def _warn_config_changes(saved_yaml: str, current_yaml: str) -> None:
+    changed = _config_changes(saved_yaml, current_yaml)
     if changed:
         logger.warning(
             "resuming with a config that differs from the checkpoint's in: %s "
@@ -301,6 +352,12 @@ def _test(experiment: Experiment, out: RunLogger, step: int, *, weights: str) ->
     for key, stat in stats.items():
         stage, _, name = key.partition("/")
         metrics[name if stage == "post" else f"{stage}_{name}"] = stat.as_dict()
+    if isinstance(experiment.tasks.test, ExampleSet):
+        # A fixed test set evaluated whole (algo=l2rw / erm): no tasks, no inner steps.
+        for name, stat in stats.items():
+            logger.info("test %s: %s", name, stat)
+        test = {"num_examples": len(experiment.tasks.test), "weights": weights, "metrics": metrics}
+        return {"test": test, "curve": []}
     curve = []
     for k in cfg.curve_steps:
         post = {

@@ -1,0 +1,114 @@
+"""Hydra callback that records each sweep job's status and keeps the sweep's summary table
+current (``conf/config.yaml``: ``hydra.callbacks.sweep_summary``).
+
+In a multirun each job writes ``<run dir>/status.json`` when it starts (``running``, with its
+pid and host) and when it ends (``done`` / ``stopped`` / ``failed`` with the error), then
+rewrites ``<sweep dir>/summary.{csv,md}`` (:mod:`metarun.sweep.summary`). The sweep rewrites it
+once more when all jobs have returned. Writing after every job matters: Hydra skips
+``on_multirun_end`` when a job failed, and a job on a cluster may be the last one alive.
+
+Single runs (no ``-m``) are left alone.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from metarun.sweep.summary import RESULTS_FILE, STATUS_FILE, write_summary
+
+logger = logging.getLogger(__name__)
+
+_MAX_ERROR = 500  # characters of a failed job's error kept in status.json and the table
+
+
+class SweepSummary(Callback):
+    """Job status files and the sweep summary (see the module docstring)."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not _in_sweep(config):
+            return
+        run_dir = Path(config.hydra.runtime.output_dir)
+        previous = _read(run_dir / STATUS_FILE)
+        _write_status(
+            run_dir,
+            {
+                "status": "running",
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "job_id": str(config.hydra.job.get("id", "")),
+                # A requeued job (preemption, time limit) starts again in the same run dir.
+                "attempt": int(previous.get("attempt", 0)) + 1 if previous else 1,
+                "started": _now(),
+            },
+        )
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if not _in_sweep(config):
+            return
+        run_dir = Path(config.hydra.runtime.output_dir)
+        record = _read(run_dir / STATUS_FILE) or {}
+        record["ended"] = _now()
+        if job_return.status is JobStatus.COMPLETED:
+            results = _read(run_dir / RESULTS_FILE) or {}
+            record["status"] = "stopped" if results.get("stopped_by") else "done"
+            record.pop("error", None)
+        else:
+            error = job_return._return_value  # the property would re-raise it
+            record["status"] = "failed"
+            record["error"] = f"{type(error).__name__}: {error}"[:_MAX_ERROR]
+        _write_status(run_dir, record)
+        _summarize(Path(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if sweep_dir.is_dir():
+            paths = _summarize(sweep_dir)
+            if paths:
+                logger.info("sweep summary: %s, %s", *paths)
+
+
+def _in_sweep(config: DictConfig) -> bool:
+    # A job of several SLURM tasks (torch.distributed) runs this in every task: rank 0 reports.
+    rank = os.environ.get("SLURM_PROCID", os.environ.get("RANK", "0"))
+    return config.hydra.mode == RunMode.MULTIRUN and rank in ("", "0")
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_status(run_dir: Path, record: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{STATUS_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, run_dir / STATUS_FILE)
+
+
+def _summarize(sweep_dir: Path) -> tuple[Path, Path] | None:
+    try:
+        csv_path, md_path, _ = write_summary(sweep_dir)
+    except Exception as error:  # noqa: BLE001
+        # A table that cannot be written (full disk, an odd file in the sweep dir) must not
+        # fail the job whose results are safe on disk; metarun-summary can write it later.
+        logger.warning("could not write the sweep summary in %s: %s", sweep_dir, error)
+        return None
+    return csv_path, md_path
