@@ -21,9 +21,16 @@ class MetaAlgorithm(Protocol):
     - ``evaluate(batch, inner_steps)`` adapts each task without building a meta-graph and returns
       per-task metrics keyed ``pre/<name>`` and ``post/<name>`` (before/after adaptation), each a
       1-D tensor of length ``len(batch)``: ``loss`` always, ``accuracy`` for classification.
+      Algorithms that adapt nothing (example reweighting: ``l2rw``, ``erm``) return ``post/``
+      metrics only, one value per query example.
     - ``adapt(support_x, support_y, steps)`` adapts to one task (no task dimension) and returns the
       fast parameters; ``predict(params, x)`` runs the model with them.
     - ``log_scalars()`` extra values worth logging (learned inner learning rates, their grads).
+
+    Optional, called by the runner when present: ``log_histograms()`` (name -> tensor, e.g. the
+    last example weights of L2RW, logged as TensorBoard histograms) and
+    ``attach_optimizer(optimizer)`` (the runner's optimizer, for algorithms whose meta-step
+    needs it, e.g. L2RW's look-ahead).
     """
 
     model: nn.Module

@@ -47,9 +47,12 @@ class ReweightingBase(nn.Module):
 
     task_type = "classification"
 
-    def __init__(self, model: nn.Module, *, minority_class: int | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, *, clean_as_train: bool = False, minority_class: int | None = None
+    ) -> None:
         super().__init__()
         self.model = model
+        self.clean_as_train = clean_as_train
         self.minority_class = minority_class
         self.optimizer: torch.optim.Optimizer | None = None
         self.last_weights: Tensor | None = None
@@ -65,6 +68,18 @@ class ReweightingBase(nn.Module):
         raise NotImplementedError
 
     def meta_train_step(self, batch: TaskBatch) -> dict[str, float]:
+        """One training step on task 0 of ``batch`` (support: training batch, query: clean
+        batch): example weights, then ``backward`` of the weighted loss (no optimizer step)."""
+        if self.clean_as_train:
+            x, y, vx, vy = batch.tensors()
+            info = batch.support_info
+            batch = TaskBatch(
+                torch.cat([x, vx], 1),
+                torch.cat([y, vy], 1),
+                vx,
+                vy,
+                None if info is None else torch.cat([info, vy], 1),
+            )
         x, y, val_x, val_y = (t[0] for t in batch.tensors())
         w, extra = self._weights_and_stats(x, y, val_x, val_y)
         losses = F.cross_entropy(self.model(x), y, reduction="none")
@@ -101,7 +116,9 @@ class ReweightingBase(nn.Module):
             self.model.train(was)
 
     def evaluate(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
-        """Per-example test metrics on the query set (no adaptation: pre equals post)."""
+        """Per-example metrics on the query examples of every task, concatenated:
+        ``post/accuracy``, ``post/error`` (``1 - accuracy``) and ``post/loss``, each ``(T*Q,)``.
+        Nothing is adapted, so there are no ``pre/`` metrics; ``inner_steps`` is ignored."""
         was = self.model.training
         self.model.eval()
         try:
@@ -117,7 +134,8 @@ class ReweightingBase(nn.Module):
         finally:
             self.model.train(was)
         res = {k: torch.cat(v) for k, v in rows.items()}
-        res["pre/accuracy"], res["pre/loss"] = res["post/accuracy"], res["post/loss"]
+        # Error on the balanced MNIST test set: the paper's "balanced test error" (Fig. 2).
+        res["post/error"] = 1.0 - res["post/accuracy"]
         return res
 
     def adapt(
@@ -142,7 +160,13 @@ class ReweightingBase(nn.Module):
 
 
 class ERM(ReweightingBase):
-    """Plain training: uniform weights ``1/B`` (the L2RW paper's baseline)."""
+    """Plain training: uniform weights ``1/B`` (the L2RW paper's baseline).
+
+    Args:
+        model: the classifier being trained.
+        clean_as_train: also train on the clean set (appended to every batch).
+        minority_class: label whose weight mass is logged (imbalanced MNIST).
+    """
 
     def _weights_and_stats(
         self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor
@@ -168,27 +192,13 @@ class L2RW(ReweightingBase):
         clean_as_train: bool = False,
         minority_class: int | None = None,
     ) -> None:
-        super().__init__(model, minority_class=minority_class)
+        super().__init__(model, clean_as_train=clean_as_train, minority_class=minority_class)
         if lookahead_lr is not None and lookahead_lr <= 0:
             raise ValueError(
                 f"algo.lookahead_lr must be > 0 or null, got {lookahead_lr} "
                 "(null uses the optimizer's learning rate)"
             )
         self.lookahead_lr = lookahead_lr
-        self.clean_as_train = clean_as_train
-
-    def meta_train_step(self, batch: TaskBatch) -> dict[str, float]:
-        if self.clean_as_train:
-            x, y, vx, vy = batch.tensors()
-            info = batch.support_info
-            batch = TaskBatch(
-                torch.cat([x, vx], 1),
-                torch.cat([y, vy], 1),
-                vx,
-                vy,
-                None if info is None else torch.cat([info, vy], 1),
-            )
-        return super().meta_train_step(batch)
 
     def example_weights(self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor) -> Tensor:
         """Steps 1-4: the normalised example weights (detached)."""

@@ -66,6 +66,29 @@ class OmniglotSplit(str, Enum):
     random = "random"
 
 
+class MnistSourceSplit(str, Enum):
+    """Official MNIST file the imbalanced training pool and clean set come from (``test``: only
+    the 10,000 test images are needed, and the balanced test set comes from them too)."""
+
+    train = "train"
+    test = "test"
+
+
+class NoiseType(str, Enum):
+    """Label noise of the CIFAR training pool (Ren et al. 2018, Sec. 5.2): ``uniform`` flips to
+    any other class, ``background`` to one background class."""
+
+    uniform = "uniform"
+    background = "background"
+
+
+class LeNetVariant(str, Enum):
+    """``ren2018``: the L2RW paper's LeNet (official code); ``lenet5``: LeCun et al. 1998."""
+
+    ren2018 = "ren2018"
+    lenet5 = "lenet5"
+
+
 # ---------------------------------------------------------------------------------------- checks
 
 
@@ -169,6 +192,35 @@ class FOMAMLConfig(MAMLConfig):
             )
 
 
+@dataclass
+class ERMConfig:
+    """``algo=erm``: plain training with uniform example weights, the baseline of Ren et al.
+    2018; same model, optimizer (``meta_optimizer``) and schedule as ``algo=l2rw``."""
+
+    # Also train on the clean set (appended to every training batch): the fair baseline of an
+    # algo=l2rw run with clean_as_train=true.
+    clean_as_train: bool = False
+
+
+@dataclass
+class L2RWConfig(ERMConfig):
+    """``algo=l2rw``: learning to reweight examples (Ren et al. 2018, Algorithm 1). Each step
+    weights the training batch by how a look-ahead step of the training optimizer
+    (``meta_optimizer``) on each example changes the loss on the clean set."""
+
+    # Learning rate of the look-ahead step; null = the optimizer's own (meta_optimizer.lr).
+    lookahead_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            self.lookahead_lr is None or self.lookahead_lr > 0,
+            "algo.lookahead_lr",
+            self.lookahead_lr,
+            "> 0 or null (null = meta_optimizer.lr)",
+            "algo.lookahead_lr=0.001",
+        )
+
+
 # -------------------------------------------------------------------------------------- datasets
 
 
@@ -246,6 +298,131 @@ class OmniglotConfig:
         )
 
 
+@dataclass
+class MnistImbalanceConfig:
+    """``dataset=mnist_imbalance``: binary 4-vs-9 MNIST with a training pool dominated by the 9s,
+    a small balanced clean set and a balanced test set (Ren et al. 2018, Sec. 5.1)."""
+
+    root: str = "${oc.env:METARUN_DATA,data}"  # holds mnist/raw/ (or MNIST/raw/) IDX files
+    pos_ratio: float = 0.995  # fraction of the dominant digit in the training pool
+    n_train: int = 5000
+    n_val: int = 10  # clean set, n_val/2 per digit: L2RW's meta-objective (query each step)
+    n_test: int | None = 500  # balanced; null = the largest the remaining images allow
+    digits: list[int] = field(default_factory=lambda: [4, 9])  # (minority, dominant)
+    # test: everything from the 10,000 test images (machines without the training file).
+    source_split: MnistSourceSplit = MnistSourceSplit.train
+    download: bool = False
+    seed: int = 0  # which images land in which pool (not the training seed)
+    batch_size: int = 100  # training examples per step
+
+    task_type = "classification"  # class attribute, not a config key
+
+    def __post_init__(self) -> None:
+        _require(
+            0.5 <= self.pos_ratio < 1.0,
+            "dataset.pos_ratio",
+            self.pos_ratio,
+            "in [0.5, 1)",
+            "dataset.pos_ratio=0.995",
+        )
+        _require(self.n_train >= 1, "dataset.n_train", self.n_train, ">= 1", "dataset.n_train=5000")
+        _require(
+            self.n_val >= 2 and self.n_val % 2 == 0,
+            "dataset.n_val",
+            self.n_val,
+            "an even number >= 2 (n_val/2 images per digit)",
+            "dataset.n_val=10",
+        )
+        _require(
+            self.n_test is None or (self.n_test >= 2 and self.n_test % 2 == 0),
+            "dataset.n_test",
+            self.n_test,
+            "null or an even number >= 2 (n_test/2 images per digit)",
+            "dataset.n_test=500",
+        )
+        _require(
+            len(self.digits) == 2
+            and self.digits[0] != self.digits[1]
+            and all(0 <= d <= 9 for d in self.digits),
+            "dataset.digits",
+            list(self.digits),
+            "two different digits 0..9 (minority, dominant)",
+            "dataset.digits=[4,9]",
+        )
+        _require(
+            1 <= self.batch_size <= self.n_train,
+            "dataset.batch_size",
+            self.batch_size,
+            f"in [1, dataset.n_train={self.n_train}]",
+            "dataset.batch_size=100",
+        )
+
+
+@dataclass
+class Cifar10NoisyConfig:
+    """``dataset=cifar10_noisy``: CIFAR-10 with label noise on the training pool and a small
+    clean set taken out of it (Ren et al. 2018, Sec. 5.2)."""
+
+    root: str = "${oc.env:METARUN_DATA,data}"  # holds cifar-10-batches-py/ (or cifar10/...)
+    num_classes: int = 10  # fixed by the option: 10 here, 100 for dataset=cifar100_noisy
+    noise: float = 0.4  # fraction of training labels flipped
+    noise_type: NoiseType = NoiseType.uniform
+    background: int | None = None  # noise_type=background: the class; null = drawn with seed
+    n_clean: int = 1000  # clean set, class-balanced, taken out of the training images
+    download: bool = False
+    seed: int = 0  # clean split and noise (not the training seed)
+    batch_size: int = 100  # training examples per step
+    # Clean examples per step (the official code's bsize_b); null = the whole clean set.
+    clean_batch_size: int | None = 100
+
+    task_type = "classification"  # class attributes, not config keys
+    _classes = 10  # the classes this option stands for
+
+    def __post_init__(self) -> None:
+        other_classes = 100 if self._classes == 10 else 10
+        option, other = f"cifar{self._classes}_noisy", f"cifar{other_classes}_noisy"
+        if self.num_classes != self._classes:
+            raise ConfigError(
+                f"dataset.num_classes must be {self._classes} for dataset={option}, got "
+                f"{self.num_classes} (the option fixes it: leave it out, or use "
+                f"dataset={other} for CIFAR-{other_classes})"
+            )
+        _require(
+            0.0 <= self.noise <= 1.0, "dataset.noise", self.noise, "in [0, 1]", "dataset.noise=0.4"
+        )
+        _require(
+            self.background is None or 0 <= self.background < self.num_classes,
+            "dataset.background",
+            self.background,
+            f"null or a class in [0, {self.num_classes})",
+            "dataset.background=null",
+        )
+        _require(self.n_clean >= 1, "dataset.n_clean", self.n_clean, ">= 1", "dataset.n_clean=1000")
+        _require(
+            self.batch_size >= 1,
+            "dataset.batch_size",
+            self.batch_size,
+            ">= 1",
+            "dataset.batch_size=100",
+        )
+        _require(
+            self.clean_batch_size is None or 1 <= self.clean_batch_size <= self.n_clean,
+            "dataset.clean_batch_size",
+            self.clean_batch_size,
+            f"null or in [1, dataset.n_clean={self.n_clean}]",
+            "dataset.clean_batch_size=100",
+        )
+
+
+@dataclass
+class Cifar100NoisyConfig(Cifar10NoisyConfig):
+    """``dataset=cifar100_noisy``: CIFAR-100 (fine labels), otherwise as ``cifar10_noisy``."""
+
+    num_classes: int = 100
+
+    _classes = 100
+
+
 # ---------------------------------------------------------------------------------------- models
 
 
@@ -315,6 +492,80 @@ class Conv4Config:
             self.image_size,
             ">= 4",
             "model.image_size=28",
+        )
+
+
+@dataclass
+class LeNetConfig:
+    """``model=lenet``: the LeNet of the imbalanced-MNIST experiment (Ren et al. 2018)."""
+
+    num_classes: int = 2
+    in_channels: int = 1
+    variant: LeNetVariant = LeNetVariant.ren2018
+    image_size: int = 28
+
+    def __post_init__(self) -> None:
+        _require(
+            self.num_classes >= 2,
+            "model.num_classes",
+            self.num_classes,
+            ">= 2",
+            "model.num_classes=2",
+        )
+        _require(
+            self.in_channels >= 1,
+            "model.in_channels",
+            self.in_channels,
+            ">= 1",
+            "model.in_channels=1",
+        )
+        _require(
+            self.image_size >= 12,
+            "model.image_size",
+            self.image_size,
+            ">= 12",
+            "model.image_size=28",
+        )
+
+
+@dataclass
+class ResNet32Config:
+    """``model=resnet32``: the CIFAR ResNet-32 of He et al. 2016 (0.46M parameters)."""
+
+    num_classes: int = MISSING  # conf/model/resnet32.yaml: ${dataset.num_classes}
+
+    def __post_init__(self) -> None:
+        _require(
+            self.num_classes >= 2,
+            "model.num_classes",
+            self.num_classes,
+            ">= 2",
+            "model.num_classes=10",
+        )
+
+
+@dataclass
+class WRN28_10Config:
+    """``model=wrn28_10``: WRN-28-10 (Zagoruyko & Komodakis 2016, 36.5M parameters)."""
+
+    num_classes: int = MISSING  # conf/model/wrn28_10.yaml: ${dataset.num_classes}
+    # Between the two convolutions of each block; 0.3 in the official L2RW WRN-28-10 config.
+    dropout: float = 0.3
+
+    def __post_init__(self) -> None:
+        _require(
+            self.num_classes >= 2,
+            "model.num_classes",
+            self.num_classes,
+            ">= 2",
+            "model.num_classes=10",
+        )
+        _require(
+            0.0 <= self.dropout < 1.0,
+            "model.dropout",
+            self.dropout,
+            "in [0, 1)",
+            "model.dropout=0.3",
         )
 
 
@@ -478,19 +729,56 @@ class RunConfig:
                 "mode=train (add mode=eval to test it; to continue training a run use "
                 "resume=true hydra.run.dir=<its run dir>)"
             )
+        _check_algo_fits_dataset(self.algo, self.dataset, self.meta_batch_size)
         _check_model_values(self.model, self.dataset)
+
+
+# Example-reweighting algorithms train on a supervised data set; meta-learners on tasks.
+_REWEIGHTING = (ERMConfig,)  # L2RWConfig is a subclass
+_SUPERVISED = (MnistImbalanceConfig, Cifar10NoisyConfig)  # Cifar100NoisyConfig is a subclass
+
+
+def _check_algo_fits_dataset(algo: Any, dataset: Any, meta_batch_size: int) -> None:
+    """Reweighting algorithms (``l2rw``, ``erm``) need a supervised dataset and one training
+    batch per step; the meta-learners need task datasets."""
+    reweighting = isinstance(algo, _REWEIGHTING)
+    if reweighting != isinstance(dataset, _SUPERVISED):
+        algo_name, dataset_name = option_name("algo", algo), option_name("dataset", dataset)
+
+        def fitting(group: str, base: tuple[type, ...], fits: bool) -> str:
+            names = [n for n, s in SCHEMAS[group].items() if issubclass(s, base) == fits]
+            return ", ".join(f"{group}={n}" for n in names[:-1]) + f" or {group}={names[-1]}"
+
+        raise ConfigError(
+            f"algo={algo_name} does not fit dataset={dataset_name} (dataset={dataset_name} takes "
+            f"{fitting('algo', _REWEIGHTING, not reweighting)}; algo={algo_name} takes "
+            f"{fitting('dataset', _SUPERVISED, reweighting)})"
+        )
+    if reweighting and meta_batch_size != 1:
+        raise ConfigError(
+            f"meta_batch_size must be 1 for algo={option_name('algo', algo)} (one training batch "
+            f"per step; its size is dataset.batch_size), got {meta_batch_size} "
+            "(set meta_batch_size=1)"
+        )
 
 
 def check_model_fits_dataset(model_type: type, dataset_type: type) -> None:
     """Cross-group check on the chosen options, before any value is resolved (a conv4 model on
     sinusoid would otherwise fail as an unresolvable ``${dataset.n_way}``)."""
-    fits = {SinusoidConfig: MLPConfig, OmniglotConfig: Conv4Config}
+    fits: dict[type, tuple[type, ...]] = {
+        SinusoidConfig: (MLPConfig,),
+        OmniglotConfig: (Conv4Config,),
+        MnistImbalanceConfig: (LeNetConfig,),
+        Cifar10NoisyConfig: (ResNet32Config, WRN28_10Config),
+        Cifar100NoisyConfig: (ResNet32Config, WRN28_10Config),
+    }
     wanted = fits.get(dataset_type)
-    if wanted is not None and model_type is not wanted:
+    if wanted is not None and model_type not in wanted:
         dataset = _option_of_type("dataset", dataset_type)
+        use = " or ".join(f"model={_option_of_type('model', w)}" for w in wanted)
         raise ConfigError(
             f"model={_option_of_type('model', model_type)} does not fit dataset={dataset} "
-            f"(use model={_option_of_type('model', wanted)})"
+            f"(use {use})"
         )
 
 
@@ -523,6 +811,23 @@ def _check_model_values(model: Any, dataset: Any) -> None:
             "1 for dataset=omniglot (grayscale)",
             "model.in_channels=1",
         )
+    elif isinstance(dataset, MnistImbalanceConfig):
+        for key, value in (("num_classes", 2), ("in_channels", 1), ("image_size", 28)):
+            _require(
+                getattr(model, key) == value,
+                f"model.{key}",
+                getattr(model, key),
+                f"{value} for dataset=mnist_imbalance",
+                f"model.{key}={value}",
+            )
+    elif isinstance(dataset, Cifar10NoisyConfig):
+        _require(
+            model.num_classes == dataset.num_classes,
+            "model.num_classes",
+            model.num_classes,
+            f"equal to dataset.num_classes ({dataset.num_classes})",
+            "model.num_classes=${dataset.num_classes}",
+        )
 
 
 # ------------------------------------------------------------------------------------- registry
@@ -530,9 +835,21 @@ def _check_model_values(model: Any, dataset: Any) -> None:
 #: Every option of every config group and its schema. ``metarun.config.store`` registers them,
 #: checkpoints record the option names so a saved config can be re-typed without Hydra.
 SCHEMAS: dict[str, dict[str, type]] = {
-    "algo": {"maml": MAMLConfig, "fomaml": FOMAMLConfig},
-    "dataset": {"sinusoid": SinusoidConfig, "omniglot": OmniglotConfig},
-    "model": {"mlp": MLPConfig, "conv4": Conv4Config},
+    "algo": {"maml": MAMLConfig, "fomaml": FOMAMLConfig, "l2rw": L2RWConfig, "erm": ERMConfig},
+    "dataset": {
+        "sinusoid": SinusoidConfig,
+        "omniglot": OmniglotConfig,
+        "mnist_imbalance": MnistImbalanceConfig,
+        "cifar10_noisy": Cifar10NoisyConfig,
+        "cifar100_noisy": Cifar100NoisyConfig,
+    },
+    "model": {
+        "mlp": MLPConfig,
+        "conv4": Conv4Config,
+        "lenet": LeNetConfig,
+        "resnet32": ResNet32Config,
+        "wrn28_10": WRN28_10Config,
+    },
 }
 
 

@@ -1,7 +1,10 @@
-"""What the supervised (example-reweighting) data sets share: the split container and downloads.
+"""What the supervised (example-reweighting) data sets share: the split container, downloads, and
+the task sources the runner draws from.
 
 Learning to reweight (Ren et al. 2018) trains on a large, biased or noisy pool and meta-learns
-example weights against a small clean validation set; :class:`SplitData` holds the three pools.
+example weights against a small clean validation set; :class:`SplitData` holds the three pools,
+:class:`ReweightingTasks` turns them into training steps and :class:`ExampleSet` into fixed
+evaluation sets.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor
+
+from metarun.tasks import TaskBatch
 
 logger = logging.getLogger(__name__)
 
@@ -90,3 +96,133 @@ def replace_into(src: Path, dest: Path) -> None:
     os.chmod(src, 0o755 if src.is_dir() else 0o644)
     os.replace(src, dest)
     logger.info("wrote %s", dest)
+
+
+# ------------------------------------------------------------------------- runner task sources
+
+
+class ReweightingTasks:
+    """Training steps of example-reweighting algorithms as one-task :class:`TaskBatch` es: the
+    support is a batch of the (biased or noisy) training pool, the query the clean set.
+
+    Args:
+        data: the three pools.
+        batch_size: training examples per step (drawn without replacement within a step).
+        clean_batch_size: clean examples per step (drawn likewise); ``None``: the whole clean
+            set, in a fixed order (Ren et al. 2018 on MNIST: all 10).
+
+    Raises:
+        ValueError: a batch size below 1 or above its pool (naming the config key).
+
+    Example:
+        >>> tasks = ReweightingTasks(data, batch_size=100)
+        >>> batch = tasks.sample(1, torch.Generator().manual_seed(0))
+        >>> batch.support_x.shape, batch.query_x.shape  # (1, 100, 1, 28, 28), (1, 10, 1, 28, 28)
+    """
+
+    task_type = "classification"
+
+    def __init__(
+        self, data: SplitData, batch_size: int, clean_batch_size: int | None = None
+    ) -> None:
+        n_train, n_clean = len(data.train_y), len(data.val_y)
+        if not 1 <= batch_size <= n_train:
+            raise ValueError(
+                f"dataset.batch_size must be in [1, {n_train}] (the training pool's size), got "
+                f"{batch_size}"
+            )
+        if clean_batch_size is not None and not 1 <= clean_batch_size <= n_clean:
+            raise ValueError(
+                f"dataset.clean_batch_size must be null or in [1, {n_clean}] (the clean set's "
+                f"size), got {clean_batch_size}"
+            )
+        self.data = data
+        self.batch_size = batch_size
+        self.clean_batch_size = clean_batch_size
+
+    def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
+        """``num_tasks`` steps' worth of batches, drawn with ``generator`` only (exact resume).
+
+        Returns:
+            ``support_x (T, B, C, H, W)``, ``support_y (T, B)`` (the labels trained on),
+            ``query_x (T, V, C, H, W)``, ``query_y (T, V)`` (clean), and ``support_info (T, B)``
+            the true training labels when they differ from the trained ones (noisy CIFAR).
+        """
+        d = self.data
+        index = torch.stack(
+            [
+                torch.randperm(len(d.train_y), generator=generator)[: self.batch_size]
+                for _ in range(num_tasks)
+            ]
+        )  # (T, B)
+        if self.clean_batch_size is None:
+            clean = torch.arange(len(d.val_y)).expand(num_tasks, -1)  # (T, V)
+        else:
+            clean = torch.stack(
+                [
+                    torch.randperm(len(d.val_y), generator=generator)[: self.clean_batch_size]
+                    for _ in range(num_tasks)
+                ]
+            )
+        info = None if d.train_y_true is None else d.train_y_true[index]
+        return TaskBatch(
+            support_x=d.train_x[index],
+            support_y=d.train_y[index],
+            query_x=d.val_x[clean],
+            query_y=d.val_y[clean],
+            support_info=info,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"ReweightingTasks(train={len(self.data.train_y)}, clean={len(self.data.val_y)}, "
+            f"batch_size={self.batch_size}, clean_batch_size={self.clean_batch_size})"
+        )
+
+
+class ExampleSet:
+    """A fixed labelled set evaluated example by example (the clean set for validation, the test
+    set): :meth:`batches` covers every example once, in order, as one-task batches whose query
+    holds up to ``chunk`` examples and whose support is empty.
+
+    Args:
+        x: ``(N, C, H, W)`` inputs.
+        y: ``(N,)`` int64 labels.
+        chunk: examples per batch (memory only; results do not depend on it).
+    """
+
+    task_type = "classification"
+
+    def __init__(self, x: Tensor, y: Tensor, chunk: int = 500) -> None:
+        if len(x) != len(y) or len(y) == 0:
+            raise ValueError(
+                f"ExampleSet needs as many labels as inputs (> 0), got {len(x)}, {len(y)}"
+            )
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.x, self.y, self.chunk = x, y, chunk
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def _batch(self, index: Tensor) -> TaskBatch:
+        x, y = self.x[index].unsqueeze(0), self.y[index].unsqueeze(0)  # (1, Q, ...), (1, Q)
+        return TaskBatch(support_x=x[:, :0], support_y=y[:, :0], query_x=x, query_y=y)
+
+    def batches(self) -> Iterator[TaskBatch]:
+        """Every example once, in order: ``ceil(N / chunk)`` batches of one task."""
+        for start in range(0, len(self), self.chunk):
+            yield self._batch(torch.arange(start, min(start + self.chunk, len(self))))
+
+    def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
+        """``num_tasks`` tasks of ``min(chunk, N)`` random examples each (the TaskSource
+        protocol; evaluation uses :meth:`batches`)."""
+        size = min(self.chunk, len(self))
+        index = torch.stack(
+            [torch.randperm(len(self), generator=generator)[:size] for _ in range(num_tasks)]
+        )
+        x, y = self.x[index], self.y[index]
+        return TaskBatch(support_x=x[:, :0], support_y=y[:, :0], query_x=x, query_y=y)
+
+    def __repr__(self) -> str:
+        return f"ExampleSet(n={len(self)}, chunk={self.chunk})"

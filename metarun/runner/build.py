@@ -17,16 +17,23 @@ from torch import nn
 
 from metarun.algorithms.base import MetaAlgorithm
 from metarun.config import (
+    Cifar10NoisyConfig,
     ConfigError,
     Conv4Config,
+    ERMConfig,
+    L2RWConfig,
+    LeNetConfig,
     MAMLConfig,
     MetaOptimizerConfig,
     MLPConfig,
+    MnistImbalanceConfig,
     OmniglotConfig,
     OptimizerName,
+    ResNet32Config,
     RunConfig,
     SinusoidConfig,
     TaskBatching,
+    WRN28_10Config,
 )
 from metarun.data.fewshot import TaskSource
 
@@ -75,7 +82,7 @@ def seed_everything(seed: int) -> None:
 
 def build_model(config: Any) -> nn.Module:
     """``model`` group -> ``nn.Module``."""
-    from metarun.models import MLP, Conv4
+    from metarun.models import MLP, Conv4, LeNet, resnet32, wrn28_10
 
     if isinstance(config, MLPConfig):
         return MLP(config.in_features, tuple(config.hidden), config.out_features)
@@ -88,11 +95,46 @@ def build_model(config: Any) -> nn.Module:
             batch_norm=config.batch_norm,
             max_pool=config.max_pool,
         )
+    if isinstance(config, LeNetConfig):
+        return LeNet(
+            num_classes=config.num_classes,
+            in_channels=config.in_channels,
+            variant=config.variant.value,
+            image_size=config.image_size,
+        )
+    if isinstance(config, ResNet32Config):
+        return resnet32(num_classes=config.num_classes)
+    if isinstance(config, WRN28_10Config):
+        return wrn28_10(num_classes=config.num_classes, dropout=config.dropout)
     raise ConfigError(f"model has no builder for {type(config).__name__}")
 
 
-def build_algorithm(config: Any, model: nn.Module, task_type: str) -> MetaAlgorithm:
-    """``algo`` group -> a :class:`~metarun.algorithms.base.MetaAlgorithm` wrapping ``model``."""
+def minority_class(dataset: Any) -> int | None:
+    """The label whose example-weight mass reweighting algorithms log: imbalanced MNIST's
+    minority digit is label 0 (:func:`~metarun.data.load_mnist_imbalance`); else None."""
+    return 0 if isinstance(dataset, MnistImbalanceConfig) else None
+
+
+def build_algorithm(
+    config: Any, model: nn.Module, task_type: str, *, minority_class: int | None = None
+) -> MetaAlgorithm:
+    """``algo`` group -> a :class:`~metarun.algorithms.base.MetaAlgorithm` wrapping ``model``.
+
+    ``minority_class``: reweighting algorithms log the weight mass on this label.
+    """
+    if isinstance(config, L2RWConfig):
+        from metarun.algorithms.l2rw import L2RW
+
+        return L2RW(
+            model,
+            lookahead_lr=config.lookahead_lr,
+            clean_as_train=config.clean_as_train,
+            minority_class=minority_class,
+        )
+    if isinstance(config, ERMConfig):
+        from metarun.algorithms.l2rw import ERM
+
+        return ERM(model, clean_as_train=config.clean_as_train, minority_class=minority_class)
     if isinstance(config, MAMLConfig):  # also FOMAMLConfig, a subclass with first_order=True
         from metarun.algorithms.maml import MAML
 
@@ -139,6 +181,8 @@ def build_tasks(config: Any) -> TaskSources:
 
 
 def _build_tasks(config: Any) -> TaskSources:
+    if isinstance(config, MnistImbalanceConfig | Cifar10NoisyConfig):
+        return _build_reweighting_tasks(config)
     eval_k_shot = config.eval_k_shot if config.eval_k_shot is not None else config.k_shot
     eval_k_query = config.eval_k_query if config.eval_k_query is not None else config.k_query
     if isinstance(config, SinusoidConfig):
@@ -178,6 +222,45 @@ def _build_tasks(config: Any) -> TaskSources:
             test=FewShotTasks(pools["test"], n, eval_k_shot, eval_k_query),
         )
     raise ConfigError(f"dataset has no builder for {type(config).__name__}")
+
+
+def _build_reweighting_tasks(config: MnistImbalanceConfig | Cifar10NoisyConfig) -> TaskSources:
+    """Imbalanced MNIST / noisy CIFAR: each training step one task whose support is a training
+    batch and whose query is the clean set (or a batch of it); validation on the whole clean
+    set, test on the whole test set, example by example."""
+    from metarun.data import ExampleSet, ReweightingTasks, load_cifar_noisy, load_mnist_imbalance
+
+    if isinstance(config, MnistImbalanceConfig):
+        data = load_mnist_imbalance(
+            config.root,
+            pos_ratio=config.pos_ratio,
+            n_train=config.n_train,
+            n_val=config.n_val,
+            n_test=config.n_test,
+            digits=tuple(config.digits),
+            source_split=config.source_split.value,
+            seed=config.seed,
+            download=config.download,
+        )
+        # Ren et al. 2018 (official code): the clean batch is min(batch size, n_val) = all 10.
+        clean_batch_size = None
+    else:  # also Cifar100NoisyConfig
+        data = load_cifar_noisy(
+            config.root,
+            num_classes=config.num_classes,
+            noise=config.noise,
+            noise_type=config.noise_type.value,
+            n_clean=config.n_clean,
+            seed=config.seed,
+            download=config.download,
+            background=config.background,
+        )
+        clean_batch_size = config.clean_batch_size
+    return TaskSources(
+        train=ReweightingTasks(data, config.batch_size, clean_batch_size),
+        val=ExampleSet(data.val_x, data.val_y),
+        test=ExampleSet(data.test_x, data.test_y),
+    )
 
 
 def build_meta_optimizer(
@@ -264,7 +347,9 @@ def build_experiment(
         # Again: how much randomness the data set-up used must not change the initial weights.
         seed_everything(config.seed)
     model = build_model(config.model)
-    algorithm = build_algorithm(config.algo, model, kind)
+    algorithm = build_algorithm(
+        config.algo, model, kind, minority_class=minority_class(config.dataset)
+    )
     if not isinstance(algorithm, nn.Module):
         raise TypeError(f"algorithms must be nn.Modules, got {type(algorithm).__name__}")
     algorithm.to(device)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from metarun.algorithms.base import MetaAlgorithm
 from metarun.data.fewshot import TaskSource, fixed_tasks
+from metarun.data.supervised import ExampleSet
 from metarun.tasks import TaskBatch
 
 
@@ -69,12 +70,18 @@ def evaluate_fixed(
 ) -> dict[str, Stat]:
     """Mean and CI of each per-task metric over ``num_tasks`` tasks fixed by ``seed``.
 
+    An :class:`~metarun.data.supervised.ExampleSet` (the clean and test sets of the reweighting
+    datasets) is evaluated whole instead, example by example: ``num_tasks``, ``batch_size`` and
+    ``seed`` do not apply, and each metric is per example.
+
     Returns:
         ``{"pre/loss": Stat, "post/loss": Stat, ...}``.
     """
-    per_task = evaluate_batches(
-        algorithm, fixed_tasks(source, num_tasks, batch_size, seed), device, inner_steps
-    )
+    if isinstance(source, ExampleSet):
+        batches = source.batches()
+    else:
+        batches = fixed_tasks(source, num_tasks, batch_size, seed)
+    per_task = evaluate_batches(algorithm, batches, device, inner_steps)
     return {key: Stat.of(values) for key, values in per_task.items()}
 
 

@@ -74,6 +74,14 @@ class RunLogger:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
 
+    def log_histograms(self, step: int, values: Mapping[str, Any]) -> None:
+        """TensorBoard histograms (e.g. ``weights/examples``: L2RW's last example weights) at
+        ``step``; ``values`` maps tags to tensors. Not written to ``metrics.jsonl``."""
+        if self._writer is None:
+            return
+        for key, value in values.items():
+            self._writer.add_histogram(key, value.detach().float().cpu(), step)
+
     def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         """TensorBoard's HParams view: the flattened config next to the final metrics."""
         if self._writer is None:

@@ -337,6 +337,8 @@ class Trainer:
                     scalars.update(interval.pop())  # means over the interval; hypergrad: now
                     scalars.update(self.algorithm.log_scalars())
                     scalars["time/sec_per_step"] = step_time / max(steps_timed, 1)
+                    if hasattr(self.algorithm, "log_histograms"):  # e.g. L2RW's example weights
+                        self.run_logger.log_histograms(self.step, self.algorithm.log_histograms())
                     step_time, steps_timed = 0.0, 0
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     val = split_scalars("val", self.validate())
