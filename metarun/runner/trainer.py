@@ -353,7 +353,6 @@ class Trainer:
                     self._saved_at = self.step
         return stop
 
-
     def _stopping(self, stop: StopFlag) -> bool:
         # A signal on any rank stops every rank after the same step.
         if not self.dist.enabled:
