@@ -36,7 +36,7 @@ PAPER = {
 
 
 def runs(data: str, quick: bool) -> list[tuple[str, list[str]]]:
-    omniglot_steps = 300 if quick else 3000
+    omniglot_steps = 100 if quick else 400
     return [
         (
             "sinusoid, K=10 train / K=5 test",
@@ -50,7 +50,8 @@ def runs(data: str, quick: bool) -> list[tuple[str, list[str]]]:
                 "dataset.split=random",
                 f"outer_steps={omniglot_steps}",
                 "meta_batch_size=16",
-                "eval.every=500",
+                "algo.task_batching=auto",
+                "eval.every=200",
                 "eval.num_tasks=600",
             ],
         ),
@@ -82,10 +83,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="much shorter runs (smoke test)")
     ap.add_argument("--list", action="store_true", help="print the full paper commands too")
     ap.add_argument("--data", default=os.environ.get("METARUN_DATA", "data"))
+    ap.add_argument("--only", type=int, nargs="+", help="run only these rows (0 = sinusoid)")
     args = ap.parse_args()
     print("| run | command | result (mean ± 95% CI, 600 test tasks) | minutes |")
     print("|---|---|---|---|")
     for i, (name, overrides) in enumerate(runs(args.data, args.quick)):
+        if args.only is not None and i not in args.only:
+            continue
         run_dir = Path(args.out) / f"run{i}"
         cmd = [str(BIN / "metarun"), *overrides, f"hydra.run.dir={run_dir}", "log.progress=false"]
         t0 = time.time()
