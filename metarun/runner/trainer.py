@@ -365,7 +365,9 @@ class Trainer:
 
 def _postfix(metrics: dict[str, float]) -> dict[str, str]:
     """Progress-bar postfix: the last step's query loss and accuracy (post-adaptation)."""
-    shown = {"loss": "train/query_loss", "acc": "train/accuracy"}
+    # MAML reports the query loss; example reweighting (l2rw/erm) its training loss.
+    loss_key = "train/query_loss" if "train/query_loss" in metrics else "train/loss"
+    shown = {"loss": loss_key, "acc": "train/accuracy"}
     return {short: f"{metrics[key]:.3g}" for short, key in shown.items() if key in metrics}
 
 
