@@ -26,17 +26,15 @@ import time
 from functools import partial
 
 import torch
-import torch.nn.functional as F
+
+# One definition of the higher baseline for both benchmarks (scripts/ is on sys.path when a
+# script in it runs).
+from bench_unroll import LR, higher, higher_step
 
 from metarun.algorithms.maml import MAML
 from metarun.models import Conv4
 from metarun.runner.autotune import choose_task_batching, cpu_peak_bytes
 from metarun.tasks import TaskBatch
-
-try:
-    import higher
-except ImportError:
-    higher = None
 
 
 def make_batch(meta_batch: int, queries: int, device: torch.device, shots: int = 1) -> TaskBatch:
@@ -74,25 +72,12 @@ def timed(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(out)
 
 
-def higher_step(model, batch: TaskBatch, steps: int, first_order: bool) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=0.4)
-    n = len(batch)
-    for i in range(n):
-        sx, sy, qx, qy = (t[i] for t in batch.tensors())
-        with higher.innerloop_ctx(
-            model, opt, copy_initial_weights=False, track_higher_grads=not first_order
-        ) as (fm, do):
-            for _ in range(steps):
-                do.step(F.cross_entropy(fm(sx), sy))
-            (F.cross_entropy(fm(qx), qy) / n).backward()
-
-
 def make_algo(steps: int, first_order: bool, device: torch.device, **kw) -> MAML:
     torch.manual_seed(0)
     algo = MAML(
         Conv4(num_classes=5).to(device),
         task_type="classification",
-        inner_lr=0.4,
+        inner_lr=LR,
         inner_steps=steps,
         eval_inner_steps=steps,
         first_order=first_order,
@@ -112,7 +97,7 @@ def worker(args, device: torch.device) -> None:
     pick = "-"
     if impl == "higher":
         model = make_algo(steps, first_order, device).model
-        fn = partial(higher_step, model, batch, steps, first_order)
+        fn = partial(higher_step, model, batch, LR, steps, first_order)
     elif impl == "auto":
         algo = make_algo(steps, first_order, device)
         choice = choose_task_batching(

@@ -32,6 +32,9 @@ except ImportError:  # optional comparison
     higher = None
 
 
+LR = 0.4  # inner learning rate of MAML on Omniglot (Finn et al. 2017)
+
+
 def make_batch(meta_batch: int, device: torch.device) -> TaskBatch:
     g = torch.Generator().manual_seed(0)
     n_way, k_shot, k_query = 5, 1, 15
@@ -154,7 +157,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     batch = make_batch(args.meta_batch, device)
-    lr = 0.4
+    lr = LR
     print(
         f"device={device} threads={torch.get_num_threads()} meta_batch={args.meta_batch} "
         f"repeats={args.repeats} torch={torch.__version__} higher={'yes' if higher else 'no'}"
