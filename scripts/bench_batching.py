@@ -11,13 +11,18 @@ memory depend on shapes, not pixel values.
     python scripts/bench_batching.py                      # everything (slow on 2 CPU cores)
     python scripts/bench_batching.py --part checkpoint    # memory vs inner steps only
 
-Each configuration runs in a fresh process. Memory: CUDA peak allocated bytes; CPU peak resident
-memory added by one meta-iteration (Linux high-water mark, glibc told to return freed memory).
+Each table row runs in a fresh process in which loop, full vmap, auto's pick and higher are
+built side by side and timed in interleaved rounds (so a drift of a shared machine hits them
+alike); the "auto / faster" column divides the faster of loop and full vmap by auto's time.
+Memory: CUDA peak allocated bytes; CPU peak resident memory added by one meta-iteration (Linux
+high-water mark, glibc told to return freed memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import statistics
 import subprocess
@@ -58,6 +63,16 @@ def peak(fn, device: torch.device) -> int:
     return cpu_peak_bytes(fn) or 0
 
 
+def timed_once(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def timed(fn, device: torch.device, repeats: int) -> float:
     fn()
     out = []
@@ -87,37 +102,66 @@ def make_algo(steps: int, first_order: bool, device: torch.device, **kw) -> MAML
     return algo
 
 
-def worker(args, device: torch.device) -> None:
-    """One configuration in a fresh process: prints 'seconds peak_bytes pick'."""
-    impl, queries, steps, order = args.worker
+def row_worker(args, device: torch.device) -> None:
+    """One table row in one process: loop, full vmap, auto's pick (and higher) built side by
+    side, each one's peak memory, then all timed in interleaved rounds so that a drift of the
+    machine hits them alike. Prints 'RESULT <json>'."""
+    _, queries, steps, order = args.worker
     queries, steps, first_order = int(queries), int(steps), order == "first"
-    shots = args.ckpt_shots if impl.startswith("ckpt") else 1
-    meta_batch = args.ckpt_meta_batch if impl.startswith("ckpt") else args.meta_batch
-    batch = make_batch(meta_batch, queries, device, shots=shots)
-    pick = "-"
-    if impl == "higher":
+    batch = make_batch(args.meta_batch, queries, device)
+    fns = {}
+    for mode in ("loop", "vmap"):
+        algo = make_algo(steps, first_order, device, task_batching=mode)
+        fns[mode] = partial(algo.meta_train_step, batch)
+    auto = make_algo(steps, first_order, device)
+    t0 = time.perf_counter()
+    choice = choose_task_batching(
+        auto, batch, device, repeats=args.auto_repeats, memory_budget_mb=args.budget_mb
+    )
+    tune_s = time.perf_counter() - t0
+    fns["auto"] = partial(auto.meta_train_step, batch)
+    if higher is not None and not first_order:  # higher has no first-order meta-gradient mode
         model = make_algo(steps, first_order, device).model
-        fn = partial(higher_step, model, batch, LR, steps, first_order)
-    elif impl == "auto":
-        algo = make_algo(steps, first_order, device)
-        choice = choose_task_batching(
-            algo, batch, device, repeats=args.repeats, memory_budget_mb=args.budget_mb
-        )
-        pick = choice.mode if choice.mode == "loop" else f"vmap/{choice.chunk or 'all'}"
-        fn = partial(algo.meta_train_step, batch)
-    elif impl.startswith("ckpt"):
-        algo = make_algo(steps, False, device, checkpoint_inner=impl == "ckpt_on")
-        fn = partial(algo.meta_train_step, batch)
-    else:
-        algo = make_algo(steps, first_order, device, task_batching=impl)
-        fn = partial(algo.meta_train_step, batch)
+        fns["higher"] = partial(higher_step, model, batch, LR, steps, first_order)
+    mem = {}
+    for name, fn in fns.items():
+        fn()  # warm-up
+        mem[name] = peak(fn, device) / 2**20
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(args.repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(timed_once(fns[name], device))
+    pick = choice.mode if choice.mode == "loop" else f"vmap/{choice.chunk or 'all'}"
+    out = {
+        "median_s": {k: statistics.median(v) for k, v in times.items()},
+        "min_s": {k: min(v) for k, v in times.items()},
+        "mib": mem,
+        "pick": pick,
+        "tune_s": tune_s,
+    }
+    print("RESULT " + json.dumps(out))
+
+
+def worker(args, device: torch.device) -> None:
+    """One memory-vs-inner-steps configuration in a fresh process: prints 'seconds peak_bytes'."""
+    impl, queries, steps, order = args.worker
+    if impl == "row":
+        logging.basicConfig(level=logging.INFO, format=f"[{queries} {steps} {order}] %(message)s")
+        row_worker(args, device)
+        return
+    queries, steps = int(queries), int(steps)
+    batch = make_batch(args.ckpt_meta_batch, queries, device, shots=args.ckpt_shots)
+    algo = make_algo(steps, False, device, checkpoint_inner=impl == "ckpt_on")
+    fn = partial(algo.meta_train_step, batch)
     fn()  # warm-up
     mem = peak(fn, device)
     seconds = timed(fn, device, args.repeats)
-    print(f"RESULT {seconds} {mem} {pick}")
+    print(f"RESULT {seconds} {mem}")
 
 
-def run_worker(impl: str, queries: int, steps: int, order: str, args) -> tuple[float, float, str]:
+def run_worker(impl: str, queries: int, steps: int, order: str, args) -> str:
+    """Runs a worker in a fresh process; returns what follows its 'RESULT '."""
     cmd = [
         sys.executable,
         __file__,
@@ -130,6 +174,8 @@ def run_worker(impl: str, queries: int, steps: int, order: str, args) -> tuple[f
         args.device,
         "--repeats",
         str(args.repeats),
+        "--auto-repeats",
+        str(args.auto_repeats),
         "--meta-batch",
         str(args.meta_batch),
         "--ckpt-shots",
@@ -142,30 +188,35 @@ def run_worker(impl: str, queries: int, steps: int, order: str, args) -> tuple[f
     # A fixed mmap threshold makes glibc return freed tensors to the OS at once, so the
     # resident high-water mark measures live memory rather than allocator caching.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-    line = next(x for x in out.splitlines() if x.startswith("RESULT"))
-    _, sec, mem, pick = line.split()
-    return float(sec), float(mem) / 2**20, pick
+    # stderr passes through: auto's measurements are logged there.
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("RESULT "))
+    return line[len("RESULT ") :]
 
 
 def part_batching(args) -> None:
-    print("\n## loop vs vmap vs auto vs higher: meta-iterations/s (peak MiB)")
+    print(
+        f"\n## loop vs vmap vs auto vs higher: meta-iterations/s, median of {args.repeats} "
+        "interleaved rounds (peak MiB)"
+    )
     impls = ["loop", "vmap", "auto"] + (["higher"] if higher is not None else [])
-    print("| queries/class | inner steps | order | " + " | ".join(impls) + " | auto picked |")
-    print("|---" * (4 + len(impls)) + "|")
+    print(
+        "| queries/class | inner steps | order | "
+        + " | ".join(impls)
+        + " | auto picked | auto / faster of loop, vmap | auto start-up s |"
+    )
+    print("|---" * (6 + len(impls)) + "|")
     for queries in args.queries:
         for steps in args.steps:
             for order in ("second", "first"):
-                cells, pick = [], "-"
-                for impl in impls:
-                    if impl == "higher" and order == "first":
-                        cells.append("n/a")  # higher has no first-order mode with meta-grads
-                        continue
-                    sec, mib, p = run_worker(impl, queries, steps, order, args)
-                    cells.append(f"{1 / sec:.2f} ({mib:.0f})")
-                    pick = p if impl == "auto" else pick
+                r = json.loads(run_worker("row", queries, steps, order, args))
+                med, mib = r["median_s"], r["mib"]
+                cells = [f"{1 / med[i]:.2f} ({mib[i]:.0f})" if i in med else "n/a" for i in impls]
+                ratio = min(med["loop"], med["vmap"]) / med["auto"]
                 print(
-                    f"| {queries} | {steps} | {order} | " + " | ".join(cells) + f" | {pick} |",
+                    f"| {queries} | {steps} | {order} | "
+                    + " | ".join(cells)
+                    + f" | {r['pick']} | {ratio:.3f} | {r['tune_s']:.0f} |",
                     flush=True,
                 )
 
@@ -179,10 +230,11 @@ def part_checkpoint(args) -> None:
     print("| inner steps | plain MiB | checkpointed MiB | plain s | checkpointed s |")
     print("|---|---|---|---|---|")
     for steps in args.ckpt_steps:
-        (s0, m0, _), (s1, m1, _) = (
-            run_worker(impl, args.ckpt_queries, steps, "second", args)
+        (s0, m0), (s1, m1) = (
+            map(float, run_worker(impl, args.ckpt_queries, steps, "second", args).split())
             for impl in ("ckpt_off", "ckpt_on")
         )
+        m0, m1 = m0 / 2**20, m1 / 2**20
         print(f"| {steps} | {m0:.0f} | {m1:.0f} | {s0:.2f} | {s1:.2f} |", flush=True)
 
 
@@ -192,7 +244,8 @@ def main() -> None:
     ap.add_argument("--meta-batch", type=int, default=32)
     ap.add_argument("--queries", type=int, nargs="+", default=[1, 15])
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 5])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds per configuration")
+    ap.add_argument("--auto-repeats", type=int, default=3, help="auto's own rounds (its `repeats`)")
     ap.add_argument("--budget-mb", type=float, default=None)
     ap.add_argument("--ckpt-steps", type=int, nargs="+", default=[1, 5, 10, 20])
     ap.add_argument("--ckpt-queries", type=int, default=15)

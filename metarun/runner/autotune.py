@@ -1,17 +1,25 @@
 """``task_batching=auto``: pick loop or vmap (and the vmap chunk size) from a short measurement.
 
-Candidates: the task loop, full vmap and vmap in halving chunks. Each is timed on a real
-meta-batch (median of ``repeats`` after a warm-up). Memory: peak allocated bytes on CUDA; on
-CPU a model from one task's autograd graph (see :func:`task_graph_bytes`). The fastest candidate
-within the memory budget wins. Gradients produced while measuring are discarded.
+Candidates: the task loop, full vmap and vmap in halving chunks. Memory first: one task's
+autograd graph is measured once (:func:`task_graph_bytes`) and a candidate whose model (the loop
+holds one task's graph, a vmapped chunk of ``c`` tasks ``c`` of them) exceeds the budget is never
+run; the real peak of the warm-up step is checked as well (CUDA: peak allocated bytes; Linux
+CPU: growth of the resident high-water mark, which can only raise the model's figure), and an
+out-of-memory error only drops that candidate.
+
+Speed: after one warm-up step each, the candidates are timed in interleaved rounds on the same
+real meta-batch, so slow drifts of a shared machine (other jobs, clock changes) hit all of them
+alike, and each candidate's time is the minimum of its rounds (interference only ever adds
+time). Hopeless candidates are dropped after one round, clearly slower ones after two; if the
+best are still within 5% after ``repeats`` rounds, a few more rounds separate them.
+Gradients produced while measuring are discarded.
 """
 
 from __future__ import annotations
 
 import logging
-import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,64 +28,71 @@ from metarun.tasks import TaskBatch
 
 log = logging.getLogger(__name__)
 
+# Candidates slower than the best by these factors stop being timed: after one round only the
+# hopeless (one burst of load on a shared machine can slow a single step by a third), after two
+# rounds (a minimum of two steps) the clearly slower.
+DROP_AFTER_ROUND = (2.0, 1.25)
+# Candidates within this fraction of the best after ``repeats`` rounds get extra rounds.
+CLOSE = 0.05
+
 
 @dataclass(frozen=True)
 class Choice:
     mode: str  # "loop" | "vmap"
     chunk: int | None  # tasks per vmapped chunk (None: whole meta-batch)
-    seconds: float
-    bytes: int
+    seconds: float  # fastest timed step
+    bytes: int  # modelled (CPU) or measured (CUDA) peak of one step
+    rounds: int = 0  # timed steps behind ``seconds``
 
     def describe(self) -> str:
-        what = self.mode if self.mode == "loop" else f"vmap(chunk={self.chunk})"
-        return f"{what}: {self.seconds * 1e3:.1f} ms/step, {self.bytes / 2**20:.1f} MiB"
+        what = self.mode if self.mode == "loop" else f"vmap(chunk={self.chunk or 'all'})"
+        return (
+            f"{what}: {self.seconds * 1e3:.1f} ms/step (best of {self.rounds}), "
+            f"{self.bytes / 2**20:.1f} MiB"
+        )
 
 
-def _status_kb(field: str) -> int:
+@dataclass
+class _Candidate:
+    mode: str
+    chunk: int | None
+    bytes: int
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def best(self) -> float:
+        return min(self.times) if self.times else float("inf")
+
+    def choice(self) -> Choice:
+        return Choice(self.mode, self.chunk, self.best, self.bytes, len(self.times))
+
+
+def _status_kb(field_name: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith(field + ":"):
+            if line.startswith(field_name + ":"):
                 return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
+    raise OSError(f"{field_name} not in /proc/self/status")
 
 
 def cpu_peak_bytes(fn: Any) -> int | None:
-    """Peak resident memory ``fn`` adds, in bytes (Linux: resets the high-water mark through
-    ``/proc/self/clear_refs``); ``None`` where that is not available."""
+    """Runs ``fn`` and returns the peak resident memory it added, in bytes (Linux: resets the
+    high-water mark through ``/proc/self/clear_refs``); ``None`` where that is not available."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = _status_kb("VmRSS")
     except OSError:
+        fn()
         return None
     fn()
     return max(0, _status_kb("VmHWM") - base) * 1024
 
 
-def _measure(algo: Any, batch: TaskBatch, device: torch.device, repeats: int) -> tuple[float, int]:
-    def step() -> None:
-        algo.meta_train_step(batch)
-
-    cuda = device.type == "cuda"
-    step()  # warm-up (allocator, kernels, vmap tracing caches)
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    mem = int(torch.cuda.max_memory_allocated(device)) if cuda else 0
-    return statistics.median(times), mem
-
-
 def task_graph_bytes(algo: Any, batch: TaskBatch) -> int:
     """Bytes autograd saves for one task's meta-gradient (task loop, first task of ``batch``).
 
-    The CPU allocator exposes no peak and caches freed blocks, so on CPU memory is modelled:
+    The CPU allocator exposes no peak and caches freed blocks, so memory is modelled from this:
     the loop holds one task's graph at a time, a vmapped chunk of ``c`` tasks about ``c`` times
     that. (``torch.func`` transforms refuse saved-tensor hooks, hence measuring the loop.)
     """
@@ -101,12 +116,64 @@ def task_graph_bytes(algo: Any, batch: TaskBatch) -> int:
 
 
 def candidates(n: int) -> list[tuple[str, int | None]]:
+    """Loop, full vmap, then vmap in chunks of n/2, n/4, ... down to 2 tasks."""
     out: list[tuple[str, int | None]] = [("loop", None), ("vmap", None)]
     size = n // 2
     while size >= 2:
         out.append(("vmap", size))
         size //= 2
     return out
+
+
+class _Timer:
+    def __init__(self, algo: Any, batch: TaskBatch, device: torch.device) -> None:
+        self.algo, self.batch, self.device = algo, batch, device
+        self.cuda = device.type == "cuda"
+
+    def select(self, c: _Candidate) -> None:
+        from metarun.algorithms.maml import TaskBatching
+
+        self.algo.task_batching, self.algo.task_chunk_size = TaskBatching(c.mode), c.chunk
+
+    def step(self, c: _Candidate) -> float:
+        self.select(c)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        self.algo.meta_train_step(self.batch)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+    def warm_up(self, c: _Candidate) -> bool:
+        """One untimed step (allocator, kernels, vmap caches); on CUDA it measures the peak.
+        False if a vmap candidate ran out of memory."""
+        try:
+            if self.cuda:
+                torch.cuda.reset_peak_memory_stats(self.device)
+            self.step(c)
+            if self.cuda:
+                c.bytes = int(torch.cuda.max_memory_allocated(self.device))
+        except torch.OutOfMemoryError:
+            if c.mode == "loop":
+                raise  # nothing needs less memory; the run cannot go on
+            for p in self.algo.parameters():
+                p.grad = None
+            if self.cuda:
+                torch.cuda.empty_cache()
+            return False
+        return True
+
+    def timed_step_with_memory(self, c: _Candidate) -> None:
+        """A timed step that on CPU also measures the resident peak. Not the warm-up step: its
+        first-call costs (lazy imports, vmap set-up) would count. The high-water mark
+        undercounts when the allocator reuses cached blocks, so it only raises the model."""
+        if self.cuda:
+            c.times.append(self.step(c))
+            return
+        measured = cpu_peak_bytes(lambda: c.times.append(self.step(c)))
+        if measured is not None:
+            c.bytes = max(c.bytes, measured)
 
 
 def choose_task_batching(
@@ -116,6 +183,7 @@ def choose_task_batching(
     *,
     memory_budget_mb: float | None = None,
     repeats: int = 3,
+    max_extra_rounds: int | None = None,
 ) -> Choice:
     """Measures the candidates on ``batch``, sets the winner on ``algo`` and returns it.
 
@@ -123,9 +191,11 @@ def choose_task_batching(
         algo: an algorithm with ``task_batching``/``task_chunk_size`` attributes (MAML).
         batch: a real meta-batch (on ``device``).
         device: where it runs.
-        memory_budget_mb: candidates using more are skipped (``None``: no limit). If none fits,
-            the loop (least memory) is used.
-        repeats: timed steps per candidate.
+        memory_budget_mb: candidates using more are never run (``None``: no limit). If none
+            fits, the loop (least memory) is used.
+        repeats: interleaved timed rounds for every candidate not dropped after the first.
+        max_extra_rounds: further rounds, only for candidates within 5% of the best
+            (default: ``repeats``).
 
     Raises:
         ValueError: if the algorithm cannot batch tasks.
@@ -141,29 +211,69 @@ def choose_task_batching(
         log.info("task_batching=auto: running-statistics BatchNorm needs the loop")
         algo.task_batching, algo.task_chunk_size = TaskBatching.LOOP, None
         return Choice("loop", None, float("nan"), 0)
+    extra = repeats if max_extra_rounds is None else max_extra_rounds
+    budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
     log_pre = algo.pre_adaptation_metrics
     algo.pre_adaptation_metrics = False
-    results: list[Choice] = []
-    budget = None if memory_budget_mb is None else memory_budget_mb * 2**20
+    start = time.perf_counter()
+    timer = _Timer(algo, batch, device)
     try:
-        per_task = 0 if device.type == "cuda" else task_graph_bytes(algo, batch)
+        per_task = task_graph_bytes(algo, batch)
+
+        def fits(c: _Candidate, how: str) -> bool:
+            if budget is None or c.mode == "loop" or c.bytes <= budget:
+                return True  # the loop is the fallback whatever it needs
+            log.info(
+                "task_batching=auto skips vmap(chunk=%s): %s%.0f MiB > memory_budget_mb=%s",
+                c.chunk or "all",
+                how,
+                c.bytes / 2**20,
+                memory_budget_mb,
+            )
+            return False
+
+        pool: list[_Candidate] = []
         for mode, chunk in candidates(len(batch)):
-            algo.task_batching, algo.task_chunk_size = TaskBatching(mode), chunk
-            seconds, mem = _measure(algo, batch, device, repeats)
-            if device.type != "cuda":
-                mem = per_task * (1 if mode == "loop" else (chunk or len(batch)))
-            results.append(Choice(mode, chunk, seconds, mem))
-            log.info("task_batching=auto measured %s", results[-1].describe())
+            c = _Candidate(mode, chunk, per_task * (1 if mode == "loop" else chunk or len(batch)))
+            if not fits(c, "modelled "):
+                continue
+            if not timer.warm_up(c):
+                log.info("task_batching=auto: vmap(chunk=%s) ran out of memory", chunk or "all")
+                continue
+            if fits(c, "measured "):
+                pool.append(c)
+        alive = list(pool)
+        for r in range(repeats + extra):
+            # Rotating the order keeps any first/last-in-round effect off one candidate.
+            for c in alive[r % len(alive) :] + alive[: r % len(alive)]:
+                if r == 0:
+                    timer.timed_step_with_memory(c)
+                else:
+                    c.times.append(timer.step(c))
+            if r == 0:
+                pool = [c for c in pool if fits(c, "measured ")]
+                alive = list(pool)
+            best = min(c.best for c in alive)
+            limit = 1 + CLOSE if r + 1 >= repeats else DROP_AFTER_ROUND[min(r, 1)]
+            alive = [c for c in alive if c.best <= best * limit]
+            if len(alive) == 1 and r + 1 >= repeats:
+                break
     finally:
         for p in algo.parameters():
             p.grad = None
         algo.pre_adaptation_metrics = log_pre
-    fitting = [c for c in results if budget is None or c.bytes <= budget]
-    best = min(fitting, key=lambda c: c.seconds) if fitting else results[0]
-    if not fitting:
+    for c in pool:
+        log.info("task_batching=auto measured %s", c.choice().describe())
+    if budget is not None and not any(c.bytes <= budget for c in pool):
         log.warning(
             "task_batching=auto: nothing fits memory_budget_mb=%s; using the loop", memory_budget_mb
         )
-    algo.task_batching, algo.task_chunk_size = TaskBatching(best.mode), best.chunk
-    log.info("task_batching=auto chose %s", best.describe())
-    return best
+    best_c = min(pool, key=lambda c: c.best)
+    chosen = best_c.choice()
+    algo.task_batching, algo.task_chunk_size = TaskBatching(chosen.mode), chosen.chunk
+    log.info(
+        "task_batching=auto chose %s (measured in %.1f s)",
+        chosen.describe(),
+        time.perf_counter() - start,
+    )
+    return chosen
