@@ -10,7 +10,8 @@ One trap, found by ``tests/test_vmap.py``: in torch 2.14 the vmap rule of the na
 *double* backward is wrong (second-order MAML meta-gradients under vmap come out ~0.3-14% off,
 silently; conv biases before BN get a non-zero gradient where the true one is exactly 0).
 :class:`decomposed_batch_norm` routes ``F.batch_norm`` through plain mean/var ops inside the
-vmapped region, which vmap and double backward handle exactly.
+vmapped region, which vmap and double backward handle exactly. First-order loops never take
+that double backward and can keep the native kernel (15-30% faster on CPU).
 
 Example::
 
