@@ -1,23 +1,29 @@
 """``task_batching=auto``: pick loop or vmap (and the vmap chunk size) from a short measurement.
 
-Candidates: the task loop, full vmap and vmap in halving chunks. Memory first: one task's
-autograd graph is measured once (:func:`task_graph_bytes`) and a candidate whose model (the loop
-holds one task's graph, a vmapped chunk of ``c`` tasks ``c`` of them) exceeds the budget is never
-run; the real peak of the warm-up step is checked as well (CUDA: peak allocated bytes; Linux
-CPU: growth of the resident high-water mark, which can only raise the model's figure), and an
-out-of-memory error only drops that candidate.
+Candidates: the task loop, full vmap and vmap in halving chunks.
+
+Memory first: one task's autograd graph is measured once (:func:`task_graph_bytes`), and a
+candidate whose model (the loop holds one task's graph, a vmapped chunk of ``c`` tasks ``c`` of
+them) exceeds the budget is never run. Real peaks are checked as well: on CUDA the peak
+allocated bytes of the warm-up step; on Linux CPUs the growth of the resident high-water mark in
+the first timed step (it undercounts when the allocator reuses cached blocks, so it only raises
+the model's figure). An out-of-memory error drops only that candidate.
 
 Speed: after one warm-up step each, the candidates are timed in interleaved rounds on the same
 real meta-batch, so slow drifts of a shared machine (other jobs, clock changes) hit all of them
-alike, and each candidate's time is the minimum of its rounds (interference only ever adds
-time). Hopeless candidates are dropped after one round, clearly slower ones after two; if the
-best are still within 5% after ``repeats`` rounds, a few more rounds separate them.
+alike. Each candidate's time is the median of its rounds: the minimum would favour a candidate
+whose steps vary a lot (on a busy machine the many small kernels of the loop do), while
+training throughput follows the typical step. Hopeless candidates are dropped after one round,
+clearly slower ones after two; if the best are still within 5% after ``repeats`` rounds, a few
+more rounds separate them.
+
 Gradients produced while measuring are discarded.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # Candidates slower than the best by these factors stop being timed: after one round only the
 # hopeless (one burst of load on a shared machine can slow a single step by a third), after two
-# rounds (a minimum of two steps) the clearly slower.
+# rounds the clearly slower.
 DROP_AFTER_ROUND = (2.0, 1.25)
 # Candidates within this fraction of the best after ``repeats`` rounds get extra rounds.
 CLOSE = 0.05
@@ -40,14 +46,14 @@ CLOSE = 0.05
 class Choice:
     mode: str  # "loop" | "vmap"
     chunk: int | None  # tasks per vmapped chunk (None: whole meta-batch)
-    seconds: float  # fastest timed step
+    seconds: float  # median timed step
     bytes: int  # modelled (CPU) or measured (CUDA) peak of one step
     rounds: int = 0  # timed steps behind ``seconds``
 
     def describe(self) -> str:
         what = self.mode if self.mode == "loop" else f"vmap(chunk={self.chunk or 'all'})"
         return (
-            f"{what}: {self.seconds * 1e3:.1f} ms/step (best of {self.rounds}), "
+            f"{what}: {self.seconds * 1e3:.1f} ms/step (median of {self.rounds}), "
             f"{self.bytes / 2**20:.1f} MiB"
         )
 
@@ -61,7 +67,7 @@ class _Candidate:
 
     @property
     def best(self) -> float:
-        return min(self.times) if self.times else float("inf")
+        return statistics.median(self.times) if self.times else float("inf")
 
     def choice(self) -> Choice:
         return Choice(self.mode, self.chunk, self.best, self.bytes, len(self.times))
