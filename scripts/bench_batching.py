@@ -11,11 +11,13 @@ memory depend on shapes, not pixel values.
     python scripts/bench_batching.py                      # everything (slow on 2 CPU cores)
     python scripts/bench_batching.py --part checkpoint    # memory vs inner steps only
 
-Each table row runs in a fresh process in which loop, full vmap, auto's pick and higher are
-built side by side and timed in interleaved rounds (so a drift of a shared machine hits them
-alike); the "auto / faster" column divides the faster of loop and full vmap by auto's time.
-Memory: CUDA peak allocated bytes; CPU peak resident memory added by one meta-iteration (Linux
-high-water mark, glibc told to return freed memory).
+Speed: each table row runs in a fresh process in which loop, full vmap, auto (after its
+start-up measurement) and higher are built side by side and timed in interleaved rounds (so a
+drift of a shared machine hits them alike); the "auto / faster" column divides the faster of
+loop and full vmap by auto's time. Memory, in separate fresh processes (each configuration
+alone): CUDA peak allocated bytes; CPU peak resident memory added by one meta-iteration (Linux
+high-water mark, with glibc told to return freed memory at once, which slows it too much to
+time anything there).
 """
 
 from __future__ import annotations
@@ -102,18 +104,36 @@ def make_algo(steps: int, first_order: bool, device: torch.device, **kw) -> MAML
     return algo
 
 
-def row_worker(args, device: torch.device) -> None:
-    """One table row in one process: loop, full vmap, auto's pick (and higher) built side by
-    side, each one's peak memory, then all timed in interleaved rounds so that a drift of the
-    machine hits them alike. Prints 'RESULT <json>'."""
-    _, queries, steps, order = args.worker
-    queries, steps, first_order = int(queries), int(steps), order == "first"
+def build(impl: str, queries: int, steps: int, first_order: bool, args, device: torch.device):
+    """The meta-iteration ``impl`` names: loop, vmap, vmap/<chunk>, higher, ckpt_on, ckpt_off."""
+    if impl.startswith("ckpt"):
+        batch = make_batch(args.ckpt_meta_batch, queries, device, shots=args.ckpt_shots)
+        algo = make_algo(steps, False, device, checkpoint_inner=impl == "ckpt_on")
+        return partial(algo.meta_train_step, batch)
     batch = make_batch(args.meta_batch, queries, device)
-    fns = {}
-    for mode in ("loop", "vmap"):
-        algo = make_algo(steps, first_order, device, task_batching=mode)
-        fns[mode] = partial(algo.meta_train_step, batch)
+    if impl == "higher":
+        model = make_algo(steps, first_order, device).model
+        return partial(higher_step, model, batch, LR, steps, first_order)
+    mode, _, chunk = impl.partition("/")
+    algo = make_algo(
+        steps,
+        first_order,
+        device,
+        task_batching=mode,
+        task_chunk_size=int(chunk) if chunk else None,
+    )
+    return partial(algo.meta_train_step, batch)
+
+
+def row_worker(queries: int, steps: int, first_order: bool, args, device: torch.device) -> dict:
+    """Speed of one table row in one process: loop, full vmap, auto (after its start-up
+    measurement) and higher built side by side and timed in interleaved rounds, so that a
+    drift of the machine hits them alike."""
+    fns = {
+        impl: build(impl, queries, steps, first_order, args, device) for impl in ("loop", "vmap")
+    }
     auto = make_algo(steps, first_order, device)
+    batch = make_batch(args.meta_batch, queries, device)
     t0 = time.perf_counter()
     choice = choose_task_batching(
         auto, batch, device, repeats=args.auto_repeats, memory_budget_mb=args.budget_mb
@@ -121,47 +141,40 @@ def row_worker(args, device: torch.device) -> None:
     tune_s = time.perf_counter() - t0
     fns["auto"] = partial(auto.meta_train_step, batch)
     if higher is not None and not first_order:  # higher has no first-order meta-gradient mode
-        model = make_algo(steps, first_order, device).model
-        fns["higher"] = partial(higher_step, model, batch, LR, steps, first_order)
-    mem = {}
-    for name, fn in fns.items():
+        fns["higher"] = build("higher", queries, steps, first_order, args, device)
+    for fn in fns.values():
         fn()  # warm-up
-        mem[name] = peak(fn, device) / 2**20
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for r in range(args.repeats):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(timed_once(fns[name], device))
-    pick = choice.mode if choice.mode == "loop" else f"vmap/{choice.chunk or 'all'}"
-    out = {
+    return {
         "median_s": {k: statistics.median(v) for k, v in times.items()},
-        "min_s": {k: min(v) for k, v in times.items()},
-        "mib": mem,
-        "pick": pick,
+        "pick": choice.mode if choice.mode == "loop" else f"vmap/{choice.chunk or 'all'}",
         "tune_s": tune_s,
     }
-    print("RESULT " + json.dumps(out))
 
 
 def worker(args, device: torch.device) -> None:
-    """One memory-vs-inner-steps configuration in a fresh process: prints 'seconds peak_bytes'."""
+    """One measurement in a fresh process; prints 'RESULT <json>'."""
     impl, queries, steps, order = args.worker
+    q, n, first_order = int(queries), int(steps), order == "first"
     if impl == "row":
         logging.basicConfig(level=logging.INFO, format=f"[{queries} {steps} {order}] %(message)s")
-        row_worker(args, device)
-        return
-    queries, steps = int(queries), int(steps)
-    batch = make_batch(args.ckpt_meta_batch, queries, device, shots=args.ckpt_shots)
-    algo = make_algo(steps, False, device, checkpoint_inner=impl == "ckpt_on")
-    fn = partial(algo.meta_train_step, batch)
-    fn()  # warm-up
-    mem = peak(fn, device)
-    seconds = timed(fn, device, args.repeats)
-    print(f"RESULT {seconds} {mem}")
+        out = row_worker(q, n, first_order, args, device)
+    else:
+        fn = build(impl, q, n, first_order, args, device)
+        fn()  # warm-up
+        if args.measure == "memory":
+            out = {"mib": peak(fn, device) / 2**20}
+        else:
+            out = {"seconds": timed(fn, device, args.repeats)}
+    print("RESULT " + json.dumps(out))
 
 
-def run_worker(impl: str, queries: int, steps: int, order: str, args) -> str:
-    """Runs a worker in a fresh process; returns what follows its 'RESULT '."""
+def run_worker(impl: str, queries: int, steps: int, order: str, args, measure: str) -> dict:
+    """Runs a worker in a fresh process and returns its result."""
     cmd = [
         sys.executable,
         __file__,
@@ -170,6 +183,8 @@ def run_worker(impl: str, queries: int, steps: int, order: str, args) -> str:
         str(queries),
         str(steps),
         order,
+        "--measure",
+        measure,
         "--device",
         args.device,
         "--repeats",
@@ -185,13 +200,17 @@ def run_worker(impl: str, queries: int, steps: int, order: str, args) -> str:
     ]
     if args.budget_mb is not None:
         cmd += ["--budget-mb", str(args.budget_mb)]
-    # A fixed mmap threshold makes glibc return freed tensors to the OS at once, so the
-    # resident high-water mark measures live memory rather than allocator caching.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = dict(os.environ)
+    if measure == "memory":
+        # A fixed mmap threshold makes glibc return freed tensors to the OS at once, so the
+        # resident high-water mark measures live memory rather than allocator caching. It also
+        # makes every mid-sized allocation a system call (the loop ran 1.75x slower under it),
+        # so nothing is timed in such a process.
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     # stderr passes through: auto's measurements are logged there.
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, check=True).stdout
     line = next(x for x in out.splitlines() if x.startswith("RESULT "))
-    return line[len("RESULT ") :]
+    return json.loads(line[len("RESULT ") :])
 
 
 def part_batching(args) -> None:
@@ -209,8 +228,14 @@ def part_batching(args) -> None:
     for queries in args.queries:
         for steps in args.steps:
             for order in ("second", "first"):
-                r = json.loads(run_worker("row", queries, steps, order, args))
-                med, mib = r["median_s"], r["mib"]
+                r = run_worker("row", queries, steps, order, args, "time")
+                med = r["median_s"]
+                mib = {}
+                for impl in med:
+                    what = {"auto": r["pick"].replace("/all", "")}.get(impl, impl)
+                    if what not in mib:
+                        mib[what] = run_worker(what, queries, steps, order, args, "memory")["mib"]
+                    mib[impl] = mib[what]
                 cells = [f"{1 / med[i]:.2f} ({mib[i]:.0f})" if i in med else "n/a" for i in impls]
                 ratio = min(med["loop"], med["vmap"]) / med["auto"]
                 print(
@@ -230,11 +255,13 @@ def part_checkpoint(args) -> None:
     print("| inner steps | plain MiB | checkpointed MiB | plain s | checkpointed s |")
     print("|---|---|---|---|---|")
     for steps in args.ckpt_steps:
-        (s0, m0), (s1, m1) = (
-            map(float, run_worker(impl, args.ckpt_queries, steps, "second", args).split())
+        (m0, s0), (m1, s1) = (
+            (
+                run_worker(impl, args.ckpt_queries, steps, "second", args, "memory")["mib"],
+                run_worker(impl, args.ckpt_queries, steps, "second", args, "time")["seconds"],
+            )
             for impl in ("ckpt_off", "ckpt_on")
         )
-        m0, m1 = m0 / 2**20, m1 / 2**20
         print(f"| {steps} | {m0:.0f} | {m1:.0f} | {s0:.2f} | {s1:.2f} |", flush=True)
 
 
@@ -253,6 +280,7 @@ def main() -> None:
     ap.add_argument("--ckpt-shots", type=int, default=20, help="support examples per class")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--measure", choices=["time", "memory"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.worker:

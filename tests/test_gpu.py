@@ -58,3 +58,28 @@ def test_vmap_equals_loop_on_cuda() -> None:
         algo.meta_train_step(batch)
         grads.append(torch.cat([p.grad.flatten() for p in algo.model.parameters()]))
     assert ((grads[0] - grads[1]).norm() / grads[0].norm()).item() < 1e-10
+
+
+def test_auto_measures_cuda_peaks_and_respects_the_budget() -> None:
+    from metarun.runner.autotune import choose_task_batching
+    from metarun.tasks import TaskBatch
+
+    x = torch.rand(8, 5, 1, 28, 28, device="cuda")
+    y = torch.arange(5, device="cuda").expand(8, -1).contiguous()
+    batch = TaskBatch(x, y, x, y)
+    torch.manual_seed(0)
+    algo = MAML(
+        Conv4(num_classes=5).cuda(),
+        task_type="classification",
+        inner_lr=0.1,
+        inner_steps=1,
+        eval_inner_steps=1,
+    )
+    free = choose_task_batching(algo, batch, torch.device("cuda"), repeats=1)
+    assert free.bytes > 0  # the real peak allocated bytes of the chosen candidate
+    # A budget below any vmap candidate's peak leaves the loop.
+    tight = choose_task_batching(
+        algo, batch, torch.device("cuda"), repeats=1, memory_budget_mb=1e-3
+    )
+    assert tight.mode == "loop" and algo.task_batching.value == "loop"
+    assert all(p.grad is None for p in algo.parameters())
