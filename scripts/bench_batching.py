@@ -77,16 +77,7 @@ def timed_once(fn, device: torch.device) -> float:
 
 def timed(fn, device: torch.device, repeats: int) -> float:
     fn()
-    out = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+    return statistics.median(timed_once(fn, device) for _ in range(repeats))
 
 
 def make_algo(steps: int, first_order: bool, device: torch.device, **kw) -> MAML:
