@@ -36,23 +36,11 @@ import torch
 
 # One definition of the higher baseline for both benchmarks (scripts/ is on sys.path when a
 # script in it runs).
-from bench_unroll import LR, higher, higher_step
+from bench_unroll import LR, higher, higher_step, make_batch
 
 from metarun.algorithms.maml import MAML
 from metarun.models import Conv4
 from metarun.runner.autotune import choose_task_batching, cpu_peak_bytes
-from metarun.tasks import TaskBatch
-
-
-def make_batch(meta_batch: int, queries: int, device: torch.device, shots: int = 1) -> TaskBatch:
-    g = torch.Generator().manual_seed(0)
-    n = 5
-    return TaskBatch(
-        torch.rand(meta_batch, n * shots, 1, 28, 28, generator=g),
-        torch.arange(n).repeat_interleave(shots).expand(meta_batch, -1).clone(),
-        torch.rand(meta_batch, n * queries, 1, 28, 28, generator=g),
-        torch.arange(n).repeat_interleave(queries).expand(meta_batch, -1).clone(),
-    ).to(device)
 
 
 def peak(fn, device: torch.device) -> int:
@@ -98,10 +86,10 @@ def make_algo(steps: int, first_order: bool, device: torch.device, **kw) -> MAML
 def build(impl: str, queries: int, steps: int, first_order: bool, args, device: torch.device):
     """The meta-iteration ``impl`` names: loop, vmap, vmap/<chunk>, higher, ckpt_on, ckpt_off."""
     if impl.startswith("ckpt"):
-        batch = make_batch(args.ckpt_meta_batch, queries, device, shots=args.ckpt_shots)
+        batch = make_batch(args.ckpt_meta_batch, device, queries, shots=args.ckpt_shots)
         algo = make_algo(steps, False, device, checkpoint_inner=impl == "ckpt_on")
         return partial(algo.meta_train_step, batch)
-    batch = make_batch(args.meta_batch, queries, device)
+    batch = make_batch(args.meta_batch, device, queries)
     if impl == "higher":
         model = make_algo(steps, first_order, device).model
         return partial(higher_step, model, batch, LR, steps, first_order)
@@ -124,7 +112,7 @@ def row_worker(queries: int, steps: int, first_order: bool, args, device: torch.
         impl: build(impl, queries, steps, first_order, args, device) for impl in ("loop", "vmap")
     }
     auto = make_algo(steps, first_order, device)
-    batch = make_batch(args.meta_batch, queries, device)
+    batch = make_batch(args.meta_batch, device, queries)
     t0 = time.perf_counter()
     choice = choose_task_batching(
         auto, batch, device, repeats=args.auto_repeats, memory_budget_mb=args.budget_mb

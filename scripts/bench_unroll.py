@@ -35,14 +35,17 @@ except ImportError:  # optional comparison
 LR = 0.4  # inner learning rate of MAML on Omniglot (Finn et al. 2017)
 
 
-def make_batch(meta_batch: int, device: torch.device) -> TaskBatch:
+def make_batch(
+    meta_batch: int, device: torch.device, queries: int = 15, shots: int = 1
+) -> TaskBatch:
+    """Omniglot-shaped 5-way tasks of random pixels (speed and memory depend on shapes only)."""
     g = torch.Generator().manual_seed(0)
-    n_way, k_shot, k_query = 5, 1, 15
+    n_way = 5
     return TaskBatch(
-        torch.rand(meta_batch, n_way * k_shot, 1, 28, 28, generator=g),
-        torch.arange(n_way).repeat_interleave(k_shot).expand(meta_batch, -1).clone(),
-        torch.rand(meta_batch, n_way * k_query, 1, 28, 28, generator=g),
-        torch.arange(n_way).repeat_interleave(k_query).expand(meta_batch, -1).clone(),
+        torch.rand(meta_batch, n_way * shots, 1, 28, 28, generator=g),
+        torch.arange(n_way).repeat_interleave(shots).expand(meta_batch, -1).clone(),
+        torch.rand(meta_batch, n_way * queries, 1, 28, 28, generator=g),
+        torch.arange(n_way).repeat_interleave(queries).expand(meta_batch, -1).clone(),
     ).to(device)
 
 

@@ -4,10 +4,10 @@ Candidates: the task loop, full vmap and vmap in halving chunks.
 
 Memory first: one task's autograd graph is measured once (:func:`task_graph_bytes`), and a
 candidate whose model (the loop holds one task's graph, a vmapped chunk of ``c`` tasks ``c`` of
-them) exceeds the budget is never run. Real peaks are checked as well: on CUDA the peak
-allocated bytes of the warm-up step; on Linux CPUs the growth of the resident high-water mark in
-the first timed step (it undercounts when the allocator reuses cached blocks, so it only raises
-the model's figure). An out-of-memory error drops only that candidate.
+them) exceeds the budget is never run. Real peaks of the first timed step are checked as well
+(CUDA: peak allocated bytes; Linux CPU: growth of the resident high-water mark, which
+undercounts when the allocator reuses cached blocks, so it only raises the model's figure). An
+out-of-memory error drops only that candidate.
 
 Speed: after one warm-up step each, the candidates are timed in interleaved rounds on the same
 real meta-batch, so slow drifts of a shared machine (other jobs, clock changes) hit all of them
@@ -47,7 +47,7 @@ class Choice:
     mode: str  # "loop" | "vmap"
     chunk: int | None  # tasks per vmapped chunk (None: whole meta-batch)
     seconds: float  # median timed step
-    bytes: int  # modelled (CPU) or measured (CUDA) peak of one step
+    bytes: int  # peak of one step: the larger of model and measurement
     rounds: int = 0  # timed steps behind ``seconds``
 
     def describe(self) -> str:
@@ -66,11 +66,11 @@ class _Candidate:
     times: list[float] = field(default_factory=list)
 
     @property
-    def best(self) -> float:
+    def seconds(self) -> float:
         return statistics.median(self.times) if self.times else float("inf")
 
     def choice(self) -> Choice:
-        return Choice(self.mode, self.chunk, self.best, self.bytes, len(self.times))
+        return Choice(self.mode, self.chunk, self.seconds, self.bytes, len(self.times))
 
 
 def _status_kb(field_name: str) -> int:
@@ -152,14 +152,10 @@ class _Timer:
         return time.perf_counter() - t0
 
     def warm_up(self, c: _Candidate) -> bool:
-        """One untimed step (allocator, kernels, vmap caches); on CUDA it measures the peak.
-        False if a vmap candidate ran out of memory."""
+        """One untimed step (allocator, kernels, vmap caches). False if a vmap candidate ran
+        out of memory."""
         try:
-            if self.cuda:
-                torch.cuda.reset_peak_memory_stats(self.device)
             self.step(c)
-            if self.cuda:
-                c.bytes = int(torch.cuda.max_memory_allocated(self.device))
         except torch.OutOfMemoryError:
             if c.mode == "loop":
                 raise  # nothing needs less memory; the run cannot go on
@@ -171,11 +167,12 @@ class _Timer:
         return True
 
     def timed_step_with_memory(self, c: _Candidate) -> None:
-        """A timed step that on CPU also measures the resident peak. Not the warm-up step: its
-        first-call costs (lazy imports, vmap set-up) would count. The high-water mark
-        undercounts when the allocator reuses cached blocks, so it only raises the model."""
+        """A timed step that also measures its peak. Not the warm-up step: its first-call costs
+        (lazy imports, vmap set-up) would count."""
         if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
             c.times.append(self.step(c))
+            c.bytes = max(c.bytes, int(torch.cuda.max_memory_allocated(self.device)))
             return
         measured = cpu_peak_bytes(lambda: c.times.append(self.step(c)))
         if measured is not None:
@@ -243,11 +240,10 @@ def choose_task_batching(
             c = _Candidate(mode, chunk, per_task * (1 if mode == "loop" else chunk or len(batch)))
             if not fits(c, "modelled "):
                 continue
-            if not timer.warm_up(c):
-                log.info("task_batching=auto: vmap(chunk=%s) ran out of memory", chunk or "all")
-                continue
-            if fits(c, "measured "):
+            if timer.warm_up(c):
                 pool.append(c)
+            else:
+                log.info("task_batching=auto: vmap(chunk=%s) ran out of memory", chunk or "all")
         alive = list(pool)
         for r in range(repeats + extra):
             # Rotating the order keeps any first/last-in-round effect off one candidate.
@@ -259,9 +255,9 @@ def choose_task_batching(
             if r == 0:
                 pool = [c for c in pool if fits(c, "measured ")]
                 alive = list(pool)
-            best = min(c.best for c in alive)
+            best = min(c.seconds for c in alive)
             limit = 1 + CLOSE if r + 1 >= repeats else DROP_AFTER_ROUND[min(r, 1)]
-            alive = [c for c in alive if c.best <= best * limit]
+            alive = [c for c in alive if c.seconds <= best * limit]
             if len(alive) == 1 and r + 1 >= repeats:
                 break
     finally:
@@ -274,9 +270,9 @@ def choose_task_batching(
         log.warning(
             "task_batching=auto: nothing fits memory_budget_mb=%s; using the loop", memory_budget_mb
         )
-    best_c = min(pool, key=lambda c: c.best)
-    chosen = best_c.choice()
-    algo.task_batching, algo.task_chunk_size = TaskBatching(chosen.mode), chosen.chunk
+    fastest = min(pool, key=lambda c: c.seconds)
+    timer.select(fastest)
+    chosen = fastest.choice()
     log.info(
         "task_batching=auto chose %s (measured in %.1f s)",
         chosen.describe(),
