@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from metarun.algorithms.maml import MAML
@@ -64,8 +62,9 @@ def test_memory_budget_excludes_full_vmap() -> None:
 
 
 class _Timed(torch.nn.Module):
-    """Stands in for MAML with known step times per candidate (sleeps), so the choice and the
-    dropping of slow candidates can be checked exactly; records every step it runs."""
+    """Stands in for MAML with known step times per candidate on a simulated clock (``now``),
+    so the choice and the dropping of slow candidates can be checked exactly however busy the
+    machine is; records every step it runs."""
 
     def __init__(self, seconds: dict[tuple[str, int | None], float]) -> None:
         super().__init__()
@@ -76,11 +75,15 @@ class _Timed(torch.nn.Module):
         self.task_batching, self.task_chunk_size = TaskBatching.LOOP, None
         self.pre_adaptation_metrics = True
         self.calls: list[tuple[str, int | None]] = []
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
 
     def meta_train_step(self, batch) -> dict[str, float]:
         key = (self.task_batching.value, self.task_chunk_size)
         self.calls.append(key)
-        time.sleep(self.seconds[key])
+        self.now += self.seconds[key]
         (self.w * self.w).sum().backward()  # something for task_graph_bytes to see
         return {}
 
@@ -88,7 +91,7 @@ class _Timed(torch.nn.Module):
 def test_picks_the_fastest_and_stops_timing_clearly_slower_candidates() -> None:
     _, batch = _setup()  # 4 tasks: loop, full vmap, chunks of 2
     algo = _Timed({("loop", None): 0.004, ("vmap", None): 0.04, ("vmap", 2): 0.012})
-    choice = choose_task_batching(algo, batch, torch.device("cpu"), repeats=3)
+    choice = choose_task_batching(algo, batch, torch.device("cpu"), repeats=3, clock=algo.clock)
     assert (choice.mode, choice.chunk) == ("loop", None)
     assert algo.task_batching.value == "loop" and algo.task_chunk_size is None
     # Full vmap is 10x slower: warm-up plus one timed round, then dropped.
@@ -101,7 +104,9 @@ def test_picks_the_fastest_and_stops_timing_clearly_slower_candidates() -> None:
 def test_close_candidates_get_extra_rounds() -> None:
     _, batch = _setup()
     algo = _Timed({("loop", None): 0.010, ("vmap", None): 0.010, ("vmap", 2): 0.03})
-    choose_task_batching(algo, batch, torch.device("cpu"), repeats=2, max_extra_rounds=3)
+    choose_task_batching(
+        algo, batch, torch.device("cpu"), repeats=2, max_extra_rounds=3, clock=algo.clock
+    )
     # Equally fast: both stay through the 2 rounds and the 3 extra ones (plus warm-up).
     assert algo.calls.count(("vmap", None)) == 1 + 2 + 3
     assert algo.calls.count(("vmap", 2)) == 1 + 1
@@ -123,3 +128,22 @@ def test_candidates_over_the_memory_budget_are_never_run() -> None:
     )
     assert ("vmap", None) not in ran
     assert ("vmap", 2) in ran and ("loop", None) in ran
+
+
+def test_checkpointed_inner_steps_go_straight_to_the_loop() -> None:
+    torch.manual_seed(0)
+    algo = MAML(
+        Conv4(num_classes=3, hidden=4),
+        task_type="classification",
+        inner_lr=0.1,
+        inner_steps=2,
+        eval_inner_steps=2,
+        task_batching="loop",
+        checkpoint_inner=True,
+    )
+    _, batch = _setup()
+    ran: list[str] = []
+    algo.meta_train_step = lambda b: ran.append("step")  # type: ignore[method-assign]
+    choice = choose_task_batching(algo, batch, torch.device("cpu"))
+    assert (choice.mode, choice.chunk) == ("loop", None) and ran == []  # nothing measured
+    assert algo.task_batching.value == "loop"

@@ -236,7 +236,8 @@ def test_unknown_option_lists_the_available_ones(compose_cfg):
         (["eval.num_tasks=0"], "eval.num_tasks must be >= 1, got 0"),
         (
             ["algo.checkpoint_inner=true"],
-            "algo.checkpoint_inner=true needs algo.task_batching=loop, got algo.task_batching=vmap",
+            "algo.checkpoint_inner=true needs algo.task_batching=loop or auto, got "
+            "algo.task_batching=vmap",
         ),
         (
             ["algo.bn_policy=running_stats"],

@@ -227,6 +227,11 @@ def test_loop_with_checkpointed_inner_steps_matches_vmap(train, tmp_path):
     )
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    # auto cannot checkpoint under vmap, so it runs the loop: the very same computation.
+    train(tmp_path / "auto", [*loop[1:], "algo.task_batching=auto"])
+    c = _params(tmp_path / "auto/checkpoints/last.pt")
+    for key in a:
+        torch.testing.assert_close(a[key], c[key], rtol=0, atol=0)
 
 
 def test_existing_checkpoint_needs_resume(train, tmp_path):

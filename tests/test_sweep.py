@@ -218,8 +218,10 @@ def _job(sweep: Path, name: str, overrides: list[str], *, results=None, status=N
     if status is not None:
         (job / "status.json").write_text(json.dumps(status))
     if results is not None:
-        time.sleep(0.01)  # results newer than the status file
         (job / "results.json").write_text(json.dumps(results))
+        if status is not None:  # results newer than the status file, whatever the mtime resolution
+            stamp = (job / "status.json").stat().st_mtime + 1
+            os.utime(job / "results.json", (stamp, stamp))
     return job
 
 

@@ -162,11 +162,11 @@ class MAMLConfig:
             "> 0 or null",
             "algo.memory_budget_mb=4000",
         )
-        if self.checkpoint_inner and self.task_batching is not TaskBatching.loop:
+        if self.checkpoint_inner and self.task_batching is TaskBatching.vmap:
             raise ConfigError(
-                f"algo.checkpoint_inner=true needs algo.task_batching=loop, got "
-                f"algo.task_batching={self.task_batching.value} (torch.func transforms do not "
-                "support activation checkpointing)"
+                "algo.checkpoint_inner=true needs algo.task_batching=loop or auto, got "
+                "algo.task_batching=vmap (torch.func transforms do not support activation "
+                "checkpointing; auto uses the loop)"
             )
         if self.task_batching is TaskBatching.vmap and self.bn_policy is not BNPolicy.batch_stats:
             raise ConfigError(

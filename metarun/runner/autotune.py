@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,8 +133,10 @@ def candidates(n: int) -> list[tuple[str, int | None]]:
 
 
 class _Timer:
-    def __init__(self, algo: Any, batch: TaskBatch, device: torch.device) -> None:
-        self.algo, self.batch, self.device = algo, batch, device
+    def __init__(
+        self, algo: Any, batch: TaskBatch, device: torch.device, clock: Callable[[], float]
+    ) -> None:
+        self.algo, self.batch, self.device, self.clock = algo, batch, device, clock
         self.cuda = device.type == "cuda"
 
     def select(self, c: _Candidate) -> None:
@@ -145,11 +148,11 @@ class _Timer:
         self.select(c)
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         self.algo.meta_train_step(self.batch)
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        return time.perf_counter() - t0
+        return self.clock() - t0
 
     def warm_up(self, c: _Candidate) -> bool:
         """One untimed step (allocator, kernels, vmap caches). False if a vmap candidate ran
@@ -187,6 +190,7 @@ def choose_task_batching(
     memory_budget_mb: float | None = None,
     repeats: int = 3,
     max_extra_rounds: int | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Choice:
     """Measures the candidates on ``batch``, sets the winner on ``algo`` and returns it.
 
@@ -199,6 +203,8 @@ def choose_task_batching(
         repeats: interleaved timed rounds for every candidate not dropped after the first.
         max_extra_rounds: further rounds, only for candidates within 5% of the best
             (default: ``repeats``).
+        clock: seconds for timing steps; tests pass a simulated one so that the choice does
+            not depend on how busy the machine is.
 
     Raises:
         ValueError: if the algorithm cannot batch tasks.
@@ -210,8 +216,13 @@ def choose_task_batching(
         )
     from metarun.algorithms.maml import BNPolicy, TaskBatching
 
+    only_loop = None
     if getattr(algo, "bn_policy", None) is BNPolicy.RUNNING_STATS:
-        log.info("task_batching=auto: running-statistics BatchNorm needs the loop")
+        only_loop = "running-statistics BatchNorm"
+    elif getattr(algo, "checkpoint_inner", False):
+        only_loop = "checkpoint_inner=true (torch.func cannot checkpoint)"
+    if only_loop is not None:
+        log.info("task_batching=auto: %s needs the loop", only_loop)
         algo.task_batching, algo.task_chunk_size = TaskBatching.LOOP, None
         return Choice("loop", None, float("nan"), 0)
     extra = repeats if max_extra_rounds is None else max_extra_rounds
@@ -219,7 +230,7 @@ def choose_task_batching(
     log_pre = algo.pre_adaptation_metrics
     algo.pre_adaptation_metrics = False
     start = time.perf_counter()
-    timer = _Timer(algo, batch, device)
+    timer = _Timer(algo, batch, device, clock)
     try:
         per_task = task_graph_bytes(algo, batch)
 
