@@ -216,6 +216,19 @@ def test_unknown_option_lists_the_available_ones(compose_cfg):
         ),
         (["algo.inner_lr=-0.1"], "algo.inner_lr must be > 0, got -0.1"),
         (["meta_optimizer.lr=-1"], "meta_optimizer.lr must be > 0, got -1.0"),
+        (
+            ["meta_optimizer.schedule=step"],
+            "meta_optimizer.milestones must be non-empty for meta_optimizer.schedule=step, got []",
+        ),
+        (
+            ["meta_optimizer.milestones=[60000,40000]"],
+            "meta_optimizer.milestones must be increasing outer steps >= 1, got [60000, 40000]",
+        ),
+        (["meta_optimizer.gamma=0"], "meta_optimizer.gamma must be > 0, got 0.0"),
+        (
+            ["meta_optimizer.min_lr=0.1"],
+            "meta_optimizer.min_lr must be in [0, meta_optimizer.lr=0.001], got 0.1",
+        ),
         (["dataset=omniglot", "dataset.n_way=1"], "dataset.n_way must be >= 2, got 1"),
         (["dataset.k_shot=0"], "dataset.k_shot must be >= 1, got 0"),
         (["device=gpu"], "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),

@@ -606,3 +606,23 @@ def test_cifar_download_extracts_into_root(tmp_path: Path, monkeypatch) -> None:
         "test_batch",
     ]
     assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py"]  # no staging left
+
+
+@pytest.mark.parametrize("padding", [0, 2, 4])
+def test_random_crop_flip_matches_a_per_image_reference(padding: int) -> None:
+    from metarun.data import random_crop_flip
+    from metarun.data.supervised import crop_flip_offsets
+
+    x = torch.rand(2, 6, 3, 8, 10, generator=torch.Generator().manual_seed(1))
+    out = random_crop_flip(x, torch.Generator().manual_seed(7), padding)
+    dy, dx, flip = crop_flip_offsets(12, padding, torch.Generator().manual_seed(7))
+    flat = x.reshape(12, 3, 8, 10)
+    expected = []
+    for i in range(12):
+        padded = torch.zeros(3, 8 + 2 * padding, 10 + 2 * padding)
+        padded[:, padding : padding + 8, padding : padding + 10] = flat[i]
+        crop = padded[:, dy[i] : dy[i] + 8, dx[i] : dx[i] + 10]
+        expected.append(crop.flip(-1) if flip[i] else crop)
+    assert torch.equal(out, torch.stack(expected).reshape(x.shape))
+    if padding:  # some image moved, some was mirrored: the draws are not all trivial
+        assert bool(flip.any()) and bool((dy != padding).any())

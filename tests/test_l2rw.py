@@ -140,3 +140,20 @@ def test_needs_optimizer_and_valid_lookahead_lr() -> None:
     x, y, vx, vy = _data()
     with pytest.raises(RuntimeError, match="attach_optimizer"):
         algo.eps_gradient(x, y, vx, vy)
+
+
+def test_lookahead_takes_the_optimizers_current_rate() -> None:
+    """A learning-rate schedule changes ``param_groups[...]["lr"]`` between steps; the look-ahead
+    must step with that rate. A fresh SGD step is linear in the rate, so halving the rate halves
+    the eps-gradient (-lr * <grad clean loss, grad loss_i>)."""
+    algo = _algo(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    x, y, vx, vy = _data()
+    full = algo.eps_gradient(x, y, vx, vy)
+    from metarun.config import MetaOptimizerConfig, ScheduleName
+    from metarun.runner.build import LRSchedule
+
+    config = MetaOptimizerConfig(lr=0.1, schedule=ScheduleName.step, milestones=[3])
+    schedule = LRSchedule(config, 10)
+    schedule.apply(algo.optimizer, 3)
+    assert algo.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    torch.testing.assert_close(algo.eps_gradient(x, y, vx, vy), full / 10, rtol=1e-10, atol=0)

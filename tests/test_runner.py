@@ -322,3 +322,52 @@ def test_stat_mean_and_ci():
     assert stat.n == 4 and stat.mean == 2.5
     assert math.isclose(stat.ci95, 1.96 * float(values.double().std()) / math.sqrt(4))
     assert str(stat) == f"2.5000 ± {stat.ci95:.4f}"
+
+
+def _logged(run_dir, key: str) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in records if key in r}
+
+
+def test_step_schedule_sets_each_outer_steps_rate(train, tmp_path):
+    overrides = [
+        "log.every=1",
+        "meta_optimizer.lr=0.01",
+        "meta_optimizer.schedule=step",
+        "meta_optimizer.milestones=[2,4]",
+        "meta_optimizer.gamma=0.5",
+    ]
+    train(tmp_path, overrides)
+    # Logged at step s (1-based, after the update) is the rate outer step s-1 used.
+    expected = {s: 0.01 * 0.5 ** sum(s - 1 >= m for m in (2, 4)) for s in range(1, 7)}
+    assert _logged(tmp_path, "train/lr") == pytest.approx(expected, rel=1e-12)
+
+
+def test_cosine_schedule_resumes_exactly(train, tmp_path):
+    schedule = ["meta_optimizer.schedule=cosine", "meta_optimizer.min_lr=0.0001", "log.every=1"]
+    overrides = [*schedule, "outer_steps=8", "save.every=0"]
+    train(tmp_path / "once", overrides)
+    lrs = _logged(tmp_path / "once", "train/lr")
+    expected = {
+        s: 0.0001 + (0.001 - 0.0001) * 0.5 * (1 + math.cos(math.pi * (s - 1) / 8))
+        for s in range(1, 9)
+    }
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    original = Trainer.train_step
+
+    def preempted(self, **kwargs):
+        metrics = original(self, **kwargs)
+        if self.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "train_step", preempted)
+        train(tmp_path / "cut", overrides)
+    assert load_checkpoint(tmp_path / "cut/checkpoints/last.pt")["step"] == 4
+    train(tmp_path / "cut", [*overrides, "resume=true"])
+    _assert_same(
+        _params(tmp_path / "once/checkpoints/last.pt"),
+        _params(tmp_path / "cut/checkpoints/last.pt"),
+    )
+    assert _logged(tmp_path / "cut", "train/lr") == pytest.approx(expected, rel=1e-12)

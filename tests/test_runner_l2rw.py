@@ -131,7 +131,8 @@ def test_options_compose(make_config, overrides, algo, dataset, model, num_class
 
 def test_dataset_defaults_are_the_official_settings(make_config):
     """Ren et al. 2018, official code: MNIST SGD momentum 0.9, lr 1e-3, batch 100, 8000 steps,
-    clean batch = all 10; CIFAR ResNet-32 SGD lr 0.1, weight decay 2e-4, 80000 steps."""
+    clean batch = all 10; CIFAR ResNet-32 SGD lr 0.1 (x0.1 at 40k and 60k), weight decay 2e-4,
+    80000 steps, crops of 36x36-padded images and mirroring."""
     run = make_config(["algo=l2rw", "dataset=mnist_imbalance"])
     opt = run.meta_optimizer
     assert (opt.name.value, opt.lr, opt.momentum, opt.weight_decay) == ("sgd", 0.001, 0.9, 0.0)
@@ -145,6 +146,9 @@ def test_dataset_defaults_are_the_official_settings(make_config):
     assert (opt.name.value, opt.lr, opt.momentum, opt.weight_decay) == ("sgd", 0.1, 0.9, 0.0002)
     assert cifar.outer_steps == 80000 and cifar.dataset.noise == 0.4
     assert (cifar.dataset.n_clean, cifar.dataset.clean_batch_size) == (1000, 100)
+    assert (opt.schedule.value, opt.milestones, opt.gamma) == ("step", [40000, 60000], 0.1)
+    assert cifar.dataset.augment and cifar.dataset.crop_padding == 2
+    assert run.meta_optimizer.schedule.value == "constant"
     assert (
         make_config(["algo=erm", "dataset=cifar100_noisy", "model=wrn28_10"]).model.dropout == 0.3
     )
@@ -466,3 +470,30 @@ def test_l2rw_beats_erm_on_imbalanced_mnist(real_mnist, make_config, tmp_path):
         errors[algo] = summary.results["test"]["metrics"]["error"]["mean"]
     # ERM predicts the dominant digit everywhere (balanced error 0.5); L2RW finds the fours.
     assert errors["erm"] - errors["l2rw"] > 0.25, errors
+
+
+def test_cifar_training_and_clean_batches_are_augmented_evaluation_sets_not(make_config, tmp_path):
+    from metarun.runner.build import build_experiment
+
+    root = tmp_path / "data"
+    _fake_cifar(root, 10, per_class=12)
+    base = [
+        "algo=erm",
+        "dataset=cifar10_noisy",
+        f"dataset.root={root}",
+        "dataset.n_clean=20",
+        "dataset.batch_size=8",
+        "dataset.clean_batch_size=5",
+    ]
+    plain = build_experiment(make_config([*base, "dataset.augment=false"])).tasks
+    augmented = build_experiment(make_config(base)).tasks
+    assert plain is not None and augmented is not None
+    a = plain.train.sample(1, torch.Generator().manual_seed(0))
+    b = augmented.train.sample(1, torch.Generator().manual_seed(0))
+    # Same examples (the index draws come first), different pixels.
+    assert torch.equal(a.support_y, b.support_y) and torch.equal(a.query_y, b.query_y)
+    assert not torch.equal(a.support_x, b.support_x) and not torch.equal(a.query_x, b.query_x)
+    assert b.support_x.shape == a.support_x.shape
+    again = augmented.train.sample(1, torch.Generator().manual_seed(0))
+    assert torch.equal(again.support_x, b.support_x)  # drawn from the generator only
+    assert torch.equal(plain.test.x, augmented.test.x) and torch.equal(plain.val.x, augmented.val.x)

@@ -32,6 +32,14 @@ class OptimizerName(str, Enum):
     sgd = "sgd"
 
 
+class ScheduleName(str, Enum):
+    """Learning-rate schedule of ``meta_optimizer`` over the outer steps."""
+
+    constant = "constant"
+    step = "step"  # times gamma at each of the milestones (torch.optim.lr_scheduler.MultiStepLR)
+    cosine = "cosine"  # cosine from lr down to min_lr at outer_steps (CosineAnnealingLR)
+
+
 class InnerLR(str, Enum):
     """Meta-learned inner learning rates: none, one scalar, or one per parameter tensor (Meta-SGD
     style, Li et al. 2017)."""
@@ -374,6 +382,10 @@ class Cifar10NoisyConfig:
     batch_size: int = 100  # training examples per step
     # Clean examples per step (the official code's bsize_b); null = the whole clean set.
     clean_batch_size: int | None = 100
+    # Random crops after zero padding, and left-right mirroring, of the training and clean
+    # batches (Ren et al. 2018 pad 32 -> 36, crop 32); validation and test images never.
+    augment: bool = True
+    crop_padding: int = 2  # pixels per side (4 is the common ResNet setting)
 
     task_type = "classification"  # class attributes, not config keys
     _classes = 10  # the classes this option stands for
@@ -411,6 +423,13 @@ class Cifar10NoisyConfig:
             self.clean_batch_size,
             f"null or in [1, dataset.n_clean={self.n_clean}]",
             "dataset.clean_batch_size=100",
+        )
+        _require(
+            0 <= self.crop_padding <= 16,
+            "dataset.crop_padding",
+            self.crop_padding,
+            "in [0, 16] (pixels per side)",
+            "dataset.crop_padding=2",
         )
 
 
@@ -580,9 +599,38 @@ class MetaOptimizerConfig:
     lr: float = 0.001
     weight_decay: float = 0.0
     momentum: float = 0.0  # sgd only
+    schedule: ScheduleName = ScheduleName.constant
+    milestones: list[int] = field(default_factory=list)  # schedule=step: outer steps
+    gamma: float = 0.1  # schedule=step: factor at each milestone
+    min_lr: float = 0.0  # schedule=cosine: the rate reached at outer_steps
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "meta_optimizer.lr", self.lr, "> 0", "meta_optimizer.lr=0.001")
+        milestones = list(self.milestones)
+        _require(
+            all(m >= 1 for m in milestones) and milestones == sorted(set(milestones)),
+            "meta_optimizer.milestones",
+            milestones,
+            "increasing outer steps >= 1",
+            "meta_optimizer.milestones=[40000,60000]",
+        )
+        _require(
+            self.schedule is not ScheduleName.step or bool(milestones),
+            "meta_optimizer.milestones",
+            milestones,
+            "non-empty for meta_optimizer.schedule=step",
+            "meta_optimizer.milestones=[40000,60000]",
+        )
+        _require(
+            self.gamma > 0, "meta_optimizer.gamma", self.gamma, "> 0", "meta_optimizer.gamma=0.1"
+        )
+        _require(
+            0 <= self.min_lr <= self.lr,
+            "meta_optimizer.min_lr",
+            self.min_lr,
+            f"in [0, meta_optimizer.lr={self.lr}]",
+            "meta_optimizer.min_lr=0",
+        )
         _require(
             self.weight_decay >= 0,
             "meta_optimizer.weight_decay",

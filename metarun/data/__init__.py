@@ -11,11 +11,17 @@ __all__ = ["FewShotTasks", "SinusoidTasks", "fixed_tasks", "load_omniglot"]
 # Learning to reweight (Ren et al. 2018): imbalanced MNIST and noisy-label CIFAR.
 from metarun.data.cifar import background_flip, load_cifar_noisy, uniform_flip  # noqa: E402
 from metarun.data.mnist import load_mnist_imbalance  # noqa: E402
-from metarun.data.supervised import ExampleSet, ReweightingTasks, SplitData  # noqa: E402
+from metarun.data.supervised import (  # noqa: E402
+    ExampleSet,
+    ReweightingTasks,
+    SplitData,
+    random_crop_flip,
+)
 
 __all__ += [
     "ExampleSet",
     "ReweightingTasks",
+    "random_crop_flip",
     "SplitData",
     "background_flip",
     "load_cifar_noisy",

@@ -15,12 +15,13 @@ import os
 import socket
 import tempfile
 import urllib.error
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from metarun.tasks import TaskBatch
@@ -101,6 +102,45 @@ def replace_into(src: Path, dest: Path) -> None:
 # ------------------------------------------------------------------------- runner task sources
 
 
+Augment = Callable[[Tensor, torch.Generator], Tensor]
+
+
+def crop_flip_offsets(
+    n: int, padding: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The random draws of :func:`random_crop_flip` for ``n`` images: row and column offsets
+    into the padded image, in ``[0, 2 * padding]``, and whether to mirror."""
+    rows = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    cols = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    return rows, cols, flip
+
+
+def random_crop_flip(x: Tensor, generator: torch.Generator, padding: int) -> Tensor:
+    """Standard CIFAR augmentation, per image: zero-pad by ``padding`` on every side, crop back
+    to the original size at a random offset, mirror left-right with probability 1/2.
+
+    Ren et al. 2018's pipeline pads 32x32 images to 36x36 (``padding=2``). Every draw comes from
+    ``generator``, so a resumed run sees the same augmented batches.
+
+    Args:
+        x: images ``(..., C, H, W)``.
+        generator: the task generator.
+        padding: pixels of zero padding per side.
+    """
+    shape = x.shape
+    x = x.reshape(-1, *shape[-3:])
+    n, _, h, w = x.shape
+    dy, dx, flip = crop_flip_offsets(n, padding, generator)
+    padded = F.pad(x, (padding, padding, padding, padding))
+    rows = dy[:, None] + torch.arange(h)  # (n, h)
+    cols = dx[:, None] + torch.arange(w)  # (n, w)
+    # Mirroring a crop reads its columns in reverse order.
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    out = padded[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return out.permute(0, 3, 1, 2).reshape(shape)  # indexing put channels last
+
+
 class ReweightingTasks:
     """Training steps of example-reweighting algorithms as one-task :class:`TaskBatch` es: the
     support is a batch of the (biased or noisy) training pool, the query the clean set.
@@ -110,6 +150,8 @@ class ReweightingTasks:
         batch_size: training examples per step (drawn without replacement within a step).
         clean_batch_size: clean examples per step (drawn likewise); ``None``: the whole clean
             set, in a fixed order (Ren et al. 2018 on MNIST: all 10).
+        augment: applied to the training and the clean batch of every step (Ren et al. 2018
+            augment both on CIFAR), with the task generator; evaluation sets never are.
 
     Raises:
         ValueError: a batch size below 1 or above its pool (naming the config key).
@@ -123,7 +165,11 @@ class ReweightingTasks:
     task_type = "classification"
 
     def __init__(
-        self, data: SplitData, batch_size: int, clean_batch_size: int | None = None
+        self,
+        data: SplitData,
+        batch_size: int,
+        clean_batch_size: int | None = None,
+        augment: Augment | None = None,
     ) -> None:
         n_train, n_clean = len(data.train_y), len(data.val_y)
         if not 1 <= batch_size <= n_train:
@@ -139,6 +185,7 @@ class ReweightingTasks:
         self.data = data
         self.batch_size = batch_size
         self.clean_batch_size = clean_batch_size
+        self.augment = augment
 
     def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
         """``num_tasks`` steps' worth of batches, drawn with ``generator`` only (exact resume).
@@ -165,10 +212,14 @@ class ReweightingTasks:
                 ]
             )
         info = None if d.train_y_true is None else d.train_y_true[index]
+        support_x, query_x = d.train_x[index], d.val_x[clean]
+        if self.augment is not None:
+            support_x = self.augment(support_x, generator)
+            query_x = self.augment(query_x, generator)
         return TaskBatch(
-            support_x=d.train_x[index],
+            support_x=support_x,
             support_y=d.train_y[index],
-            query_x=d.val_x[clean],
+            query_x=query_x,
             query_y=d.val_y[clean],
             support_info=info,
         )

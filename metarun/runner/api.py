@@ -41,6 +41,7 @@ from metarun.runner import distributed
 from metarun.runner.build import (
     Experiment,
     build_experiment,
+    build_lr_schedule,
     build_meta_optimizer,
     resolve_device,
     restore_task_batching,
@@ -217,6 +218,7 @@ def _train(
     meta_optimizer = build_meta_optimizer(
         config.meta_optimizer, experiment.algorithm.meta_parameters()
     )
+    lr_schedule = build_lr_schedule(config.meta_optimizer, config.outer_steps)
     if hasattr(experiment.algorithm, "attach_optimizer"):
         # L2RW's look-ahead steps a differentiable copy of the training optimizer.
         experiment.algorithm.attach_optimizer(meta_optimizer)
@@ -235,6 +237,7 @@ def _train(
             config_yaml=to_yaml(config),
             options=options(config),
             dist_ctx=ctx,
+            lr_schedule=lr_schedule,
         )
         if state is not None:
             trainer.load_state_dict(state)

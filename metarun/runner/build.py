@@ -5,7 +5,9 @@ Everything else in the runner receives built objects; nothing else reads config 
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from metarun.config import (
     OptimizerName,
     ResNet32Config,
     RunConfig,
+    ScheduleName,
     SinusoidConfig,
     TaskBatching,
     WRN28_10Config,
@@ -228,7 +231,13 @@ def _build_reweighting_tasks(config: MnistImbalanceConfig | Cifar10NoisyConfig) 
     """Imbalanced MNIST / noisy CIFAR: each training step one task whose support is a training
     batch and whose query is the clean set (or a batch of it); validation on the whole clean
     set, test on the whole test set, example by example."""
-    from metarun.data import ExampleSet, ReweightingTasks, load_cifar_noisy, load_mnist_imbalance
+    from metarun.data import (
+        ExampleSet,
+        ReweightingTasks,
+        load_cifar_noisy,
+        load_mnist_imbalance,
+        random_crop_flip,
+    )
 
     if isinstance(config, MnistImbalanceConfig):
         data = load_mnist_imbalance(
@@ -244,6 +253,7 @@ def _build_reweighting_tasks(config: MnistImbalanceConfig | Cifar10NoisyConfig) 
         )
         # Ren et al. 2018 (official code): the clean batch is min(batch size, n_val) = all 10.
         clean_batch_size = None
+        augment = None
     else:  # also Cifar100NoisyConfig
         data = load_cifar_noisy(
             config.root,
@@ -256,8 +266,13 @@ def _build_reweighting_tasks(config: MnistImbalanceConfig | Cifar10NoisyConfig) 
             background=config.background,
         )
         clean_batch_size = config.clean_batch_size
+        augment = (
+            functools.partial(random_crop_flip, padding=config.crop_padding)
+            if config.augment
+            else None
+        )
     return TaskSources(
-        train=ReweightingTasks(data, config.batch_size, clean_batch_size),
+        train=ReweightingTasks(data, config.batch_size, clean_batch_size, augment),
         val=ExampleSet(data.val_x, data.val_y),
         test=ExampleSet(data.test_x, data.test_y),
     )
@@ -275,6 +290,40 @@ def build_meta_optimizer(
             params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
     raise ConfigError(f"meta_optimizer.name has no builder for {config.name!r}")
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """``meta_optimizer.schedule``: the rate of outer step ``t`` (0-based) as a function of ``t``
+    alone, so a resumed run needs no scheduler state and follows the config it runs with."""
+
+    config: MetaOptimizerConfig
+    outer_steps: int
+
+    def factor(self, step: int) -> float:
+        """The multiple of ``meta_optimizer.lr`` used at outer step ``step``."""
+        cfg = self.config
+        if cfg.schedule is ScheduleName.step:
+            return cfg.gamma ** sum(step >= m for m in cfg.milestones)
+        if cfg.schedule is ScheduleName.cosine:
+            done = min(step, self.outer_steps) / self.outer_steps
+            floor = cfg.min_lr / cfg.lr
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * done))
+        return 1.0
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        factor = self.factor(step)
+        for group in optimizer.param_groups:
+            # Each group's own starting rate, kept in the optimizer's (checkpointed) state.
+            group.setdefault("initial_lr", group["lr"])
+            group["lr"] = group["initial_lr"] * factor
+
+
+def build_lr_schedule(config: MetaOptimizerConfig, outer_steps: int) -> LRSchedule | None:
+    """``meta_optimizer.schedule`` -> the schedule (``None``: constant)."""
+    if config.schedule is ScheduleName.constant:
+        return None
+    return LRSchedule(config, outer_steps)
 
 
 def tune_task_batching(

@@ -20,7 +20,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import metarun
 from metarun.data.prefetch import Prefetcher
-from metarun.runner.build import Experiment, task_batching_state
+from metarun.runner.build import Experiment, LRSchedule, task_batching_state
 from metarun.runner.checkpoint import (
     BEST,
     CHECKPOINT_DIR,
@@ -140,6 +140,8 @@ class Trainer:
         run_dir: checkpoints go to ``<run_dir>/checkpoints/{last,best}.pt``.
         config_yaml: resolved config saved in each checkpoint.
         options: chosen option of each config group, saved in each checkpoint.
+        lr_schedule: sets the meta-optimizer's rate before every outer step, from the step alone
+            (nothing to checkpoint: a resumed run follows the config's schedule).
     """
 
     def __init__(
@@ -152,6 +154,7 @@ class Trainer:
         config_yaml: str,
         options: dict[str, str],
         dist_ctx: DistContext = SINGLE,
+        lr_schedule: LRSchedule | None = None,
     ) -> None:
         if experiment.tasks is None:
             raise ValueError("the trainer needs an experiment built with data")
@@ -160,6 +163,7 @@ class Trainer:
         self.config = experiment.config
         self.algorithm = experiment.algorithm
         self.meta_optimizer = meta_optimizer
+        self.lr_schedule = lr_schedule
         self.run_logger = run_logger
         self.checkpoint_dir = Path(run_dir) / CHECKPOINT_DIR
         self.config_yaml = config_yaml
@@ -257,6 +261,9 @@ class Trainer:
             sl = rank_slice(len(batch), self.dist)
             batch = batch.split(sl.stop - sl.start)[self.dist.rank]
         self.meta_optimizer.zero_grad(set_to_none=True)
+        if self.lr_schedule is not None:
+            # Before the algorithm runs: L2RW's look-ahead takes this step's rate.
+            self.lr_schedule.apply(self.meta_optimizer, self.step)
         if hasattr(self.algorithm, "pre_adaptation_metrics"):
             # Pre-adaptation query metrics cost a forward per task: only on steps that log them.
             self.algorithm.pre_adaptation_metrics = logged
@@ -275,6 +282,8 @@ class Trainer:
             metrics.update(norms)
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.algorithm.meta_parameters(), cfg.grad_clip)
+        if logged:
+            metrics["train/lr"] = float(self.meta_optimizer.param_groups[0]["lr"])
         self.meta_optimizer.step()
         self.step += 1
         return metrics
