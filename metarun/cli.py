@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 
 from metarun.config import ConfigError, validate
 from metarun.config.store import register_configs
+from metarun.sweep.callback import jobs_started
 
 EXIT_USAGE = 2  # bad configuration or input, as argparse does
 EXIT_INTERRUPTED = 130  # SIGINT, as a shell reports it; SIGTERM (preemption) exits 0
@@ -113,8 +114,9 @@ def main() -> None:
         _app()
     except SystemExit as exit_:
         # Hydra reports composition errors (unknown option or key, wrong type) itself and exits
-        # with 1, the same status as a crash; before the task started it can only be the former.
-        if exit_.code == 1 and not _started:
+        # with 1, the same status as a crash or a failed sweep job; before any task or sweep
+        # job started it can only be the former.
+        if exit_.code == 1 and not _started and not jobs_started():
             raise SystemExit(EXIT_USAGE) from None
         raise
 

@@ -165,15 +165,47 @@ def test_basic_sweep_writes_run_dirs_summary_and_hparams(tmp_path, tiny):
     assert "| 3 | done | fomaml | 1 |" in shown.stdout
 
 
-def test_a_failing_job_is_reported_and_the_others_run(tmp_path, tiny):
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        [],
+        # Jobs in worker processes: the exit status must still say "a job failed" (1), not
+        # "bad command line" (2).
+        pytest.param(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], marks=needs_joblib),
+    ],
+    ids=["basic", "joblib"],
+)
+def test_a_failing_job_is_reported_and_the_others_run(tmp_path, tiny, launcher):
     sweep = tmp_path / "sweep"
-    result = _metarun(["algo.inner_steps=0,1", *tiny, f"hydra.sweep.dir={sweep}"], tmp_path)
+    result = _metarun(
+        ["algo.inner_steps=0,1", *tiny, *launcher, f"hydra.sweep.dir={sweep}"], tmp_path
+    )
     assert result.returncode == 1  # Hydra reports the failed job after the batch
     assert "algo.inner_steps must be >= 1, got 0" in result.stderr
     rows = _rows(sweep)
     assert [(r["algo.inner_steps"], r["status"]) for r in rows] == [("0", "failed"), ("1", "done")]
     assert rows[0]["note"].startswith("ConfigError: algo.inner_steps must be >= 1, got 0")
     assert rows[0]["test/loss"] == "" and float(rows[1]["test/loss"]) > 0
+
+
+@pytest.mark.parametrize("bad", ["algo.inner_steps=1,x", "algo.no_such_key=1,2"])
+def test_a_sweep_that_cannot_be_composed_is_a_usage_error(tmp_path, tiny, bad):
+    result = _metarun([bad, *tiny, f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert bad.split("=")[0] in result.stderr
+
+
+def test_default_sweep_dir_holds_every_job_of_a_sweep_over_algorithms(tmp_path, tiny):
+    """No hydra.sweep.dir given (the README's sweep command): the dir is named after the
+    sweep's base config and every job lands in it, whatever algorithm the job runs."""
+    result = _metarun(["algo=maml,fomaml", *tiny], tmp_path)
+    assert result.returncode == 0, result.stderr
+    (sweep,) = (tmp_path / "multirun").glob("*/*")
+    assert sweep.parent.name == "maml_sinusoid"
+    assert [(r["job"], r["algo"], r["status"]) for r in _rows(sweep)] == [
+        ("0", "maml", "done"),
+        ("1", "fomaml", "done"),
+    ]
 
 
 def test_sigterm_stops_a_sweep_and_the_same_command_continues_it(tmp_path, tiny):

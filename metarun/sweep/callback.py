@@ -20,10 +20,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict, read_write
 
 from metarun.sweep.summary import RESULTS_FILE, STATUS_FILE, write_summary
 
@@ -32,8 +33,30 @@ logger = logging.getLogger(__name__)
 _MAX_ERROR = 500  # characters of a failed job's error kept in status.json and the table
 
 
+_sweep_dir: Path | None = None  # the sweep this process launched (see jobs_started)
+
+
+def jobs_started() -> bool:
+    """Whether a job of the sweep this process launched has started (written its status file).
+
+    ``metarun.cli`` reads it: Hydra exits with 1 both for a config it cannot compose and for a
+    failed job; only the first is a usage error (status 2). Jobs run by joblib or submitit run
+    in other processes, so the files they write are what this process can see."""
+    return _sweep_dir is not None and any(_sweep_dir.glob(f"*/{STATUS_FILE}"))
+
+
 class SweepSummary(Callback):
     """Job status files and the sweep summary (see the module docstring)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _sweep_dir
+        if not HydraConfig.initialized():
+            # Hydra sets HydraConfig only when a job starts, but resolves hydra.sweep.dir in this
+            # process before that; ours is named after ${name}, which reads
+            # ${hydra:runtime.choices.*} ("HydraConfig was not set", Hydra issue #3427).
+            HydraConfig.instance().set_config(config)
+        _sweep_dir = Path(config.hydra.sweep.dir)
+        _pin_sweep_dir(config, str(_sweep_dir))
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _in_sweep(config):
@@ -76,6 +99,19 @@ class SweepSummary(Callback):
             paths = _summarize(sweep_dir)
             if paths:
                 logger.info("sweep summary: %s, %s", *paths)
+
+
+def _pin_sweep_dir(config: DictConfig, sweep_dir: str) -> None:
+    """Every job composes its own config, and would resolve ``hydra.sweep.dir`` from its own
+    ``${name}``: a sweep over ``algo`` would scatter its jobs over several sweep dirs. Hydra
+    composes each job with the sweep's Hydra overrides, so one naming the sweep's dir keeps them
+    together."""
+    overrides = config.hydra.overrides.hydra
+    if any(str(o).startswith("hydra.sweep.dir=") for o in overrides):
+        return  # given on the command line: the same for every job already
+    quoted = sweep_dir.replace("\\", "\\\\").replace("'", "\\'")
+    with read_write(config.hydra), open_dict(config.hydra):
+        overrides.append(f"hydra.sweep.dir='{quoted}'")
 
 
 def _in_sweep(config: DictConfig) -> bool:
