@@ -10,15 +10,10 @@ from metarun.models import Conv4
 from metarun.runner.autotune import candidates, choose_task_batching, task_graph_bytes
 
 
-def _setup():
+def _setup(**maml_kwargs):
     torch.manual_seed(0)
-    algo = MAML(
-        Conv4(num_classes=3, hidden=4),
-        task_type="classification",
-        inner_lr=0.1,
-        inner_steps=1,
-        eval_inner_steps=1,
-    )
+    kwargs = {"inner_steps": 1, "eval_inner_steps": 1, **maml_kwargs}
+    algo = MAML(Conv4(num_classes=3, hidden=4), task_type="classification", inner_lr=0.1, **kwargs)
     pool = torch.rand(8, 4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     batch = FewShotTasks(pool, 3, 1, 1).sample(4, torch.Generator().manual_seed(0))
     return algo, batch
@@ -131,17 +126,7 @@ def test_candidates_over_the_memory_budget_are_never_run() -> None:
 
 
 def test_checkpointed_inner_steps_go_straight_to_the_loop() -> None:
-    torch.manual_seed(0)
-    algo = MAML(
-        Conv4(num_classes=3, hidden=4),
-        task_type="classification",
-        inner_lr=0.1,
-        inner_steps=2,
-        eval_inner_steps=2,
-        task_batching="loop",
-        checkpoint_inner=True,
-    )
-    _, batch = _setup()
+    algo, batch = _setup(inner_steps=2, task_batching="loop", checkpoint_inner=True)
     ran: list[str] = []
     algo.meta_train_step = lambda b: ran.append("step")  # type: ignore[method-assign]
     choice = choose_task_batching(algo, batch, torch.device("cpu"))
