@@ -78,6 +78,9 @@ def main() -> None:
         "--data", default=str(Path(os.environ.get("METARUN_DATA", "data")) / "omniglot")
     )
     args = ap.parse_args()
+    if args.steps < 10:
+        # Step times are logged every 5 steps and the first record (warm-up) is left out.
+        ap.error(f"--steps must be >= 10, got {args.steps}")
     print(
         f"device={args.device} cores={os.cpu_count()} meta_batch={args.meta_batch} "
         f"steps={args.steps} task_batching={args.batching}"
