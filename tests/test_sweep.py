@@ -482,18 +482,25 @@ def test_submitit_local_preemption_requeues_and_resumes_exactly(tmp_path):
 # requeue starts the task again once the calling job process has exited, sacct knows nothing.
 FAKE_SLURM = {
     "sbatch": """
-        import json, os, re, subprocess, sys
+        import json, os, re, socket, subprocess, sys
         log = os.environ["FAKE_SLURM_LOG"]
         script = sys.argv[-1]
         text = open(script).read()
         with open(os.path.join(log, "sbatch.jsonl"), "a") as f:
             f.write(json.dumps({"argv": sys.argv[1:], "script": text}) + "\\n")
         array = re.search(r"^#SBATCH --array=(\\d+)-(\\d+)", text, re.M)
+        ntasks = re.search(r"^#SBATCH --ntasks-per-node=(\\d+)", text, re.M)
         for task in range(int(array[1]), int(array[2]) + 1) if array else [0]:
-            env = dict(os.environ, SLURM_JOB_ID=str(4242 + task), SLURM_ARRAY_JOB_ID="4242",
-                       SLURM_ARRAY_TASK_ID=str(task), SLURM_NTASKS="1", SLURM_JOB_NUM_NODES="1",
+            with socket.socket() as s:  # a free rendezvous port for torch.distributed
+                s.bind(("127.0.0.1", 0))
+                port = str(s.getsockname()[1])
+            env = dict(os.environ, SLURM_JOB_ID=str(4242 + task),
+                       SLURM_NTASKS=ntasks[1] if ntasks else "1", SLURM_JOB_NUM_NODES="1",
                        SLURM_NODEID="0", SLURM_PROCID="0", SLURM_LOCALID="0",
-                       SLURM_JOB_NODELIST="localhost", FAKE_SLURM_SCRIPT=script)
+                       SLURM_JOB_NODELIST="localhost", MASTER_PORT=port,
+                       FAKE_SLURM_SCRIPT=script, FAKE_SLURM_TASK=str(task))
+            if array:  # a single job (one sweep job) is not an array job
+                env.update(SLURM_ARRAY_JOB_ID="4242", SLURM_ARRAY_TASK_ID=str(task))
             out = open(os.path.join(log, f"task{task}.txt"), "a")
             subprocess.Popen(["bash", script], env=env, start_new_session=True, stdout=out,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -501,16 +508,22 @@ FAKE_SLURM = {
     """,
     "srun": """
         import os, subprocess, sys
-        args, files = sys.argv[1:], {}
+        args, paths = sys.argv[1:], {}
         while args[0].startswith("-"):
             flag = args.pop(0)
             if flag in ("--output", "--error"):
                 path = args.pop(0)
                 for k, v in (("%A", "SLURM_ARRAY_JOB_ID"), ("%a", "SLURM_ARRAY_TASK_ID"),
                              ("%j", "SLURM_JOB_ID")):
-                    path = path.replace(k, os.environ[v])
-                files[flag] = open(path.replace("%t", "0"), "a")
-        sys.exit(subprocess.call(args, stdout=files.get("--output"), stderr=files.get("--error")))
+                    path = path.replace(k, os.environ.get(v, ""))
+                paths[flag] = path
+        tasks = []
+        for rank in range(int(os.environ["SLURM_NTASKS"])):  # one process per task, as SLURM
+            files = {f: open(p.replace("%t", str(rank)), "a") for f, p in paths.items()}
+            env = dict(os.environ, SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank))
+            tasks.append(subprocess.Popen(args, env=env, stdout=files.get("--output"),
+                                          stderr=files.get("--error")))
+        sys.exit(max(t.wait() for t in tasks))
     """,
     "scontrol": """
         import json, os, subprocess, sys, time
@@ -524,7 +537,7 @@ FAKE_SLURM = {
             while os.path.exists(f"/proc/{sys.argv[2]}"):
                 time.sleep(0.1)
             env = dict(os.environ, SLURM_RESTART_COUNT="1")
-            task = os.environ["SLURM_ARRAY_TASK_ID"]
+            task = os.environ["FAKE_SLURM_TASK"]
             with open(os.path.join(os.environ["FAKE_SLURM_LOG"], f"task{task}.txt"), "a") as out:
                 subprocess.call(["bash", os.environ["FAKE_SLURM_SCRIPT"]], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -546,6 +559,40 @@ def fake_slurm(tmp_path) -> dict[str, str]:
         path.write_text(f"#!{sys.executable}\n" + textwrap.dedent(code))
         path.chmod(0o755)
     return _env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_LOG=str(log))
+
+
+@needs_submitit
+def test_slurm_job_of_two_tasks_trains_as_one_distributed_run(tmp_path, fake_slurm, tiny):
+    """hydra.launcher.tasks_per_node=2: one job, two SLURM tasks, joined by torch.distributed
+    through submitit's environment; the same parameters as a single process, one writer."""
+    sweep = tmp_path / "sweep"
+    overrides = [*tiny, "meta_batch_size=4", "save.every=0", "eval.every=0"]
+    result = _metarun(
+        [
+            "hydra/launcher=slurm",
+            "hydra.launcher.tasks_per_node=2",
+            "hydra.launcher.gres=null",
+            *overrides,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+        env=fake_slurm,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    (call,) = [
+        json.loads(line)
+        for line in (tmp_path / "slurm_log" / "sbatch.jsonl").read_text().splitlines()
+    ]
+    assert "#SBATCH --ntasks-per-node=2" in call["script"].splitlines()
+    assert [r["status"] for r in _rows(sweep)] == ["done"]
+    log = (sweep / "0" / "metarun.log").read_text()
+    assert "torch.distributed: rank 0 of 2" in log
+    single = _metarun([*overrides, f"hydra.sweep.dir={tmp_path / 'single'}"], tmp_path)
+    assert single.returncode == 0, single.stderr
+    a, b = _params(tmp_path / "single" / "0"), _params(sweep / "0")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
 @needs_submitit

@@ -61,7 +61,9 @@ def _from_slurm() -> bool:
             f"SLURM_NTASKS={os.environ['SLURM_NTASKS']} without it (pip install "
             "'metarun[cluster]', or start the processes with torchrun)"
         ) from error
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    # overwrite: a MASTER_PORT the user exported (to keep jobs sharing a node apart) is still
+    # the one used, since submitit reads it first, but without this it refuses to export at all.
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     return True
 
 
