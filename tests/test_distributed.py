@@ -73,3 +73,104 @@ def test_two_processes_match_one(tmp_path: Path, algo: str) -> None:
     # Rank 1 wrote nothing of its own into the shared run dir.
     assert not (double / "metrics.jsonl.1").exists()
     assert len([p for p in double.iterdir() if p.name.startswith("tb")]) == 1
+
+
+def _torchrun(args: list[str], run_dir: Path, tmp: Path, procs: int = 2) -> None:
+    _run(
+        [
+            str(BIN / "torchrun"),
+            f"--nproc_per_node={procs}",
+            f"--master_port={_free_port()}",
+            "-m",
+            "metarun.cli",
+            *args,
+            f"hydra.run.dir={run_dir}",
+        ],
+        tmp,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["l2rw", "erm"])
+def test_reweighting_two_processes_match_one(tmp_path: Path, algo: str) -> None:
+    """L2RW/ERM split each step's examples (training and clean batch) across processes: the
+    same losses, example weights' masses and parameters as one process (LeNet, no BatchNorm)."""
+    from test_data_l2rw import _fake_mnist
+
+    data = tmp_path / "data"
+    _fake_mnist(data / "mnist" / "raw", "t10k", {4: 40, 9: 60, 1: 5}, marker=1, gz=True)
+    common = [
+        f"algo={algo}",
+        "dataset=mnist_imbalance",
+        f"dataset.root={data}",
+        "dataset.source_split=test",
+        "dataset.pos_ratio=0.9",
+        "dataset.n_train=50",
+        "dataset.n_val=4",
+        "dataset.n_test=10",
+        "dataset.batch_size=8",
+        "outer_steps=5",
+        "log.every=1",
+        "eval.every=0",
+        "save.every=0",
+        "prefetch=0",
+        "device=cpu",
+    ]
+    single, double = tmp_path / "one", tmp_path / "two"
+    _run([str(BIN / "metarun"), *common, f"hydra.run.dir={single}"], tmp_path)
+    _torchrun(common, double, tmp_path)
+    rows = [
+        [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        for d in (single, double)
+    ]
+    keys = ["train/loss", "train/weighted_loss", "weights/minority_mass"]
+    if algo == "l2rw":
+        keys.append("weights/eps_grad_norm")
+    for key in keys:
+        a, b = ([r[key] for r in rs if key in r] for rs in rows)
+        assert len(a) == 5 and a == pytest.approx(b, rel=1e-5, abs=1e-6), key
+    ca = torch.load(single / "checkpoints" / "last.pt", weights_only=False)["algorithm"]
+    cb = torch.load(double / "checkpoints" / "last.pt", weights_only=False)["algorithm"]
+    for key in ca:
+        torch.testing.assert_close(cb[key], ca[key], rtol=1e-5, atol=1e-6)
+
+
+def test_reweighting_batches_must_split_evenly(tmp_path: Path) -> None:
+    from test_data_l2rw import _fake_mnist
+
+    data = tmp_path / "data"
+    _fake_mnist(data / "mnist" / "raw", "t10k", {4: 40, 9: 60, 1: 5}, marker=1, gz=True)
+    args = [
+        "algo=l2rw",
+        "dataset=mnist_imbalance",
+        f"dataset.root={data}",
+        "dataset.source_split=test",
+        "dataset.pos_ratio=0.9",
+        "dataset.n_train=50",
+        "dataset.n_val=4",
+        "dataset.n_test=10",
+        "dataset.batch_size=7",
+        "outer_steps=1",
+        "device=cpu",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [
+            str(BIN / "torchrun"),
+            "--nproc_per_node=2",
+            f"--master_port={_free_port()}",
+            "-m",
+            "metarun.cli",
+            *args,
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode != 0
+    assert "dataset.batch_size must be divisible by the number of processes (2), got 7" in (
+        res.stdout + res.stderr
+    )

@@ -3,12 +3,14 @@ and a look-ahead that leaves the model and its optimizer untouched."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.algorithms.l2rw import ERM, L2RW, normalise_weights
+from metarun.algorithms.l2rw import ERM, L2RW, Shards, normalise_weights
 from metarun.tasks import TaskBatch
 
 DT = torch.float64
@@ -62,8 +64,8 @@ def test_eps_gradient_matches_finite_differences(opt_fn) -> None:
     for i in range(0, 8, 3):
         e = torch.zeros(8, dtype=DT)
         e[i] = h
-        up = algo._lookahead_val_loss(e, x, y, vx, vy).item()
-        down = algo._lookahead_val_loss(-e, x, y, vx, vy).item()
+        up = algo._lookahead_val_loss(e, x, y, vx, vy)[0].item()
+        down = algo._lookahead_val_loss(-e, x, y, vx, vy)[0].item()
         assert grad[i].item() == pytest.approx((up - down) / (2 * h), rel=1e-6, abs=1e-12)
 
 
@@ -157,3 +159,71 @@ def test_lookahead_takes_the_optimizers_current_rate() -> None:
     schedule.apply(algo.optimizer, 3)
     assert algo.optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
     torch.testing.assert_close(algo.eps_gradient(x, y, vx, vy), full / 10, rtol=1e-10, atol=0)
+
+
+class _ThreadAllReduce:
+    """A stand-in for torch.distributed among threads: every thread sums the same tensors in
+    the same order, so all get identical results."""
+
+    def __init__(self, n: int) -> None:
+        self.slots: list[torch.Tensor | None] = [None] * n
+        self.barrier = threading.Barrier(n, timeout=60)
+
+    def for_rank(self, rank: int):
+        def all_reduce(t: torch.Tensor) -> None:
+            self.slots[rank] = t.clone()
+            self.barrier.wait()
+            total = sum(s for s in self.slots if s is not None)
+            self.barrier.wait()
+            t.copy_(total)
+
+        return all_reduce
+
+
+@pytest.mark.parametrize("kind", ["l2rw", "erm"])
+def test_data_parallel_step_equals_the_whole_batch_step(kind: str) -> None:
+    """Two processes, each with half of the training and clean examples, then the runner's
+    gradient and metric averaging: the single-process step on the whole batch (float64)."""
+    x, y, vx, vy = _data()
+    flipped = y.clone()
+    flipped[::3] = (flipped[::3] + 1) % 3
+    batch = TaskBatch(x[None], y[None], vx[None], vy[None], support_info=flipped[None])
+
+    def make():
+        opt = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)  # noqa: E731
+        if kind == "erm":
+            torch.manual_seed(0)
+            algo = ERM(SmallNet().to(DT), minority_class=1)
+            algo.attach_optimizer(opt(algo.model.parameters()))
+            return algo
+        algo = _algo(opt, minority_class=1)
+        # Some optimizer state first, as mid-training.
+        F.cross_entropy(algo.model(x), y).backward()
+        algo.optimizer.step()
+        algo.optimizer.zero_grad()
+        return algo
+
+    whole = make()
+    expected = whole.meta_train_step(batch)
+    reduce = _ThreadAllReduce(2)
+    ranks = [make() for _ in range(2)]
+    for rank, algo in enumerate(ranks):
+        algo.set_shards(Shards(rank, 2, reduce.for_rank(rank)))
+    results: list[dict[str, float]] = [{}, {}]
+
+    def step(rank: int) -> None:
+        results[rank] = ranks[rank].meta_train_step(batch)
+
+    threads = [threading.Thread(target=step, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results), "a rank failed"
+    for p, a, b in zip(whole.model.parameters(), *(r.model.parameters() for r in ranks)):
+        torch.testing.assert_close((a.grad + b.grad) / 2, p.grad, rtol=1e-10, atol=1e-14)
+    for key, value in expected.items():  # equal shares: the mean of means is the mean
+        assert (results[0][key] + results[1][key]) / 2 == pytest.approx(value, rel=1e-10), key
+    torch.testing.assert_close(
+        torch.cat([r.last_weights for r in ranks]), whole.last_weights, rtol=1e-10, atol=1e-14
+    )

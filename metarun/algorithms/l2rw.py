@@ -16,11 +16,20 @@ Each training step, with a training batch (support) and a clean batch (query) in
 5. backward of ``sum_i w_i * loss_i`` on the real model; the runner's optimizer steps.
 
 ``algo=erm`` is the same loop with uniform weights (plain training).
+
+Data parallel (several processes, :class:`Shards`): each process takes an equal share of the
+training and of the clean batch. The look-ahead weights at ``eps = 0`` are the same everywhere,
+so the clean-loss gradient at them is averaged over processes and pulled back to each process's
+own ``eps``; the weights are normalised by their global sum. The result is the single-process
+step on the whole batch, except that BatchNorm normalises each process's share (as
+DistributedDataParallel without SyncBatchNorm).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,10 +42,45 @@ from metarun.unroll import get_diff_optim, monkeypatch
 log = logging.getLogger(__name__)
 
 
-def normalise_weights(grad_eps: Tensor) -> Tensor:
-    """Step 4 of L2RW: ``max(-grad, 0)`` normalised to sum 1; all zeros when nothing is positive."""
+@dataclass(frozen=True)
+class Shards:
+    """This process's place among ``world_size`` data-parallel processes.
+
+    Attributes:
+        rank: this process, ``0 <= rank < world_size``.
+        world_size: the processes sharing each step's examples.
+        all_reduce: sums a tensor over the processes, in place (``torch.distributed.all_reduce``
+            in the runner; the algorithm itself does not depend on torch.distributed).
+    """
+
+    rank: int
+    world_size: int
+    all_reduce: Callable[[Tensor], None]
+
+    def take(self, t: Tensor, key: str) -> Tensor:
+        """This process's equal share of the examples of ``t`` (dimension 0)."""
+        n = t.shape[0]
+        if n % self.world_size:
+            raise ValueError(
+                f"{key} must be divisible by the number of processes ({self.world_size}), got {n}"
+            )
+        share = n // self.world_size
+        return t[self.rank * share : (self.rank + 1) * share]
+
+    def total(self, t: Tensor) -> Tensor:
+        out = t.clone()
+        self.all_reduce(out)
+        return out
+
+
+SINGLE = Shards(0, 1, lambda t: None)
+
+
+def normalise_weights(grad_eps: Tensor, shards: Shards = SINGLE) -> Tensor:
+    """Step 4 of L2RW: ``max(-grad, 0)`` normalised to sum 1 (over all processes' examples);
+    all zeros when nothing is positive."""
     w = torch.clamp(-grad_eps, min=0.0)
-    total = w.sum()
+    total = shards.total(w.sum())
     if total > 0:
         return w / total
     return torch.zeros_like(w)
@@ -56,6 +100,12 @@ class ReweightingBase(nn.Module):
         self.minority_class = minority_class
         self.optimizer: torch.optim.Optimizer | None = None
         self.last_weights: Tensor | None = None
+        self.shards = SINGLE
+
+    def set_shards(self, shards: Shards) -> None:
+        """Data parallel: from now on each step uses this process's share of the examples, and
+        the gradient left in ``.grad`` is meant to be averaged over the processes."""
+        self.shards = shards
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """The runner's optimizer over ``meta_parameters()``; L2RW's look-ahead copies it."""
@@ -80,24 +130,33 @@ class ReweightingBase(nn.Module):
                 vy,
                 None if info is None else torch.cat([info, vy], 1),
             )
-        x, y, val_x, val_y = (t[0] for t in batch.tensors())
+        shards = self.shards
+        x, y = (shards.take(t[0], "dataset.batch_size") for t in (batch.support_x, batch.support_y))
+        val_x, val_y = (
+            shards.take(t[0], "the clean examples per step (dataset.clean_batch_size or n_val)")
+            for t in (batch.query_x, batch.query_y)
+        )
         w, extra = self._weights_and_stats(x, y, val_x, val_y)
         losses = F.cross_entropy(self.model(x), y, reduction="none")
         weighted = (w * losses).sum()
-        weighted.backward()
+        # The runner averages gradients over processes; the weights already sum to 1 over all
+        # of them, so each process's share of the sum is scaled up by their number.
+        (weighted * shards.world_size).backward()
         self.last_weights = w.detach()
+        # Metrics are averaged over processes too: sums over examples are scaled likewise.
         metrics = {
             "train/loss": float(losses.detach().mean()),
             "val/clean_loss": self._clean_loss(val_x, val_y),
-            "train/weighted_loss": float(weighted.detach()),
+            "train/weighted_loss": float(weighted.detach()) * shards.world_size,
             "weights/zero_fraction": float((w == 0).float().mean()),
             **extra,
         }
         if self.minority_class is not None:
-            metrics["weights/minority_mass"] = float(w[y == self.minority_class].sum())
+            mass = float(w[y == self.minority_class].sum())
+            metrics["weights/minority_mass"] = mass * shards.world_size
         if batch.support_info is not None:
-            flipped = batch.support_info[0] != y
-            metrics["weights/flipped_mass"] = float(w[flipped].sum())
+            flipped = shards.take(batch.support_info[0], "dataset.batch_size") != y
+            metrics["weights/flipped_mass"] = float(w[flipped].sum()) * shards.world_size
         return metrics
 
     def _weights_and_stats(
@@ -171,7 +230,8 @@ class ERM(ReweightingBase):
     def _weights_and_stats(
         self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor
     ) -> tuple[Tensor, dict[str, float]]:
-        return torch.full((x.shape[0],), 1.0 / x.shape[0], device=x.device, dtype=x.dtype), {}
+        n = x.shape[0] * self.shards.world_size
+        return torch.full((x.shape[0],), 1.0 / n, device=x.device, dtype=x.dtype), {}
 
 
 class L2RW(ReweightingBase):
@@ -205,13 +265,29 @@ class L2RW(ReweightingBase):
         return self._weights_and_stats(x, y, val_x, val_y)[0]
 
     def eps_gradient(self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor) -> Tensor:
-        """Gradient of the clean loss after the look-ahead step w.r.t. ``eps`` at ``eps = 0``."""
+        """Gradient of the clean loss after the look-ahead step w.r.t. ``eps`` at ``eps = 0``
+        (the clean loss over all processes' clean examples; ``eps`` of this process's)."""
         eps = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype, requires_grad=True)
-        return torch.autograd.grad(self._lookahead_val_loss(eps, x, y, val_x, val_y), eps)[0]
+        clean_loss, ahead = self._lookahead_val_loss(eps, x, y, val_x, val_y)
+        if self.shards.world_size == 1:
+            return torch.autograd.grad(clean_loss, eps)[0]
+        # At eps = 0 the look-ahead weights do not depend on the data, so they are the same in
+        # every process: average the clean-loss gradient there, then pull it back to eps.
+        grads = torch.autograd.grad(clean_loss, ahead, retain_graph=True, allow_unused=True)
+        grads = tuple(torch.zeros_like(a) if g is None else g for g, a in zip(grads, ahead))
+        flat = self.shards.total(torch.cat([g.reshape(-1) for g in grads]))
+        flat /= self.shards.world_size
+        mean, offset = [], 0
+        for g in grads:
+            mean.append(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+        (grad,) = torch.autograd.grad(ahead, eps, grad_outputs=mean, allow_unused=True)
+        return torch.zeros_like(eps) if grad is None else grad
 
     def _lookahead_val_loss(
         self, eps: Tensor, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor
-    ) -> Tensor:
+    ) -> tuple[Tensor, list[Tensor]]:
+        """The clean loss at the look-ahead weights, and those weights."""
         if self.optimizer is None:
             raise RuntimeError(
                 "L2RW needs the training optimizer: call attach_optimizer(opt) first "
@@ -227,11 +303,13 @@ class L2RW(ReweightingBase):
         )
         losses = F.cross_entropy(fmodel(x), y, reduction="none")
         diffopt.step((eps * losses).sum())
-        return F.cross_entropy(fmodel(val_x), val_y)
+        ahead = [p for p in fmodel.parameters() if p.requires_grad]
+        return F.cross_entropy(fmodel(val_x), val_y), ahead
 
     def _weights_and_stats(
         self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor
     ) -> tuple[Tensor, dict[str, float]]:
         grad = self.eps_gradient(x, y, val_x, val_y)
-        w = normalise_weights(grad.detach())
-        return w, {"weights/eps_grad_norm": float(grad.norm())}
+        w = normalise_weights(grad.detach(), self.shards)
+        norm = float(self.shards.total(grad.detach().pow(2).sum()).sqrt())
+        return w, {"weights/eps_grad_norm": norm}

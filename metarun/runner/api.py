@@ -222,6 +222,8 @@ def _train(
     if hasattr(experiment.algorithm, "attach_optimizer"):
         # L2RW's look-ahead steps a differentiable copy of the training optimizer.
         experiment.algorithm.attach_optimizer(meta_optimizer)
+    if ctx.enabled and hasattr(experiment.algorithm, "set_shards"):
+        experiment.algorithm.set_shards(distributed.example_shards(config.dataset, ctx))
     resume_step = int(state["step"]) if state is not None else None
     with RunLogger(
         run_dir,

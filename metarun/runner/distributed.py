@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from metarun.algorithms.l2rw import Shards
 from metarun.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,28 @@ def rank_slice(n_tasks: int, ctx: DistContext) -> slice:
         )
     share = n_tasks // ctx.world_size
     return slice(ctx.rank * share, (ctx.rank + 1) * share)
+
+
+def example_shards(dataset: Any, ctx: DistContext) -> Shards:
+    """Data parallelism over each step's examples (``algo=l2rw`` / ``erm``): checks that the
+    training and clean batches split evenly, and gives the algorithm its share and an
+    all-reduce."""
+    clean_key, clean = "dataset.clean_batch_size", getattr(dataset, "clean_batch_size", None)
+    if clean is None:  # the whole clean set each step
+        clean_key = "dataset.n_val" if hasattr(dataset, "n_val") else "dataset.n_clean"
+        clean = getattr(dataset, clean_key.split(".")[1])
+    for key, n in (("dataset.batch_size", dataset.batch_size), (clean_key, clean)):
+        if n % ctx.world_size:
+            fix = ctx.world_size * max(1, n // ctx.world_size)
+            raise ConfigError(
+                f"{key} must be divisible by the number of processes ({ctx.world_size}), got "
+                f"{n} (set e.g. {key}={fix})"
+            )
+    return Shards(ctx.rank, ctx.world_size, _all_reduce_sum)
+
+
+def _all_reduce_sum(t: torch.Tensor) -> None:
+    dist.all_reduce(t)
 
 
 def average_gradients(params: Iterable[torch.Tensor], ctx: DistContext) -> None:

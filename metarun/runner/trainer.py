@@ -256,8 +256,9 @@ class Trainer:
         else:
             batch = self.tasks.train.sample(cfg.meta_batch_size, self.generator)
             batch = batch.to(self.experiment.device)
-        if self.dist.enabled:
+        if self.dist.enabled and not hasattr(self.algorithm, "set_shards"):
             # Every rank drew the same full meta-batch; each keeps its share of the tasks.
+            # (Reweighting algorithms take their share of the examples themselves.)
             sl = rank_slice(len(batch), self.dist)
             batch = batch.split(sl.stop - sl.start)[self.dist.rank]
         self.meta_optimizer.zero_grad(set_to_none=True)
