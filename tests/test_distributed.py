@@ -22,10 +22,26 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run(cmd: list[str], tmp: Path) -> None:
+def _launch(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "METARUN_CACHE": str(tmp)}
-    res = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _run(cmd: list[str], tmp: Path) -> None:
+    res = _launch(cmd, tmp)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def _torchrun_cmd(args: list[str], run_dir: Path, procs: int = 2) -> list[str]:
+    return [
+        str(BIN / "torchrun"),
+        f"--nproc_per_node={procs}",
+        f"--master_port={_free_port()}",
+        "-m",
+        "metarun.cli",
+        *args,
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -50,18 +66,7 @@ def test_two_processes_match_one(tmp_path: Path, algo: str) -> None:
     ]
     single, double = tmp_path / "one", tmp_path / "two"
     _run([str(BIN / "metarun"), *common, f"hydra.run.dir={single}"], tmp_path)
-    _run(
-        [
-            str(BIN / "torchrun"),
-            "--nproc_per_node=2",
-            f"--master_port={_free_port()}",
-            "-m",
-            "metarun.cli",
-            *common,
-            f"hydra.run.dir={double}",
-        ],
-        tmp_path,
-    )
+    _run(_torchrun_cmd(common, double), tmp_path)
     a, b = _losses(single), _losses(double)
     assert len(a) == len(b) == 6
     assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
@@ -75,31 +80,13 @@ def test_two_processes_match_one(tmp_path: Path, algo: str) -> None:
     assert len([p for p in double.iterdir() if p.name.startswith("tb")]) == 1
 
 
-def _torchrun(args: list[str], run_dir: Path, tmp: Path, procs: int = 2) -> None:
-    _run(
-        [
-            str(BIN / "torchrun"),
-            f"--nproc_per_node={procs}",
-            f"--master_port={_free_port()}",
-            "-m",
-            "metarun.cli",
-            *args,
-            f"hydra.run.dir={run_dir}",
-        ],
-        tmp,
-    )
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("algo", ["l2rw", "erm"])
-def test_reweighting_two_processes_match_one(tmp_path: Path, algo: str) -> None:
-    """L2RW/ERM split each step's examples (training and clean batch) across processes: the
-    same losses, example weights' masses and parameters as one process (LeNet, no BatchNorm)."""
+def _mnist(tmp: Path, algo: str, batch_size: int) -> list[str]:
+    """Overrides for a tiny run on generated MNIST test files (written under ``tmp``)."""
     from test_data_l2rw import _fake_mnist
 
-    data = tmp_path / "data"
+    data = tmp / "data"
     _fake_mnist(data / "mnist" / "raw", "t10k", {4: 40, 9: 60, 1: 5}, marker=1, gz=True)
-    common = [
+    return [
         f"algo={algo}",
         "dataset=mnist_imbalance",
         f"dataset.root={data}",
@@ -108,17 +95,27 @@ def test_reweighting_two_processes_match_one(tmp_path: Path, algo: str) -> None:
         "dataset.n_train=50",
         "dataset.n_val=4",
         "dataset.n_test=10",
-        "dataset.batch_size=8",
+        f"dataset.batch_size={batch_size}",
+        "device=cpu",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["l2rw", "erm"])
+def test_reweighting_two_processes_match_one(tmp_path: Path, algo: str) -> None:
+    """L2RW/ERM split each step's examples (training and clean batch) across processes: the
+    same losses, example weights' masses and parameters as one process (LeNet, no BatchNorm)."""
+    common = [
+        *_mnist(tmp_path, algo, batch_size=8),
         "outer_steps=5",
         "log.every=1",
         "eval.every=0",
         "save.every=0",
         "prefetch=0",
-        "device=cpu",
     ]
     single, double = tmp_path / "one", tmp_path / "two"
     _run([str(BIN / "metarun"), *common, f"hydra.run.dir={single}"], tmp_path)
-    _torchrun(common, double, tmp_path)
+    _run(_torchrun_cmd(common, double), tmp_path)
     rows = [
         [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
         for d in (single, double)
@@ -136,41 +133,8 @@ def test_reweighting_two_processes_match_one(tmp_path: Path, algo: str) -> None:
 
 
 def test_reweighting_batches_must_split_evenly(tmp_path: Path) -> None:
-    from test_data_l2rw import _fake_mnist
-
-    data = tmp_path / "data"
-    _fake_mnist(data / "mnist" / "raw", "t10k", {4: 40, 9: 60, 1: 5}, marker=1, gz=True)
-    args = [
-        "algo=l2rw",
-        "dataset=mnist_imbalance",
-        f"dataset.root={data}",
-        "dataset.source_split=test",
-        "dataset.pos_ratio=0.9",
-        "dataset.n_train=50",
-        "dataset.n_val=4",
-        "dataset.n_test=10",
-        "dataset.batch_size=7",
-        "outer_steps=1",
-        "device=cpu",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run(
-        [
-            str(BIN / "torchrun"),
-            "--nproc_per_node=2",
-            f"--master_port={_free_port()}",
-            "-m",
-            "metarun.cli",
-            *args,
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = [*_mnist(tmp_path, "l2rw", batch_size=7), "outer_steps=1"]
+    res = _launch(_torchrun_cmd(args, tmp_path / "run"), tmp_path)
     assert res.returncode != 0
-    assert "dataset.batch_size must be divisible by the number of processes (2), got 7" in (
-        res.stdout + res.stderr
-    )
+    message = "dataset.batch_size must be divisible by the number of processes (2), got 7"
+    assert message in res.stdout + res.stderr
