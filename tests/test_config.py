@@ -41,6 +41,13 @@ def test_default_is_maml_on_sinusoid(make_config):
     assert run.device == "auto" and run.meta_optimizer.name.value == "adam"
 
 
+def test_run_name_follows_the_options_and_is_eval_for_mode_eval(make_config):
+    assert make_config(["algo=fomaml", "dataset=omniglot"]).name == "fomaml_omniglot"
+    # Evaluating a checkpoint: its algorithm and dataset are not the composed defaults.
+    assert make_config(["mode=eval", "checkpoint=x.pt"]).name == "eval"
+    assert make_config(["name=mine"]).name == "mine"
+
+
 def test_every_group_option_has_a_schema_and_a_yaml():
     for group, schemas in SCHEMAS.items():
         yamls = {p.stem for p in (config_dir() / group).glob("*.yaml")}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from metarun.config.schema import SCHEMAS, RunConfig
 
@@ -16,8 +19,16 @@ def schema_path(group: str, option: str) -> str:
     return f"schema/{group}/{option}"
 
 
+def run_name(mode: Any, algo: str, dataset: str) -> str:
+    """``${metarun.run_name:...}`` in ``conf/config.yaml``: ``<algo>_<dataset>`` for training;
+    ``eval`` when testing a checkpoint, whose algorithm and dataset come from the checkpoint, not
+    from the (default) options composed on the command line."""
+    return "eval" if getattr(mode, "value", mode) == "eval" else f"{algo}_{dataset}"
+
+
 def register_configs() -> None:
-    """Store every schema (idempotent: storing again replaces the same node)."""
+    """Store every schema and the name resolver (idempotent: storing again replaces)."""
+    OmegaConf.register_new_resolver("metarun.run_name", run_name, replace=True)
     store = ConfigStore.instance()
     store.store(name=RUN_SCHEMA, node=RunConfig)
     for group, options in SCHEMAS.items():
