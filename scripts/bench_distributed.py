@@ -2,10 +2,12 @@
 """Meta-iterations per second with 1 and N processes (torchrun; gloo on CPU, NCCL on CUDA).
 
 Runs the real CLI (`metarun` / `torchrun -m metarun.cli`) on Omniglot-shaped work
-(MAML, Conv4, 5-way 1-shot, 15 queries, meta-batch 32) and reads `time/sec_per_step` from
-each run's metrics.jsonl (mean over logged intervals after the first).
+(MAML, Conv4, 5-way 1-shot, 15 queries, meta-batch 32), or with `--algo l2rw` on the L2RW
+MNIST step, and reads `time/sec_per_step` from each run's metrics.jsonl (mean over logged
+intervals after the first).
 
     python scripts/bench_distributed.py --procs 1 2            # CPU (this machine: 2 cores)
+    python scripts/bench_distributed.py --algo l2rw --procs 1 2
     python scripts/bench_distributed.py --procs 1 2 4 8 --device cuda
 
 CPU threads are split evenly: with P processes each gets cores // P threads, so the comparison
@@ -33,18 +35,36 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run(procs: int, args: argparse.Namespace, out: Path) -> float:
-    overrides = [
+def workload(args: argparse.Namespace) -> list[str]:
+    if args.algo == "l2rw":
+        # The paper's MNIST step (LeNet, batches of 100, the whole 10-image clean set; source
+        # split test so that the CI data suffices): each process takes half of each batch.
+        return [
+            "algo=l2rw",
+            "dataset=mnist_imbalance",
+            f"dataset.root={Path(args.data).parent}",
+            "dataset.source_split=test",
+            "dataset.n_train=758",
+            "dataset.n_val=10",
+            "dataset.batch_size=100",
+        ]
+    return [
         "dataset=omniglot",
         f"dataset.root={args.data}",
         "dataset.split=random",
-        f"outer_steps={args.steps}",
         f"meta_batch_size={args.meta_batch}",
+        f"algo.task_batching={args.batching}",
+    ]
+
+
+def run(procs: int, args: argparse.Namespace, out: Path) -> float:
+    overrides = [
+        *workload(args),
+        f"outer_steps={args.steps}",
         "log.every=5",
         "eval.every=0",
         "eval.num_tasks=32",
         "save.every=0",
-        f"algo.task_batching={args.batching}",
         f"device={args.device}",
         f"hydra.run.dir={out}",
     ]
@@ -73,6 +93,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--meta-batch", type=int, default=32)
     ap.add_argument("--batching", default="loop", choices=["loop", "vmap", "auto"])
+    ap.add_argument("--algo", default="maml", choices=["maml", "l2rw"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
         "--data", default=str(Path(os.environ.get("METARUN_DATA", "data")) / "omniglot")
@@ -81,11 +102,13 @@ def main() -> None:
     if args.steps < 10:
         # Step times are logged every 5 steps and the first record (warm-up) is left out.
         ap.error(f"--steps must be >= 10, got {args.steps}")
-    print(
-        f"device={args.device} cores={os.cpu_count()} meta_batch={args.meta_batch} "
-        f"steps={args.steps} task_batching={args.batching}"
+    setting = (
+        "L2RW, MNIST, batch 100, clean set 10"
+        if args.algo == "l2rw"
+        else f"MAML meta_batch={args.meta_batch} task_batching={args.batching}"
     )
-    print("| processes | meta-iterations/s | speed-up |")
+    print(f"device={args.device} cores={os.cpu_count()} steps={args.steps} {setting}")
+    print("| processes | (meta-)iterations/s | speed-up |")
     print("|---|---|---|")
     base = None
     with tempfile.TemporaryDirectory() as tmp:
