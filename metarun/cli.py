@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from metarun.config import ConfigError, validate
 from metarun.config.store import register_configs
-from metarun.sweep.callback import jobs_started
+from metarun.sweep.callback import forget_sweep, jobs_started
 
 EXIT_USAGE = 2  # bad configuration or input, as argparse does
 EXIT_INTERRUPTED = 130  # SIGINT, as a shell reports it; SIGTERM (preemption) exits 0
@@ -109,7 +109,10 @@ def _quiet_secondary_rank(argv: list[str]) -> None:
 
 def main() -> None:
     """Console-script entry point (``metarun``)."""
+    global _started
     _quiet_secondary_rank(sys.argv)
+    _started = False
+    forget_sweep()
     try:
         _app()
     except SystemExit as exit_:

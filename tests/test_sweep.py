@@ -81,7 +81,6 @@ def in_process(monkeypatch):
 
     def _run(args: list[str]) -> int:
         monkeypatch.setattr(sys, "argv", ["metarun", "-m", *args])
-        monkeypatch.setattr(cli, "_started", False)
         try:
             cli.main()
         except SystemExit as exit_:
@@ -193,6 +192,14 @@ def test_a_sweep_that_cannot_be_composed_is_a_usage_error(tmp_path, tiny, bad):
     result = _metarun([bad, *tiny, f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
     assert result.returncode == 2, result.stderr
     assert bad.split("=")[0] in result.stderr
+
+
+def test_exit_status_is_per_command_in_one_process(tmp_path, tiny, in_process):
+    """A sweep whose job failed (status 1), then a command that cannot be composed (status 2)
+    in the same process: the first sweep's jobs do not make the second look started."""
+    sweep = f"hydra.sweep.dir={tmp_path / 'a'}"
+    assert in_process(["algo.inner_steps=0", *tiny, sweep]) == 1
+    assert in_process(["algo.inner_steps=x", *tiny, sweep]) == 2
 
 
 def test_default_sweep_dir_holds_every_job_of_a_sweep_over_algorithms(tmp_path, tiny):

@@ -36,6 +36,13 @@ _MAX_ERROR = 500  # characters of a failed job's error kept in status.json and t
 _sweep_dir: Path | None = None  # the sweep this process launched (see jobs_started)
 
 
+def forget_sweep() -> None:
+    """A new command starts (``metarun.cli.main`` run twice in one process, as tests do): no
+    sweep of an earlier command counts for :func:`jobs_started`."""
+    global _sweep_dir
+    _sweep_dir = None
+
+
 def jobs_started() -> bool:
     """Whether a job of the sweep this process launched has started (written its status file).
 
