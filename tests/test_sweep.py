@@ -437,7 +437,12 @@ def _preempt_and_compare(sweep: Path, process: subprocess.Popen) -> None:
     _wait_for(lambda: _logged_steps(cut) >= 3, 150, process, "job 1 to train")
     pid = json.loads((cut / "status.json").read_text())["pid"]
     os.kill(pid, signal.SIGUSR2)  # what SLURM sends (--signal=USR2@...) before preempting
-    out, err = process.communicate(timeout=240)
+    try:
+        out, err = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        process.kill()  # no launcher left behind waiting for jobs
+        logs = {p.name: p.read_text()[-2000:] for p in sweep.parent.glob("slurm_log/*.txt")}
+        pytest.fail(f"the sweep did not end after the preemption; job logs: {logs}")
     assert process.returncode == 0, err
 
     log = (cut / "metarun.log").read_text()
@@ -514,7 +519,7 @@ FAKE_SLURM = {
         print("Submitted batch job 4242")
     """,
     "srun": """
-        import os, subprocess, sys
+        import os, subprocess, sys, time
         args, paths = sys.argv[1:], {}
         while args[0].startswith("-"):
             flag = args.pop(0)
@@ -524,6 +529,12 @@ FAKE_SLURM = {
                              ("%j", "SLURM_JOB_ID")):
                     path = path.replace(k, os.environ.get(v, ""))
                 paths[flag] = path
+        # submitit makes the job's log folder after sbatch returns; a real job starts later.
+        deadline = time.time() + 120
+        while not all(os.path.isdir(os.path.dirname(p)) for p in paths.values()):
+            if time.time() > deadline:
+                sys.exit(f"srun: no folder for {paths}")
+            time.sleep(0.05)
         tasks = []
         for rank in range(int(os.environ["SLURM_NTASKS"])):  # one process per task, as SLURM
             files = {f: open(p.replace("%t", str(rank)), "a") for f, p in paths.items()}
