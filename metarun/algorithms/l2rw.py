@@ -72,6 +72,13 @@ class Shards:
         self.all_reduce(out)
         return out
 
+    def mean(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The mean over processes of each of ``tensors`` (one all-reduce of them all)."""
+        flat = self.total(torch.cat([t.reshape(-1) for t in tensors])) / self.world_size
+        return [
+            part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)
+        ]
+
 
 SINGLE = Shards(0, 1, lambda t: None)
 
@@ -275,12 +282,7 @@ class L2RW(ReweightingBase):
         # every process: average the clean-loss gradient there, then pull it back to eps.
         grads = torch.autograd.grad(clean_loss, ahead, retain_graph=True, allow_unused=True)
         grads = tuple(torch.zeros_like(a) if g is None else g for g, a in zip(grads, ahead))
-        flat = self.shards.total(torch.cat([g.reshape(-1) for g in grads]))
-        flat /= self.shards.world_size
-        mean, offset = [], 0
-        for g in grads:
-            mean.append(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        mean = self.shards.mean(list(grads))
         (grad,) = torch.autograd.grad(ahead, eps, grad_outputs=mean, allow_unused=True)
         return torch.zeros_like(eps) if grad is None else grad
 

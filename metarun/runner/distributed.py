@@ -120,8 +120,8 @@ def example_shards(dataset: Any, ctx: DistContext) -> Shards:
     all-reduce."""
     clean_key, clean = "dataset.clean_batch_size", getattr(dataset, "clean_batch_size", None)
     if clean is None:  # the whole clean set each step
-        clean_key = "dataset.n_val" if hasattr(dataset, "n_val") else "dataset.n_clean"
-        clean = getattr(dataset, clean_key.split(".")[1])
+        name = "n_val" if hasattr(dataset, "n_val") else "n_clean"
+        clean_key, clean = f"dataset.{name}", getattr(dataset, name)
     for key, n in (("dataset.batch_size", dataset.batch_size), (clean_key, clean)):
         if n % ctx.world_size:
             fix = ctx.world_size * max(1, n // ctx.world_size)
