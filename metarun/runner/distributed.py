@@ -147,14 +147,9 @@ def average_gradients(params: Iterable[torch.Tensor], ctx: DistContext) -> None:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= ctx.world_size
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset : offset + n].view_as(g))
-        offset += n
+    shards = Shards(ctx.rank, ctx.world_size, _all_reduce_sum)
+    for g, mean in zip(grads, shards.mean(grads)):
+        g.copy_(mean)
 
 
 def average_metrics(
