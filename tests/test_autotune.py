@@ -85,20 +85,51 @@ class _Timed(torch.nn.Module):
 
 def test_picks_the_fastest_and_stops_timing_clearly_slower_candidates() -> None:
     _, batch = _setup()  # 4 tasks: loop, full vmap, chunks of 2
-    algo = _Timed({("loop", None): 0.004, ("vmap", None): 0.04, ("vmap", 2): 0.012})
+    algo = _Timed({("loop", None): 0.004, ("vmap", None): 0.04, ("vmap", 2): 0.010})
     choice = choose_task_batching(algo, batch, torch.device("cpu"), repeats=3, clock=algo.clock)
     assert (choice.mode, choice.chunk) == ("loop", None)
     assert algo.task_batching.value == "loop" and algo.task_chunk_size is None
-    # Full vmap is 10x slower: warm-up plus one timed round, then dropped.
-    assert algo.calls.count(("vmap", None)) == 2
-    # Chunks of 2 (3x) are dropped after round one as well; the loop is timed every round.
+    # Full vmap is 10x slower: its warm-up step is all it costs.
+    assert algo.calls.count(("vmap", None)) == 1
+    # Chunks of 2 (2.5x) survive the warm-up, then are dropped after round one; the loop is
+    # timed every round.
     assert algo.calls.count(("vmap", 2)) == 2
     assert choice.rounds >= 3
 
 
+def _batch(tasks: int):
+    pool = torch.rand(8, 4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    return FewShotTasks(pool, 3, 1, 1).sample(tasks, torch.Generator().manual_seed(0))
+
+
+def test_a_slow_loop_costs_one_step() -> None:
+    """The default run's case (small MLP): the loop is many times slower than vmap, and one
+    warm-up step of it is all auto spends on it."""
+    algo = _Timed({("loop", None): 0.2, ("vmap", None): 0.004, ("vmap", 2): 0.006})
+    choice = choose_task_batching(algo, _batch(4), torch.device("cpu"), clock=algo.clock)
+    assert (choice.mode, choice.chunk) == ("vmap", None)
+    assert algo.calls.count(("loop", None)) == 1
+
+
+def test_chunk_halving_stops_past_the_fastest_chunk() -> None:
+    algo = _Timed(
+        {
+            ("loop", None): 0.03,
+            ("vmap", None): 0.02,
+            ("vmap", 16): 0.012,
+            ("vmap", 8): 0.010,
+            ("vmap", 4): 0.020,
+            # No ("vmap", 2): running it would fail; chunks of 4 were 2x slower than of 8.
+        }
+    )
+    choice = choose_task_batching(algo, _batch(32), torch.device("cpu"), clock=algo.clock)
+    assert (choice.mode, choice.chunk) == ("vmap", 8)
+    assert ("vmap", 2) not in algo.calls and ("vmap", 4) in algo.calls
+
+
 def test_close_candidates_get_extra_rounds() -> None:
     _, batch = _setup()
-    algo = _Timed({("loop", None): 0.010, ("vmap", None): 0.010, ("vmap", 2): 0.03})
+    algo = _Timed({("loop", None): 0.010, ("vmap", None): 0.010, ("vmap", 2): 0.025})
     choose_task_batching(
         algo, batch, torch.device("cpu"), repeats=2, max_extra_rounds=3, clock=algo.clock
     )

@@ -64,6 +64,8 @@ def test_train_writes_metrics_checkpoints_results_and_tensorboard(train, tmp_pat
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 3, 4, 6, 6]  # log.every=2, eval.every=3, test
     assert {"train/query_loss", "hypergrad/norm", "time/sec_per_step"} <= records[0].keys()
+    # The outer objective under the name users look for: the post-adaptation query loss.
+    assert records[0]["train/meta_loss"] == records[0]["train/query_loss"]
     assert {"val/loss", "val/pre_loss"} <= records[1].keys()
     assert {"test/loss", "test/loss_ci95", "test/pre_loss"} <= records[-1].keys()
 
@@ -76,6 +78,7 @@ def test_train_writes_metrics_checkpoints_results_and_tensorboard(train, tmp_pat
 
     tags = _tags(tmp_path)
     assert {
+        "train/meta_loss",
         "train/query_loss",
         "train/pre_loss",
         "val/loss",

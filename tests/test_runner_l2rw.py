@@ -337,6 +337,7 @@ def test_l2rw_run_logs_tests_resumes_and_evaluates(run_l2rw, tmp_path):
     assert {
         "train/loss",
         "train/weighted_loss",
+        "train/meta_loss",  # the weighted loss: what the runner's optimizer minimises
         "val/clean_loss",  # the look-ahead's clean loss, every step
         "val/accuracy",  # validation on the whole clean set
         "val/error",

@@ -151,10 +151,13 @@ class ReweightingBase(nn.Module):
         (weighted * shards.world_size).backward()
         self.last_weights = w.detach()
         # Metrics are averaged over processes too: sums over examples are scaled likewise.
+        weighted_loss = float(weighted.detach()) * shards.world_size
         metrics = {
             "train/loss": float(losses.detach().mean()),
             "val/clean_loss": self._clean_loss(val_x, val_y),
-            "train/weighted_loss": float(weighted.detach()) * shards.world_size,
+            "train/weighted_loss": weighted_loss,
+            # What the runner's optimizer minimises, under the tag every algorithm uses.
+            "train/meta_loss": weighted_loss,
             "weights/zero_fraction": float((w == 0).float().mean()),
             **extra,
         }

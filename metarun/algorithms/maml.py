@@ -237,8 +237,7 @@ class MAML(nn.Module):
                 for key, value in metrics.items():
                     name = f"train/{prefix}_{key}"
                     totals[name] = totals.get(name, 0.0) + float(value) / n
-        totals["train/query_loss"] = totals["train/post_loss"]
-        return totals
+        return _with_meta_loss(totals)
 
     def _meta_train_vmap(self, batch: TaskBatch) -> dict[str, float]:
         n = len(batch)
@@ -283,8 +282,7 @@ class MAML(nn.Module):
                         for key, value in self._metrics(out[i], chunk.query_y[i]).items():
                             name = f"train/{prefix}_{key}"
                             totals[name] = totals.get(name, 0.0) + float(value) / n
-        totals["train/query_loss"] = totals["train/post_loss"]
-        return totals
+        return _with_meta_loss(totals)
 
     def evaluate(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
         steps = self.eval_inner_steps if inner_steps is None else inner_steps
@@ -341,3 +339,10 @@ class MAML(nn.Module):
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
+
+
+def _with_meta_loss(totals: dict[str, float]) -> dict[str, float]:
+    # The outer objective under the name a user looks for (train/meta_loss), and under the
+    # support/query vocabulary (train/query_loss): both are the post-adaptation query loss.
+    totals["train/meta_loss"] = totals["train/query_loss"] = totals["train/post_loss"]
+    return totals

@@ -137,8 +137,9 @@ class MAMLConfig:
     copy_initial_weights: bool = False
     learn_inner_lr: InnerLR = InnerLR.off
     bn_policy: BNPolicy = BNPolicy.batch_stats
-    # vmap: several times faster for small models; loop: the least memory.
-    task_batching: TaskBatching = TaskBatching.vmap
+    # auto: measured at start-up (vmap wins for small models, the loop for conv nets with many
+    # queries on a CPU); loop: the least memory.
+    task_batching: TaskBatching = TaskBatching.auto
     task_chunk_size: int | None = None  # tasks per vmapped chunk; null = the whole meta-batch
     memory_budget_mb: float | None = None  # task_batching=auto: skip faster but bigger choices
     # Recompute inner forwards in the meta-backward: less memory on long unrolls (loop only).

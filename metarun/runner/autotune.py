@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 DROP_AFTER_ROUND = (2.0, 1.25)
 # Candidates within this fraction of the best after ``repeats`` rounds get extra rounds.
 CLOSE = 0.05
+# A warm-up step includes first-call costs, so only a candidate this much slower than the best
+# warm-up is dropped before the timed rounds (the loop on a small MLP: 10-100x). Halving the
+# vmap chunk stops once a chunk is this much slower than the one before: step time against
+# chunk size has one minimum (per-task overhead on the left, poor cache use on the right).
+WARMUP_DROP = 3.0
+CHUNK_STOP = 1.5
 
 
 @dataclass(frozen=True)
@@ -52,11 +58,14 @@ class Choice:
     rounds: int = 0  # timed steps behind ``seconds``
 
     def describe(self) -> str:
-        what = self.mode if self.mode == "loop" else f"vmap(chunk={self.chunk or 'all'})"
         return (
-            f"{what}: {self.seconds * 1e3:.1f} ms/step (median of {self.rounds}), "
+            f"{_label(self.mode, self.chunk)}: {self.seconds * 1e3:.1f} ms/step (median of {self.rounds}), "
             f"{self.bytes / 2**20:.1f} MiB"
         )
+
+
+def _label(mode: str, chunk: int | None) -> str:
+    return mode if mode == "loop" else f"vmap(chunk={chunk or 'all'})"
 
 
 @dataclass
@@ -154,11 +163,11 @@ class _Timer:
             torch.cuda.synchronize(self.device)
         return self.clock() - t0
 
-    def warm_up(self, c: _Candidate) -> bool:
-        """One untimed step (allocator, kernels, vmap caches). False if a vmap candidate ran
-        out of memory."""
+    def warm_up(self, c: _Candidate) -> float | None:
+        """One step not counted in the rounds (allocator, kernels, vmap caches); returns its
+        seconds, or None if a vmap candidate ran out of memory."""
         try:
-            self.step(c)
+            return self.step(c)
         except torch.OutOfMemoryError:
             if c.mode == "loop":
                 raise  # nothing needs less memory; the run cannot go on
@@ -166,8 +175,7 @@ class _Timer:
                 p.grad = None
             if self.cuda:
                 torch.cuda.empty_cache()
-            return False
-        return True
+            return None
 
     def timed_step_with_memory(self, c: _Candidate) -> None:
         """A timed step that also measures its peak. Not the warm-up step: its first-call costs
@@ -232,7 +240,8 @@ def choose_task_batching(
     start = time.perf_counter()
     timer = _Timer(algo, batch, device, clock)
     try:
-        per_task = task_graph_bytes(algo, batch)
+        # The modelled memory matters only under a budget; it costs one step of the loop.
+        per_task = 0 if budget is None else task_graph_bytes(algo, batch)
 
         def fits(c: _Candidate, how: str) -> bool:
             if budget is None or c.mode == "loop" or c.bytes <= budget:
@@ -247,14 +256,32 @@ def choose_task_batching(
             return False
 
         pool: list[_Candidate] = []
+        warm: dict[int, float] = {}  # id(candidate) -> warm-up seconds
+        previous_chunk: float | None = None
         for mode, chunk in candidates(len(batch)):
             c = _Candidate(mode, chunk, per_task * (1 if mode == "loop" else chunk or len(batch)))
             if not fits(c, "modelled "):
                 continue
-            if timer.warm_up(c):
-                pool.append(c)
-            else:
+            seconds = timer.warm_up(c)
+            if seconds is None:
                 log.info("task_batching=auto: vmap(chunk=%s) ran out of memory", chunk or "all")
+                continue
+            pool.append(c)
+            warm[id(c)] = seconds
+            if chunk is not None:
+                if previous_chunk is not None and seconds > CHUNK_STOP * previous_chunk:
+                    break  # past the minimum: smaller chunks only get slower
+                previous_chunk = seconds
+        fastest_warm = min(warm.values(), default=0.0)
+        hopeless = [c for c in pool if warm[id(c)] > WARMUP_DROP * fastest_warm]
+        for c in hopeless:
+            log.info(
+                "task_batching=auto: %s dropped after its warm-up (%.1f ms, best %.1f ms)",
+                _label(c.mode, c.chunk),
+                warm[id(c)] * 1e3,
+                fastest_warm * 1e3,
+            )
+        pool = [c for c in pool if warm[id(c)] <= WARMUP_DROP * fastest_warm]
         alive = list(pool)
         for r in range(repeats + extra):
             # Rotating the order keeps any first/last-in-round effect off one candidate.
