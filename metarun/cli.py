@@ -32,6 +32,7 @@ from metarun.config import ConfigError, validate
 from metarun.config.store import register_configs
 from metarun.sweep.callback import forget_sweep, jobs_started
 
+EXIT_FAILED = 1  # the run itself failed (training diverged)
 EXIT_USAGE = 2  # bad configuration or input, as argparse does
 EXIT_INTERRUPTED = 130  # SIGINT, as a shell reports it; SIGTERM (preemption) exits 0
 _BASIC = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # jobs in this process
@@ -59,6 +60,7 @@ def _app(cfg: DictConfig) -> float:
     _started = True
     # Imported here so that `metarun --help` and compose errors stay fast.
     from metarun.runner.api import run
+    from metarun.runner.trainer import TrainingDiverged
     from metarun.sweep.preemption import Preemption
     from metarun.sweep.summary import objective, write_summary
 
@@ -80,6 +82,11 @@ def _app(cfg: DictConfig) -> float:
             raise  # this job fails; Hydra reports it, the summary lists it
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
+    except TrainingDiverged as error:
+        if in_sweep:
+            raise  # status "failed" with this message in the sweep's summary
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_FAILED) from None
     print(summary.format())
     # Ctrl-C ends a sweep too, and so does SIGTERM when the sweep runs in this process (basic
     # launcher): the same command with hydra.sweep.dir=<sweep dir> continues it.

@@ -734,6 +734,9 @@ class RunConfig:
     meta_batch_size: int = 25
     meta_optimizer: MetaOptimizerConfig = field(default_factory=MetaOptimizerConfig)
     grad_clip: float | None = None  # max global norm of the meta-gradient; null = no clipping
+    # Outer steps with a non-finite meta-loss or meta-gradient skipped (no meta-optimizer step)
+    # before training stops as diverged; 0 = stop at the first.
+    max_nonfinite_steps: int = 0
     # Meta-batches sampled ahead in a background thread (0 = in the loop); results are the same.
     prefetch: int = 2
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -760,6 +763,13 @@ class RunConfig:
             "meta_batch_size=25",
         )
         _require(self.prefetch >= 0, "prefetch", self.prefetch, ">= 0", "prefetch=2")
+        _require(
+            self.max_nonfinite_steps >= 0,
+            "max_nonfinite_steps",
+            self.max_nonfinite_steps,
+            ">= 0 (0 = stop at the first non-finite step)",
+            "max_nonfinite_steps=0",
+        )
         _require(
             self.grad_clip is None or self.grad_clip > 0,
             "grad_clip",

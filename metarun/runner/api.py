@@ -47,7 +47,14 @@ from metarun.runner.build import (
     restore_task_batching,
     tune_task_batching,
 )
-from metarun.runner.checkpoint import BEST, CHECKPOINT_DIR, LAST, load_checkpoint
+from metarun.runner.checkpoint import (
+    BEST,
+    CHECKPOINT_DIR,
+    LAST,
+    load_checkpoint,
+    load_latest,
+    previous_path,
+)
 from metarun.runner.evaluate import Stat, evaluate_fixed, split_scalars
 from metarun.runner.logging import RunLogger, flatten
 from metarun.runner.trainer import Trainer
@@ -65,6 +72,7 @@ _RESUMABLE_CHANGES = (
     "device",
     "name",
     "prefetch",
+    "max_nonfinite_steps",
 )
 _GROUPS = ("algo", "dataset", "model")
 
@@ -187,13 +195,19 @@ def _train(
     run_dir = Path(run_dir)
     last = run_dir / CHECKPOINT_DIR / LAST
     state = None
-    if last.exists():
+    resumed_from = last
+    # Only the previous checkpoint: a crash between the two renames of a save (no hard links).
+    if last.exists() or previous_path(last).exists():
         if not (config.resume or auto_resume):
             raise ConfigError(
                 f"resume must be true to continue the run in {run_dir} (it holds {last}), got "
                 "False (set resume=true, or choose a new hydra.run.dir)"
             )
-        state = _load_user_checkpoint(last, "resume")
+        try:
+            state, resumed_from = load_latest(last)
+        except ValueError as error:
+            raise ConfigError(f"resume: {error}") from None
+        _check_same_options(state, config, resumed_from, run_dir)
         if config.resume:
             _warn_config_changes(state["config"], to_yaml(config))
         elif changed := _config_changes(state["config"], to_yaml(config)):
@@ -242,8 +256,22 @@ def _train(
             lr_schedule=lr_schedule,
         )
         if state is not None:
-            trainer.load_state_dict(state)
-            logger.info("resumed %s at step %d", last, trainer.step)
+            try:
+                trainer.load_state_dict(state)
+            except (RuntimeError, ValueError, KeyError) as error:
+                # Tensor shapes or optimizer groups that differ: a model-size or dataset key
+                # changed (e.g. dataset.n_way, model.hidden_sizes).
+                changed = _config_changes(state["config"], to_yaml(config))
+                detail = (str(error).strip().splitlines() or [""])[0]
+                raise ConfigError(
+                    f"resume: the checkpoint {resumed_from} of the run in {run_dir} does not fit "
+                    f"this config (it differs in: {', '.join(changed) or 'nothing visible'}; "
+                    f"{type(error).__name__}: {detail[:200]}); resume with the checkpoint's "
+                    "values, or choose a new hydra.run.dir"
+                ) from None
+            # Fell back to the previous checkpoint: the next save keeps it, not the unreadable one.
+            trainer.rotate_last = resumed_from == last
+            logger.info("resumed %s at step %d", resumed_from, trainer.step)
         if config.log.tensorboard:
             logger.info("TensorBoard: tensorboard --logdir %s", out.tensorboard_dir)
         fit = trainer.fit()
@@ -287,6 +315,24 @@ def _cuda_devices(device: torch.device) -> list[int]:
     if device.type != "cuda":
         return []
     return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+def _check_same_options(
+    state: dict[str, Any], config: RunConfig, path: Path, run_dir: Path
+) -> None:
+    """Resuming with another algorithm, dataset or model is another experiment: refuse, naming
+    the options that differ."""
+    now = options(config)
+    saved = state.get("options", {})
+    differ = [g for g in _GROUPS if saved.get(g) != now.get(g)]
+    if differ:
+        theirs = " ".join(f"{g}={saved.get(g)}" for g in differ)
+        ours = " ".join(f"{g}={now.get(g)}" for g in differ)
+        raise ConfigError(
+            f"resume: the run in {run_dir} is another experiment: its checkpoint {path} has "
+            f"{theirs}, this command {ours} (resume with {theirs}, or choose a new "
+            "hydra.run.dir)"
+        )
 
 
 def _load_user_checkpoint(path: str | Path, key: str) -> dict[str, Any]:

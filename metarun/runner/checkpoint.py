@@ -16,10 +16,15 @@ A checkpoint is a dict saved with :func:`torch.save`::
 
 Everything in it is a tensor, number, string or container of those, so it loads with
 ``torch.load(weights_only=True)`` (no pickled code runs when a checkpoint is opened).
+
+The trainer keeps the ``last.pt`` it replaces as ``checkpoints.prev/last.pt`` (beside
+``checkpoints/``, which holds only what the run wrote last); resuming falls back to it, with a
+warning, when ``last.pt`` cannot be read (truncated by a full disk or a partial copy).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
@@ -29,16 +34,31 @@ from typing import Any
 import numpy as np
 import torch
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+def previous_path(path: str | Path) -> Path:
+    """Where :func:`save_checkpoint` keeps the file it replaced:
+    ``<run dir>/checkpoints/last.pt`` -> ``<run dir>/checkpoints.prev/last.pt``."""
+    path = Path(path)
+    return path.parent.with_name(f"{path.parent.name}.prev") / path.name
+
+
+def save_checkpoint(
+    path: str | Path, state: dict[str, Any], *, keep_previous: bool = False
+) -> Path:
     """Write ``state`` to ``path`` atomically: a reader (or a crash) never sees half a file.
 
     The temporary file lives in the same folder, so ``os.replace`` is a rename within one file
     system, which POSIX makes atomic.
+
+    Args:
+        keep_previous: keep the file being replaced as :func:`previous_path`, the fallback
+            when ``path`` later turns out unreadable.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,11 +68,61 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if keep_previous and path.exists():
+            _keep_previous(path)
         os.replace(tmp_name, path)
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
     return path
+
+
+def _keep_previous(path: Path) -> None:
+    """``path`` -> ``previous_path(path)``, with ``path`` in place throughout where the file
+    system has hard links."""
+    previous = previous_path(path)
+    previous.parent.mkdir(exist_ok=True)
+    link = previous.with_name(f".{previous.name}.{os.getpid()}.tmp")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError:
+        # No hard links here (some network and FUSE file systems): a moment without last.pt,
+        # which loading covers by falling back to the previous one.
+        os.replace(path, previous)
+        return
+    os.replace(link, previous)
+
+
+def load_latest(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Any], Path]:
+    """:func:`load_checkpoint` of ``path``, or of its :func:`previous_path` (with a warning)
+    when ``path`` is unreadable or missing.
+
+    Returns:
+        The state and the file it came from.
+
+    Raises:
+        FileNotFoundError: neither file exists.
+        ValueError: no readable checkpoint (the message names both files).
+    """
+    path = Path(path).expanduser()
+    previous = previous_path(path)
+    try:
+        return load_checkpoint(path, map_location), path
+    except (ValueError, FileNotFoundError) as error:
+        if not previous.is_file():
+            raise
+        first = error
+    try:
+        state = load_checkpoint(previous, map_location)
+    except ValueError as error:
+        raise ValueError(f"{first}; the previous checkpoint is unreadable too: {error}") from None
+    logger.warning(
+        "%s; using the previous checkpoint %s (step %s) instead", first, previous, state["step"]
+    )
+    return state, previous
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

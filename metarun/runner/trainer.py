@@ -1,5 +1,6 @@
 """The outer loop: sample a meta-batch, meta-gradient, clip, meta-optimizer step; validate, log and
-checkpoint on schedule; stop cleanly on SIGINT / SIGTERM."""
+checkpoint on schedule; stop cleanly on SIGINT / SIGTERM, and stop as diverged on a non-finite
+meta-loss or meta-gradient without ever checkpointing non-finite values."""
 
 from __future__ import annotations
 
@@ -58,6 +59,12 @@ class FitResult:
     step: int  # completed outer steps
     stopped_by: str | None  # "SIGINT" / "SIGTERM" when a signal ended training early
     best: Best | None
+
+
+class TrainingDiverged(RuntimeError):
+    """The meta-loss or meta-gradient became non-finite (more than ``max_nonfinite_steps``
+    times), or the state to checkpoint holds non-finite values. The message names the step and
+    the keys to change; no checkpoint with non-finite values was written."""
 
 
 class StopFlag:
@@ -174,6 +181,13 @@ class Trainer:
         self.best: Best | None = None
         self._prefetcher: Prefetcher | None = None
         self._saved_at = -1
+        # The step of the newest last.pt on disk (written or resumed from), for the divergence
+        # message; None: no last.pt yet.
+        self._last_saved: int | None = None
+        # After resuming from the previous checkpoint because last.pt was unreadable, the next
+        # save must not keep the unreadable file as the previous one (replacing the good one).
+        self.rotate_last = True
+        self.nonfinite_steps = 0  # skipped so far (max_nonfinite_steps), checkpointed
         if experiment.task_type == "classification":
             self._best_metric, self._higher_is_better = "val/accuracy", True
         else:
@@ -193,6 +207,7 @@ class Trainer:
             "task_type": self.experiment.task_type,
             "best": asdict(self.best) if self.best is not None else None,
             "task_batching": task_batching_state(self.algorithm),
+            "nonfinite_steps": self.nonfinite_steps,
             "metarun_version": metarun.__version__,
         }
 
@@ -208,13 +223,36 @@ class Trainer:
         self.meta_optimizer.load_state_dict(state["meta_opt"])
         self.step = int(state["step"])
         self.best = Best(**state["best"]) if state.get("best") else None
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))  # older checkpoints: none
         restore_rng_state(state["rng"], self.generator)
+        self._last_saved = self.step
 
     def save(self, name: str = LAST) -> Path:
+        """Write ``name`` (``last.pt`` keeps the one it replaces in ``checkpoints.prev/``).
+
+        Raises:
+            TrainingDiverged: the state holds non-finite values; nothing is written, so the
+                checkpoint already on disk stays the last good one.
+        """
         path = self.checkpoint_dir / name
+        # Checked on every rank: parameters and optimizer state are the same everywhere after
+        # the all-reduce, and every rank must stop together.
+        state = self.state_dict()
+        bad = nonfinite_entries({"algorithm": state["algorithm"], "meta_opt": state["meta_opt"]})
+        if bad:
+            raise TrainingDiverged(
+                f"training diverged: after outer step {self.step} the state to checkpoint holds "
+                f"non-finite values ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
+                f"{path.name} was not written. {self._fixes()}"
+            )
+        if name == LAST:
+            self._last_saved = self.step
         if not self.dist.is_main:  # one writer: rank 0
             return path
-        path = save_checkpoint(path, self.state_dict())
+        keep_previous = name == LAST and self.rotate_last
+        path = save_checkpoint(path, state, keep_previous=keep_previous)
+        if name == LAST:
+            self.rotate_last = True
         logger.debug("saved %s at step %d", path, self.step)
         return path
 
@@ -281,13 +319,87 @@ class Trainer:
             if not cfg.log.hypergrad_layers:
                 norms = {"hypergrad/norm": norms["hypergrad/norm"]}
             metrics.update(norms)
+        with_grad = [p for p in self.algorithm.meta_parameters() if p.grad is not None]
         if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.algorithm.meta_parameters(), cfg.grad_clip)
+            # The norm before clipping: what the divergence check reads, at no extra cost.
+            grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+        if not self._finite(metrics, grad_norm):
+            self.step += 1  # the batch is consumed: a skipped step keeps the data order
+            return {}
         if logged:
             metrics["train/lr"] = float(self.meta_optimizer.param_groups[0]["lr"])
         self.meta_optimizer.step()
         self.step += 1
         return metrics
+
+    def _finite(self, metrics: dict[str, float], grad_norm: torch.Tensor) -> bool:
+        """Whether this step's meta-loss and meta-gradient are finite; on a non-finite step,
+        counts it against ``max_nonfinite_steps`` or raises :class:`TrainingDiverged`.
+
+        One host read of the fused gradient norm per step (the losses are host floats already:
+        the algorithms return their metrics as floats). NaN and inf survive the gradient
+        all-reduce, so every rank sees the same answer; ``any_rank`` makes sure of it anyway
+        (a sum that overflows in one rank's reduction order only).
+        """
+        losses = {k: v for k, v in metrics.items() if k.startswith("train/") and k.endswith("loss")}
+        finite = bool(torch.isfinite(grad_norm)) and all(map(math.isfinite, losses.values()))
+        if self.dist.enabled:
+            finite = not any_rank(not finite, self.dist, self.experiment.device)
+        if finite:
+            return True
+        step = self.step + 1
+        self.nonfinite_steps += 1
+        detail = ", ".join(
+            [f"{k}={v:.4g}" for k, v in sorted(losses.items())]
+            + [f"meta-gradient norm={float(grad_norm):.4g}"]
+        )
+        limit = self.config.max_nonfinite_steps
+        if self.nonfinite_steps <= limit:
+            logger.warning(
+                "outer step %d: non-finite meta-loss or meta-gradient (%s): step skipped, no "
+                "meta-optimizer update (%d of max_nonfinite_steps=%d)",
+                step,
+                detail,
+                self.nonfinite_steps,
+                limit,
+            )
+            return False
+        if limit:
+            allowed = f"{self.nonfinite_steps} such steps, more than max_nonfinite_steps={limit}"
+        else:
+            allowed = "max_nonfinite_steps=N would skip up to N such steps"
+        raise TrainingDiverged(
+            f"training diverged: non-finite meta-loss or meta-gradient at outer step {step} "
+            f"({detail}; {allowed}). {self._fixes()} {self._kept()}"
+        )
+
+    def _fixes(self) -> str:
+        """What to change, naming the keys and their current values."""
+        cfg = self.config
+        keys = [f"meta_optimizer.lr (now {cfg.meta_optimizer.lr:g})"]
+        inner_lr = getattr(cfg.algo, "inner_lr", None)
+        if inner_lr is not None:
+            keys.append(f"algo.inner_lr (now {inner_lr:g})")
+        lookahead_lr = getattr(cfg.algo, "lookahead_lr", None)
+        if lookahead_lr is not None:
+            keys.append(f"algo.lookahead_lr (now {lookahead_lr:g})")
+        clip = (
+            "set grad_clip (e.g. grad_clip=10)"
+            if cfg.grad_clip is None
+            else f"lower grad_clip (now {cfg.grad_clip:g})"
+        )
+        return f"Lower {' or '.join(keys)}, or {clip}."
+
+    def _kept(self) -> str:
+        """Which checkpoint the divergence left on disk."""
+        if self._last_saved is None:
+            return "No checkpoint was written (none had been saved before it; see save.every)."
+        return (
+            f"No checkpoint was written; the last good one is "
+            f"{self.checkpoint_dir / LAST} (step {self._last_saved})."
+        )
 
     def fit(self) -> FitResult:
         """Train until ``outer_steps`` or a stop signal; always leaves ``last.pt`` behind."""
@@ -335,7 +447,7 @@ class Trainer:
                 start = time.perf_counter()
                 next_step = self.step + 1
                 log_due = next_step % cfg.log.every == 0 or next_step == cfg.outer_steps
-                metrics = self.train_step(logged=log_due)
+                metrics = self.train_step(logged=log_due)  # {} on a skipped non-finite step
                 step_time += time.perf_counter() - start
                 steps_timed += 1
                 interval.add(metrics)
@@ -347,6 +459,8 @@ class Trainer:
                     scalars.update(interval.pop())  # means over the interval; hypergrad: now
                     scalars.update(self.algorithm.log_scalars())
                     scalars["time/sec_per_step"] = step_time / max(steps_timed, 1)
+                    if self.nonfinite_steps:
+                        scalars["train/nonfinite_steps"] = float(self.nonfinite_steps)
                     if hasattr(self.algorithm, "log_histograms"):  # e.g. L2RW's example weights
                         self.run_logger.log_histograms(self.step, self.algorithm.log_histograms())
                     step_time, steps_timed = 0.0, 0
@@ -371,6 +485,36 @@ class Trainer:
             stop.signal = stop.signal or "SIGTERM"
             return True
         return False
+
+
+def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
+    """Keys (dotted) of the floating-point tensors in a nested state dict that hold NaN or inf.
+
+    One fused reduction and one host read for the whole state; the keys are only looked up when
+    something is wrong.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, torch.Tensor):
+            if node.is_floating_point() or node.is_complex():
+                tensors[key] = node
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{key}.{i}" if key else str(i))
+
+    walk(state, prefix)
+    by_device: dict[torch.device, list[str]] = {}
+    for key, tensor in tensors.items():
+        by_device.setdefault(tensor.device, []).append(key)
+    bad: list[str] = []
+    for keys in by_device.values():  # one host read per device (Adam keeps its step on the CPU)
+        flags = torch.stack([torch.isfinite(tensors[k]).all() for k in keys]).tolist()
+        bad += [key for key, ok in zip(keys, flags) if not ok]
+    return bad
 
 
 def _postfix(metrics: dict[str, float]) -> dict[str, str]:

@@ -1,0 +1,277 @@
+"""A diverging run stops at the first non-finite meta-loss or meta-gradient (or skips up to
+``max_nonfinite_steps`` of them), says which step and which keys to change, exits non-zero and
+never writes a checkpoint holding NaN or inf."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from metarun.algorithms.maml import MAML
+from metarun.runner import api
+from metarun.runner.checkpoint import load_checkpoint
+from metarun.runner.trainer import Trainer, TrainingDiverged, nonfinite_entries
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+# Tiny sinusoid run, checkpoints every 3 steps, no validation (best.pt would be a second file).
+ARGS = ["outer_steps=12", "save.every=3", "eval.every=0"]
+
+
+@pytest.fixture
+def train(make_config, tiny):
+    def _train(run_dir, overrides=()) -> api.RunSummary:
+        args = [*tiny, *ARGS, *overrides]
+        return api.run(make_config(args), run_dir, overrides=args)
+
+    return _train
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """``poison({5, 8})``: outer steps 5 and 8 (1-based) get a NaN meta-loss and meta-gradient,
+    as a diverging unroll gives them."""
+
+    def _poison(steps: set[int]) -> None:
+        original = MAML.meta_train_step
+        calls = [0]
+
+        def meta_train_step(self, batch):
+            metrics = original(self, batch)
+            calls[0] += 1
+            if calls[0] in steps:
+                for p in self.meta_parameters():
+                    if p.grad is not None:
+                        p.grad.fill_(math.nan)
+                metrics = {**metrics, "train/query_loss": math.nan}
+            return metrics
+
+        monkeypatch.setattr(MAML, "meta_train_step", meta_train_step)
+
+    return _poison
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["algorithm"]
+
+
+def _assert_finite_and_equal(path: Path, reference: Path, step: int) -> None:
+    state = load_checkpoint(path)
+    assert state["step"] == step
+    assert nonfinite_entries({"a": state["algorithm"], "o": state["meta_opt"]}) == []
+    expected = _weights(reference)
+    assert state["algorithm"].keys() == expected.keys()
+    for key, value in state["algorithm"].items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_first_nonfinite_step_stops_and_keeps_the_last_good_checkpoint(train, poison, tmp_path):
+    train(tmp_path / "ref", ["outer_steps=6"])  # what the diverging run had at step 6
+    poison({8})
+    with pytest.raises(TrainingDiverged) as info:
+        train(tmp_path / "run")
+    message = str(info.value)
+    assert "non-finite meta-loss or meta-gradient at outer step 8" in message
+    assert "train/query_loss=nan" in message
+    for key in ("meta_optimizer.lr (now 0.001)", "algo.inner_lr (now 0.01)", "grad_clip=10"):
+        assert key in message
+    assert "max_nonfinite_steps" in message
+    last = tmp_path / "run/checkpoints/last.pt"
+    assert f"the last good one is {last} (step 6)" in message
+    _assert_finite_and_equal(last, tmp_path / "ref/checkpoints/last.pt", step=6)
+    assert not (tmp_path / "run/results.json").exists()  # no test of diverged weights
+
+
+def test_divergence_before_any_checkpoint_writes_none(train, poison, tmp_path):
+    poison({2})
+    with pytest.raises(TrainingDiverged, match="at outer step 2 .*No checkpoint was written"):
+        train(tmp_path, ["grad_clip=5"])
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_grad_clip_set_suggests_lowering_it(train, poison, tmp_path):
+    poison({1})
+    with pytest.raises(TrainingDiverged, match=r"or lower grad_clip \(now 5\)"):
+        train(tmp_path, ["grad_clip=5"])
+
+
+def test_skipping_up_to_max_nonfinite_steps(train, poison, tmp_path):
+    poison({2, 5})
+    summary = train(tmp_path, ["max_nonfinite_steps=2", "log.every=1"])
+    assert summary.step == 12 and math.isfinite(summary.results["test"]["metrics"]["loss"]["mean"])
+    state = load_checkpoint(tmp_path / "checkpoints/last.pt")
+    assert state["nonfinite_steps"] == 2
+    assert nonfinite_entries(state["algorithm"]) == []
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r for r in rows}
+    assert 2 not in logged or "train/query_loss" not in logged[2]  # skipped: nothing averaged
+    assert logged[5]["train/nonfinite_steps"] == 2
+    assert all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+
+
+def test_skipped_steps_leave_the_weights_alone(train, poison, tmp_path):
+    """A skipped step does not update: with every step from 4 on skipped, the weights after 12
+    steps are those after 3."""
+    train(tmp_path / "ref", ["outer_steps=3"])
+    poison(set(range(4, 13)))
+    train(tmp_path / "run", ["max_nonfinite_steps=9"])
+    ref, run = (
+        _weights(tmp_path / "ref/checkpoints/last.pt"),
+        _weights(tmp_path / "run/checkpoints/last.pt"),
+    )
+    assert all(torch.equal(ref[k], run[k]) for k in ref)
+
+
+def test_more_bad_steps_than_allowed_stop(train, poison, tmp_path):
+    poison({2, 5})
+    with pytest.raises(
+        TrainingDiverged, match=r"outer step 5 .*2 such steps, more than max_nonfinite_steps=1"
+    ):
+        train(tmp_path, ["max_nonfinite_steps=1"])
+    assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 3
+
+
+def test_interrupted_run_never_saves_nonfinite_weights(train, monkeypatch, tmp_path):
+    """Weights that turn non-finite with a finite meta-gradient (an overflowing update): the
+    SIGTERM path's final save refuses, and last.pt stays the one of step 3."""
+    original = Trainer.train_step
+
+    def overflow(self, **kwargs):
+        metrics = original(self, **kwargs)
+        if self.step == 5:
+            with torch.no_grad():
+                next(self.algorithm.model.parameters()).fill_(math.inf)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    monkeypatch.setattr(Trainer, "train_step", overflow)
+    with pytest.raises(TrainingDiverged, match="after outer step 5 the state to checkpoint holds"):
+        train(tmp_path)
+    assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 3
+
+
+def test_nonfinite_entries_names_the_tensors():
+    state = {"a": {"w": torch.ones(2), "b": torch.tensor([1.0, math.nan])}, "n": torch.tensor([3])}
+    assert nonfinite_entries(state) == ["a.b"]
+    assert nonfinite_entries({"l": [torch.tensor(math.inf)]}) == ["l.0"]
+    assert nonfinite_entries({}) == []
+
+
+# ----------------------------------------------------------------------------- real processes
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+TINY_CLI = [
+    "meta_batch_size=2",
+    "eval.every=0",
+    "eval.num_tasks=6",
+    "eval.batch_size=3",
+    "log.every=10",
+    "log.progress=false",
+    "device=cpu",
+]
+
+
+def test_cli_exits_1_with_the_message(tmp_path):
+    """The issue's command: algo.inner_lr=1e6 makes the very first meta-loss infinite."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            str(BIN / "metarun"),
+            "algo.inner_lr=1e6",
+            "outer_steps=100",
+            "save.every=20",
+            *TINY_CLI,
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "error: training diverged: non-finite meta-loss or meta-gradient at outer step 1" in (
+        result.stderr
+    )
+    assert "algo.inner_lr (now 1e+06)" in result.stderr and "grad_clip" in result.stderr
+    assert "test loss" not in result.stdout
+    assert not (run_dir / "checkpoints" / "last.pt").exists()
+
+
+def test_sweep_marks_the_diverged_job_failed(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [
+            str(BIN / "metarun"),
+            "-m",
+            "algo.inner_lr=1e6,0.01",
+            "outer_steps=4",
+            *TINY_CLI,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 1, result.stderr
+    with open(sweep / "summary.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["status"] for r in rows] == ["failed", "done"]
+    assert rows[0]["note"].startswith("TrainingDiverged: training diverged: non-finite")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_all_ranks_stop_together(tmp_path):
+    """Two gloo processes: both stop at the same step (none hangs in an all-reduce)."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            str(BIN / "torchrun"),
+            "--nproc_per_node=2",
+            f"--master_port={_free_port()}",
+            "-m",
+            "metarun.cli",
+            "algo.inner_lr=1e6",
+            "outer_steps=20",
+            *[a for a in TINY_CLI if not a.startswith("meta_batch_size")],
+            "meta_batch_size=4",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env={**_env(), "METARUN_CACHE": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert output.count("error: training diverged") == 2, output[-3000:]
+    assert "at outer step 1 " in output
