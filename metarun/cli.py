@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 
 from metarun.config import ConfigError, validate
 from metarun.config.store import register_configs
-from metarun.sweep.callback import forget_sweep, jobs_started
+from metarun.sweep.callback import UnusableDirError, forget_sweep, jobs_started
 
 EXIT_FAILED = 1  # the run itself failed (training diverged)
 EXIT_USAGE = 2  # bad configuration or input, as argparse does
@@ -122,6 +122,9 @@ def main() -> None:
     forget_sweep()
     try:
         _app()
+    except UnusableDirError as error:  # raised in a Hydra callback, before any job
+        print(f"error: {error.message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
     except SystemExit as exit_:
         # Hydra reports composition errors (unknown option or key, wrong type) itself and exits
         # with 1, the same status as a crash or a failed sweep job; before any task or sweep

@@ -23,6 +23,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,11 +163,28 @@ def _download(root: Path, sources: dict[str, _Source]) -> None:
         sources[stem] = _Source(stem, dest)
 
 
+def _corrupt_message(path: Path, error: BaseException) -> str:
+    """A damaged archive: name it and say how to replace it."""
+    return (
+        f"cannot read the Omniglot archive {str(path)!r} ({type(error).__name__}: {error}): it "
+        f"is empty, truncated or not a zip file. Fix: delete it and rerun with "
+        f"dataset.download=true, or put the official {path.name} there (from "
+        f"https://github.com/brendenlake/omniglot)"
+    )
+
+
 def _index(source: _Source) -> dict[CharacterKey, list[str]]:
-    """``(alphabet, character) -> [image file, ...]`` sorted by file name (drawer order)."""
+    """``(alphabet, character) -> [image file, ...]`` sorted by file name (drawer order).
+
+    Raises:
+        ValueError: the zip archive is damaged (empty, truncated, not a zip).
+    """
     if source.is_zip:
-        with zipfile.ZipFile(source.path) as archive:
-            names = [n for n in archive.namelist() if n.lower().endswith(".png")]
+        try:
+            with zipfile.ZipFile(source.path) as archive:
+                names = [n for n in archive.namelist() if n.lower().endswith(".png")]
+        except (zipfile.BadZipFile, EOFError, OSError) as error:
+            raise ValueError(_corrupt_message(source.path, error)) from None
     else:
         names = [p.relative_to(source.path).as_posix() for p in source.path.rglob("*.png")]
     characters: dict[CharacterKey, list[str]] = {}
@@ -220,13 +238,19 @@ def _decode(
             character = characters[key]
             source = character.source
             for name in character.files:
-                if source.is_zip:
-                    if source.path not in open_zips:
-                        open_zips[source.path] = zipfile.ZipFile(source.path)
-                    data = open_zips[source.path].read(name)
-                else:
-                    data = (source.path / name).read_bytes()
-                buffer += _decode_image(data, image_size)
+                # A member with a bad CRC or deflate stream, or bytes that are not a PNG
+                # (PIL's UnidentifiedImageError is an OSError): a damaged archive or folder.
+                try:
+                    if source.is_zip:
+                        if source.path not in open_zips:
+                            open_zips[source.path] = zipfile.ZipFile(source.path)
+                        data = open_zips[source.path].read(name)
+                    else:
+                        data = (source.path / name).read_bytes()
+                    buffer += _decode_image(data, image_size)
+                except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+                    where = source.path if source.is_zip else source.path / name
+                    raise ValueError(_corrupt_message(where, error)) from None
     finally:
         for archive in open_zips.values():
             archive.close()

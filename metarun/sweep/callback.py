@@ -1,5 +1,6 @@
-"""Hydra callback that records each sweep job's status and keeps the sweep's summary table
-current (``conf/config.yaml``: ``hydra.callbacks.sweep_summary``).
+"""Hydra callbacks (``conf/config.yaml``: ``hydra.callbacks``): :class:`RunDirCheck`, which
+refuses a run dir that cannot be created before Hydra tries, and :class:`SweepSummary`, which
+records each sweep job's status and keeps the sweep's summary table current.
 
 In a multirun each job writes ``<run dir>/status.json`` when it starts (``running``, with its
 pid and host) and when it ends (``done`` / ``stopped`` / ``failed`` with the error), then
@@ -12,11 +13,13 @@ Single runs (no ``-m``) are left alone.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,59 @@ def jobs_started() -> bool:
     return _sweep_dir is not None and any(_sweep_dir.glob(f"*/{STATUS_FILE}"))
 
 
+class UnusableDirError(SystemExit):
+    """A run or sweep dir that cannot be created or written. A ``SystemExit``: Hydra turns any
+    ``Exception`` in a callback into a warning and goes on to fail in its own ``mkdir``;
+    ``metarun.cli`` prints :attr:`message` as ``error: ...`` and exits with 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
+def check_writable_dir(path: str | Path, key: str) -> None:
+    """Create ``path`` (and a file in it) as Hydra is about to, then remove what was created:
+    Hydra resolves ``${now:...}`` again when it creates the dir, possibly a second later.
+
+    Raises:
+        UnusableDirError: naming the path, the key that set it and the reason.
+    """
+    path = Path(path)
+    created: list[Path] = []
+    try:
+        missing, existing = [], path
+        while not existing.exists() and existing != existing.parent:
+            missing.append(existing)
+            existing = existing.parent
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.append(folder)
+        fd, probe = tempfile.mkstemp(prefix=".metarun-probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise UnusableDirError(
+            f"{key}={str(path)!r} cannot be used as an output folder ({reason}: "
+            f"{error.filename or path}); set {key}=<a folder you can write to>"
+        ) from None
+    finally:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):  # something appeared in it meanwhile: keep it
+                folder.rmdir()
+
+
+class RunDirCheck(Callback):
+    """``hydra.run.dir`` under ``/proc``, below a file, or in a read-only folder: an ``error:``
+    naming the key instead of the traceback of Hydra's own ``mkdir``."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not HydraConfig.initialized():
+            # ${name} reads ${hydra:runtime.choices.*}; Hydra sets this itself in run_job.
+            HydraConfig.instance().set_config(config)
+        check_writable_dir(config.hydra.run.dir, "hydra.run.dir")
+
+
 class SweepSummary(Callback):
     """Job status files and the sweep summary (see the module docstring)."""
 
@@ -64,6 +120,7 @@ class SweepSummary(Callback):
             HydraConfig.instance().set_config(config)
         _sweep_dir = Path(config.hydra.sweep.dir)
         _pin_sweep_dir(config, str(_sweep_dir))
+        check_writable_dir(_sweep_dir, "hydra.sweep.dir")
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not _in_sweep(config):
