@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -51,3 +52,19 @@ class TaskBatch:
     def split(self, chunk: int) -> list[TaskBatch]:
         """Consecutive sub-batches of at most ``chunk`` tasks (for ranks or memory chunks)."""
         return [self._map(lambda t, i=i: t[i : i + chunk]) for i in range(0, len(self), chunk)]
+
+
+class TaskSource(Protocol):
+    """Anything that draws a batch of tasks from a generator."""
+
+    def sample(self, n: int, generator: torch.Generator) -> TaskBatch: ...
+
+
+@dataclass
+class TaskSources:
+    """Where a dataset's tasks come from: training tasks are sampled afresh, val/test tasks are
+    fixed by the evaluation seeds."""
+
+    train: TaskSource
+    val: Any
+    test: Any

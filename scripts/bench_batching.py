@@ -38,9 +38,9 @@ import torch
 # script in it runs).
 from bench_unroll import LR, higher, higher_step, make_batch
 
+from metarun.algorithms.autotune import choose_task_batching, cpu_peak_bytes
 from metarun.algorithms.maml import MAML
 from metarun.models import Conv4
-from metarun.runner.autotune import choose_task_batching, cpu_peak_bytes
 
 
 def peak(fn, device: torch.device) -> int:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from metarun.algorithms.autotune import candidates, choose_task_batching, task_graph_bytes
 from metarun.algorithms.maml import MAML
 from metarun.data import FewShotTasks
 from metarun.models import Conv4
-from metarun.runner.autotune import candidates, choose_task_batching, task_graph_bytes
 
 
 def _setup(**maml_kwargs):
@@ -63,11 +63,11 @@ class _Timed(torch.nn.Module):
 
     def __init__(self, seconds: dict[tuple[str, int | None], float]) -> None:
         super().__init__()
-        from metarun.algorithms.maml import TaskBatching
+        from metarun.config.enums import TaskBatching
 
         self.w = torch.nn.Parameter(torch.ones(3))
         self.seconds = seconds
-        self.task_batching, self.task_chunk_size = TaskBatching.LOOP, None
+        self.task_batching, self.task_chunk_size = TaskBatching.loop, None
         self.pre_adaptation_metrics = True
         self.calls: list[tuple[str, int | None]] = []
         self.now = 0.0

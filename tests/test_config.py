@@ -255,12 +255,12 @@ def test_unknown_option_lists_the_available_ones(compose_cfg):
         ),
         (["eval.num_tasks=0"], "eval.num_tasks must be >= 1, got 0"),
         (
-            ["algo.checkpoint_inner=true"],
+            ["algo.checkpoint_inner=true", "algo.task_batching=vmap"],
             "algo.checkpoint_inner=true needs algo.task_batching=loop or auto, got "
             "algo.task_batching=vmap",
         ),
         (
-            ["algo.bn_policy=running_stats"],
+            ["algo.bn_policy=running_stats", "algo.task_batching=vmap"],
             "algo.task_batching=vmap needs algo.bn_policy=batch_stats",
         ),
         (["algo.task_chunk_size=0"], "algo.task_chunk_size must be >= 1 or null, got 0"),
@@ -291,7 +291,7 @@ def test_n_way_above_available_classes(make_config, monkeypatch):
     import metarun.data
 
     pools = {s: torch.rand(6, 20, 1, 28, 28) for s in ("train", "val", "test")}
-    monkeypatch.setattr(metarun.data, "load_omniglot", lambda root, **kw: pools)
+    monkeypatch.setattr(metarun.data.omniglot, "load_omniglot", lambda root, **kw: pools)
     run = make_config(["dataset=omniglot", "dataset.n_way=10", "model.num_classes=10"])
     with pytest.raises(ConfigError, match=r"dataset.n_way=10 exceeds the 6 classes"):
         build_tasks(run.dataset)

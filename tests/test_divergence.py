@@ -24,8 +24,9 @@ from metarun.runner.trainer import Trainer, TrainingDiverged, nonfinite_entries
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-# Tiny sinusoid run, checkpoints every 3 steps, no validation (best.pt would be a second file).
-ARGS = ["outer_steps=12", "save.every=3", "eval.every=0"]
+# Tiny sinusoid run, checkpoints every 3 steps, no validation (best.pt would be a second file);
+# a fixed task batching, so that every meta_train_step call is a training step (auto measures).
+ARGS = ["outer_steps=12", "save.every=3", "eval.every=0", "algo.task_batching=vmap"]
 
 
 @pytest.fixture

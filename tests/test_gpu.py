@@ -61,7 +61,7 @@ def test_vmap_equals_loop_on_cuda() -> None:
 
 
 def test_auto_measures_cuda_peaks_and_respects_the_budget() -> None:
-    from metarun.runner.autotune import choose_task_batching
+    from metarun.algorithms.autotune import choose_task_batching
     from metarun.tasks import TaskBatch
 
     x = torch.rand(8, 5, 1, 28, 28, device="cuda")

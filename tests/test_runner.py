@@ -27,7 +27,7 @@ def fake_omniglot(monkeypatch):
 
     gen = torch.Generator().manual_seed(0)
     pools = {s: torch.rand(20, 20, 1, 28, 28, generator=gen) for s in ("train", "val", "test")}
-    monkeypatch.setattr(metarun.data, "load_omniglot", lambda root, **kw: pools)
+    monkeypatch.setattr(metarun.data.omniglot, "load_omniglot", lambda root, **kw: pools)
 
 
 OMNIGLOT_TINY = [
@@ -208,16 +208,16 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(train, tmp_path, monkey
 
 
 def test_task_batching_auto_is_measured_saved_and_restored(train, tmp_path, caplog):
-    caplog.set_level("INFO", logger="metarun.runner.autotune")
+    caplog.set_level("INFO", logger="metarun.algorithms.autotune")
     overrides = ["algo.task_batching=auto", "outer_steps=4", "save.every=0", "eval.every=0"]
     train(tmp_path, overrides)
     assert "task_batching=auto chose" in caplog.text
-    chosen = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["task_batching"]
+    chosen = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["algorithm_extra"]["task_batching"]
     assert chosen["mode"] in ("loop", "vmap")
     caplog.clear()
     train(tmp_path, [*overrides, "outer_steps=6", "resume=true"])
     assert "task_batching=auto chose" not in caplog.text  # the checkpoint's choice is reused
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["task_batching"] == chosen
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["algorithm_extra"]["task_batching"] == chosen
 
 
 def test_loop_with_checkpointed_inner_steps_matches_vmap(train, tmp_path):

@@ -1,57 +1,101 @@
-"""The narrow protocol every meta-learning algorithm implements; the runner knows only this."""
+"""The base class every meta-learning algorithm extends; the runner knows only this class.
+
+An algorithm overrides the four methods that define it (``meta_train_step``, ``evaluate``,
+``adapt``, ``predict``); every other hook has a default that does nothing, so the runner calls
+them unconditionally and never probes for attributes.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
+from metarun.parallel import Shards
 from metarun.tasks import TaskBatch
 
 
-@runtime_checkable
-class MetaAlgorithm(Protocol):
+class MetaAlgorithm(nn.Module):
     """What the runner calls. Algorithms are ``nn.Module`` s so ``state_dict`` covers everything
     they learn (the model's initial weights and e.g. learned inner learning rates).
 
+    Required:
+
     - ``meta_train_step(batch)`` computes the meta-loss of a batch of tasks and runs its backward,
       leaving the mean over tasks of the meta-gradient in ``.grad`` of ``meta_parameters()``. It
-      does not step an optimizer. Returns scalar metrics keyed ``train/<name>``.
+      does not step an optimizer. Returns scalar metrics keyed ``train/<name>``, among them
+      ``train/meta_loss`` (what the meta-optimizer minimises).
     - ``evaluate(batch, inner_steps)`` adapts each task without building a meta-graph and returns
       per-task metrics keyed ``pre/<name>`` and ``post/<name>`` (before/after adaptation), each a
       1-D tensor of length ``len(batch)``: ``loss`` always, ``accuracy`` for classification.
       Algorithms that adapt nothing (example reweighting: ``l2rw``, ``erm``) return ``post/``
       metrics only, one value per query example.
-    - ``adapt(support_x, support_y, steps)`` adapts to one task (no task dimension) and returns the
-      fast parameters; ``predict(params, x)`` runs the model with them.
-    - ``log_scalars()`` extra values worth logging (learned inner learning rates, their grads).
+    - ``adapt(support_x, support_y, steps)`` adapts to one task (no task dimension) and returns
+      what ``predict(adapted, x)`` needs (fast weights for MAML, prototypes for ProtoNets).
 
-    Optional, called by the runner when present: ``log_histograms()`` (name -> tensor, e.g. the
-    last example weights of L2RW, logged as TensorBoard histograms) and
-    ``attach_optimizer(optimizer)`` (the runner's optimizer, for algorithms whose meta-step
-    needs it, e.g. L2RW's look-ahead).
+    Hooks with no-op defaults:
+
+    - ``log_scalars()`` / ``log_histograms()``: extra values for logged steps.
+    - ``attach_optimizer(optimizer)``: the runner's optimizer (L2RW's look-ahead steps it).
+    - ``set_shards(shards)``: under torch.distributed, for algorithms that split each step's
+      examples themselves (``splits_examples = True``); the others get their share of the
+      meta-batch's tasks from the runner.
+    - ``before_training(sample, device)``: once before the first step of a fresh run, with a
+      function drawing meta-batches (from its own generator: training tasks are unaffected);
+      e.g. MAML measures its task batching there.
+    - ``extra_state()`` / ``load_extra_state(state)``: run state outside ``state_dict`` that a
+      resumed run must reuse (MAML's measured task batching), saved in checkpoints.
+
+    Attributes:
+        model: the network.
+        pre_adaptation_metrics: the runner sets it before each step: whether that step is
+            logged, so that metrics costing extra work (pre-adaptation query loss) are computed
+            only then.
     """
 
     model: nn.Module
+    splits_examples: ClassVar[bool] = False
+    pre_adaptation_metrics: bool = True
 
-    def meta_parameters(self) -> list[nn.Parameter]: ...
+    def meta_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
 
-    def meta_train_step(self, batch: TaskBatch) -> dict[str, float]: ...
+    def meta_train_step(self, batch: TaskBatch) -> dict[str, float]:
+        raise NotImplementedError
 
-    def evaluate(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]: ...
+    def evaluate(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
+        raise NotImplementedError
 
     def adapt(
         self, support_x: Tensor, support_y: Tensor, steps: int | None = None
-    ) -> dict[str, Tensor]: ...
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError
 
-    def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor: ...
+    def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        raise NotImplementedError
 
-    def log_scalars(self) -> dict[str, float]: ...
+    # -- hooks with no-op defaults -----------------------------------------------------------
+    def log_scalars(self) -> dict[str, float]:
+        return {}
 
-    # Provided by nn.Module; listed so the runner can type-check against the protocol alone.
-    def state_dict(self) -> dict[str, Any]: ...
+    def log_histograms(self) -> dict[str, Tensor]:
+        return {}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> Any: ...
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        return None
 
-    def train(self, mode: bool = True) -> Any: ...
+    def set_shards(self, shards: Shards) -> None:
+        return None
+
+    def before_training(
+        self, sample: Callable[[], TaskBatch], device: torch.device
+    ) -> None:
+        return None
+
+    def extra_state(self) -> dict[str, Any] | None:
+        return None
+
+    def load_extra_state(self, state: dict[str, Any] | None) -> None:
+        return None

@@ -17,70 +17,35 @@ Each training step, with a training batch (support) and a clean batch (query) in
 
 ``algo=erm`` is the same loop with uniform weights (plain training).
 
-Data parallel (several processes, :class:`Shards`): each process takes an equal share of the
-training and of the clean batch. The look-ahead weights at ``eps = 0`` are the same everywhere,
-so the clean-loss gradient at them is averaged over processes and pulled back to each process's
-own ``eps``; the weights are normalised by their global sum. The result is the single-process
-step on the whole batch, except that BatchNorm normalises each process's share (as
-DistributedDataParallel without SyncBatchNorm).
+Data parallel (several processes, :class:`~metarun.parallel.Shards`): each process takes an
+equal share of the training and of the clean batch. The look-ahead weights at ``eps = 0`` are
+the same everywhere, so the clean-loss gradient at them is averaged over processes and pulled
+back to each process's own ``eps``; the weights are normalised by their global sum. The result
+is the single-process step on the whole batch, except that BatchNorm normalises each process's
+share (as DistributedDataParallel without SyncBatchNorm).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metarun import registry
+from metarun.algorithms.base import MetaAlgorithm
+from metarun.config.bases import SUPERVISED, AlgoSchema
+from metarun.config.checks import require
+from metarun.config.errors import ConfigError
+from metarun.parallel import SINGLE, Shards
+from metarun.registry import BuildContext
 from metarun.tasks import TaskBatch
 from metarun.unroll import get_diff_optim, monkeypatch
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Shards:
-    """This process's place among ``world_size`` data-parallel processes.
-
-    Attributes:
-        rank: this process, ``0 <= rank < world_size``.
-        world_size: the processes sharing each step's examples.
-        all_reduce: sums a tensor over the processes, in place (``torch.distributed.all_reduce``
-            in the runner; the algorithm itself does not depend on torch.distributed).
-    """
-
-    rank: int
-    world_size: int
-    all_reduce: Callable[[Tensor], None]
-
-    def take(self, t: Tensor, key: str) -> Tensor:
-        """This process's equal share of the examples of ``t`` (dimension 0)."""
-        n = t.shape[0]
-        if n % self.world_size:
-            raise ValueError(
-                f"{key} must be divisible by the number of processes ({self.world_size}), got {n}"
-            )
-        share = n // self.world_size
-        return t[self.rank * share : (self.rank + 1) * share]
-
-    def total(self, t: Tensor) -> Tensor:
-        out = t.clone()
-        self.all_reduce(out)
-        return out
-
-    def mean(self, tensors: list[Tensor]) -> list[Tensor]:
-        """The mean over processes of each of ``tensors`` (one all-reduce of them all)."""
-        flat = self.total(torch.cat([t.reshape(-1) for t in tensors])) / self.world_size
-        return [
-            part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)
-        ]
-
-
-SINGLE = Shards(0, 1, lambda t: None)
 
 
 def normalise_weights(grad_eps: Tensor, shards: Shards = SINGLE) -> Tensor:
@@ -93,8 +58,52 @@ def normalise_weights(grad_eps: Tensor, shards: Shards = SINGLE) -> Tensor:
     return torch.zeros_like(w)
 
 
-class ReweightingBase(nn.Module):
+@dataclass
+class ERMConfig(AlgoSchema):
+    """``algo=erm``: plain training with uniform example weights, the baseline of Ren et al.
+    2018; same model, optimizer (``meta_optimizer``) and schedule as ``algo=l2rw``."""
+
+    # Also train on the clean set (appended to every training batch): the fair baseline of an
+    # algo=l2rw run with clean_as_train=true.
+    clean_as_train: bool = False
+
+    task_kinds: ClassVar[tuple[str, ...]] = (SUPERVISED,)
+
+    def check_run(self, run: Any) -> None:
+        if run.meta_batch_size != 1:
+            name = registry.option_of("algo", self).name
+            raise ConfigError(
+                f"meta_batch_size must be 1 for algo={name} (one training batch per step; its "
+                f"size is dataset.batch_size), got {run.meta_batch_size} (set meta_batch_size=1)"
+            )
+
+
+@dataclass
+class L2RWConfig(ERMConfig):
+    """``algo=l2rw``: learning to reweight examples (Ren et al. 2018, Algorithm 1). Each step
+    weights the training batch by how a look-ahead step of the training optimizer
+    (``meta_optimizer``) on each example changes the loss on the clean set."""
+
+    # Learning rate of the look-ahead step; null = the optimizer's own (meta_optimizer.lr).
+    lookahead_lr: float | None = None
+
+    def __post_init__(self) -> None:
+        require(
+            self.lookahead_lr is None or self.lookahead_lr > 0,
+            "algo.lookahead_lr",
+            self.lookahead_lr,
+            "> 0 or null (null = meta_optimizer.lr)",
+            "algo.lookahead_lr=0.001",
+        )
+
+    def step_sizes(self) -> dict[str, float]:
+        return {} if self.lookahead_lr is None else {"algo.lookahead_lr": self.lookahead_lr}
+
+
+class ReweightingBase(MetaAlgorithm):
     """Shared plumbing of example-reweighting algorithms (L2RW and the ERM baseline)."""
+
+    splits_examples = True  # each process takes a share of the examples (set_shards)
 
     task_type = "classification"
 
@@ -228,22 +237,7 @@ class ReweightingBase(nn.Module):
         return {} if self.last_weights is None else {"weights/examples": self.last_weights}
 
 
-class ERM(ReweightingBase):
-    """Plain training: uniform weights ``1/B`` (the L2RW paper's baseline).
-
-    Args:
-        model: the classifier being trained.
-        clean_as_train: also train on the clean set (appended to every batch).
-        minority_class: label whose weight mass is logged (imbalanced MNIST).
-    """
-
-    def _weights_and_stats(
-        self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor
-    ) -> tuple[Tensor, dict[str, float]]:
-        n = x.shape[0] * self.shards.world_size
-        return torch.full((x.shape[0],), 1.0 / n, device=x.device, dtype=x.dtype), {}
-
-
+@registry.register("algo", "l2rw", L2RWConfig)
 class L2RW(ReweightingBase):
     """Learning to reweight examples.
 
@@ -269,6 +263,15 @@ class L2RW(ReweightingBase):
                 "(null uses the optimizer's learning rate)"
             )
         self.lookahead_lr = lookahead_lr
+
+    @classmethod
+    def from_config(cls, config: L2RWConfig, model: nn.Module, context: BuildContext) -> L2RW:
+        return cls(
+            model,
+            lookahead_lr=config.lookahead_lr,
+            clean_as_train=config.clean_as_train,
+            minority_class=context.dataset.minority_class,
+        )
 
     def example_weights(self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor) -> Tensor:
         """Steps 1-4: the normalised example weights (detached)."""
@@ -318,3 +321,28 @@ class L2RW(ReweightingBase):
         w = normalise_weights(grad.detach(), self.shards)
         norm = float(self.shards.total(grad.detach().pow(2).sum()).sqrt())
         return w, {"weights/eps_grad_norm": norm}
+
+
+@registry.register("algo", "erm", ERMConfig)
+class ERM(ReweightingBase):
+    """Plain training: uniform weights ``1/B`` (the L2RW paper's baseline).
+
+    Args:
+        model: the classifier being trained.
+        clean_as_train: also train on the clean set (appended to every batch).
+        minority_class: label whose weight mass is logged (imbalanced MNIST).
+    """
+
+    @classmethod
+    def from_config(cls, config: ERMConfig, model: nn.Module, context: BuildContext) -> ERM:
+        return cls(
+            model,
+            clean_as_train=config.clean_as_train,
+            minority_class=context.dataset.minority_class,
+        )
+
+    def _weights_and_stats(
+        self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor
+    ) -> tuple[Tensor, dict[str, float]]:
+        n = x.shape[0] * self.shards.world_size
+        return torch.full((x.shape[0],), 1.0 / n, device=x.device, dtype=x.dtype), {}

@@ -17,14 +17,22 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metarun import registry
+from metarun.algorithms.base import MetaAlgorithm
+from metarun.config.bases import AlgoSchema
+from metarun.config.checks import require, require_optional_count
+from metarun.config.enums import BNPolicy, InnerLR, TaskBatching
+from metarun.config.errors import ConfigError
+from metarun.registry import BuildContext, register
 from metarun.tasks import TaskBatch
 from metarun.unroll import SGD, functional_call, get_params, inner_loop
 from metarun.unroll.batched import batch_stats_buffers, decomposed_batch_norm, func_inner_loop
@@ -32,31 +40,101 @@ from metarun.unroll.batched import batch_stats_buffers, decomposed_batch_norm, f
 log = logging.getLogger(__name__)
 
 
-class LearnInnerLR(str, enum.Enum):
-    OFF = "off"
-    SCALAR = "scalar"
-    PER_PARAM = "per_param"
+@dataclass
+class MAMLConfig(AlgoSchema):
+    """``algo=maml``: Finn et al. 2017, second-order unless ``first_order``."""
+
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    # Adaptation steps at validation/test time; the paper uses more than in training on Omniglot.
+    eval_inner_steps: int = "${.inner_steps}"  # type: ignore[assignment]  # interpolation
+    first_order: bool = False
+    # True: the model's weights get no meta-gradient (only e.g. learned inner lrs are meta-learned).
+    copy_initial_weights: bool = False
+    learn_inner_lr: InnerLR = InnerLR.off
+    bn_policy: BNPolicy = BNPolicy.batch_stats
+    # auto: measured at start-up (vmap wins for small models, the loop for conv nets with many
+    # queries on a CPU); loop: the least memory.
+    task_batching: TaskBatching = TaskBatching.auto
+    task_chunk_size: int | None = None  # tasks per vmapped chunk; null = the whole meta-batch
+    memory_budget_mb: float | None = None  # task_batching=auto: skip faster but bigger choices
+    # Recompute inner forwards in the meta-backward: less memory on long unrolls (loop only).
+    checkpoint_inner: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.inner_lr > 0, "algo.inner_lr", self.inner_lr, "> 0", "algo.inner_lr=0.01")
+        require(
+            self.inner_steps >= 1,
+            "algo.inner_steps",
+            self.inner_steps,
+            ">= 1",
+            "algo.inner_steps=5",
+        )
+        require(
+            self.eval_inner_steps >= 0,
+            "algo.eval_inner_steps",
+            self.eval_inner_steps,
+            ">= 0",
+            "algo.eval_inner_steps=10",
+        )
+        require_optional_count(
+            "algo.task_chunk_size", self.task_chunk_size, "algo.task_chunk_size=8"
+        )
+        require(
+            self.memory_budget_mb is None or self.memory_budget_mb > 0,
+            "algo.memory_budget_mb",
+            self.memory_budget_mb,
+            "> 0 or null",
+            "algo.memory_budget_mb=4000",
+        )
+        if self.checkpoint_inner and self.task_batching is TaskBatching.vmap:
+            raise ConfigError(
+                "algo.checkpoint_inner=true needs algo.task_batching=loop or auto, got "
+                "algo.task_batching=vmap (torch.func transforms do not support activation "
+                "checkpointing; auto uses the loop)"
+            )
+        if self.task_batching is TaskBatching.vmap and self.bn_policy is not BNPolicy.batch_stats:
+            raise ConfigError(
+                f"algo.task_batching=vmap needs algo.bn_policy=batch_stats, got "
+                f"algo.bn_policy={self.bn_policy.value} (tasks computed at once cannot share "
+                "running statistics; set algo.task_batching=loop)"
+            )
 
 
-class BNPolicy(str, enum.Enum):
-    """``batch_stats``: normalise with the current batch's statistics in training and evaluation
-    (the MAML reference code). ``running_stats``: meta-training updates the model's running
-    statistics; evaluation uses them (model in eval mode)."""
+    def step_sizes(self) -> dict[str, float]:
+        return {"algo.inner_lr": self.inner_lr}
 
-    BATCH_STATS = "batch_stats"
-    RUNNING_STATS = "running_stats"
-
-
-class TaskBatching(str, enum.Enum):
-    """``loop``: one task after another, each task's graph freed before the next (least memory).
-    ``vmap``: tasks run as one ``torch.func.vmap`` computation, ``task_chunk_size`` at a time
-    (each chunk's backward before the next), trading memory for speed."""
-
-    LOOP = "loop"
-    VMAP = "vmap"
+    def check_run(self, run: Any) -> None:
+        train_ways, eval_ways = run.dataset.ways()
+        if train_ways != eval_ways:
+            name = registry.option_of("algo", self).name
+            raise ConfigError(
+                f"dataset.eval_n_way must equal dataset.n_way ({train_ways}) for algo={name}, "
+                f"got {eval_ways} (its model's classifier has one output per training class; "
+                "leave dataset.eval_n_way unset, or use an algorithm without a classifier head "
+                "such as a metric-based learner)"
+            )
 
 
-class MAML(nn.Module):
+@dataclass
+class FOMAMLConfig(MAMLConfig):
+    """``algo=fomaml``: first-order MAML (Finn et al. 2017, Sec. 5.2), i.e. MAML without
+    second derivatives."""
+
+    first_order: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.first_order:
+            raise ConfigError(
+                "algo.first_order must be true for algo=fomaml, got False "
+                "(use algo=maml for second-order MAML)"
+            )
+
+
+@register("algo", "fomaml", FOMAMLConfig)
+@register("algo", "maml", MAMLConfig)
+class MAML(MetaAlgorithm):
     """Model-agnostic meta-learning on :mod:`metarun.unroll`'s functional layer.
 
     Args:
@@ -70,8 +148,13 @@ class MAML(nn.Module):
             no meta-gradient (only learned learning rates are trained). A warning says so.
         learn_inner_lr: ``off``, ``scalar`` (one learned rate) or ``per_param`` (Meta-SGD: an
             elementwise rate for every parameter tensor).
-        bn_policy: see :class:`BNPolicy`.
-        task_batching: see :class:`TaskBatching`.
+        bn_policy: ``batch_stats``: normalise with the current batch's statistics in training
+            and evaluation (the MAML reference code); ``running_stats``: meta-training updates
+            the model's running statistics, evaluation uses them (model in eval mode).
+        task_batching: ``loop``: one task after another, each task's graph freed before the
+            next (least memory); ``vmap``: tasks as one ``torch.func.vmap`` computation,
+            ``task_chunk_size`` at a time (memory for speed); ``auto``: the loop until
+            :meth:`before_training` measures the candidates and keeps the fastest.
         task_chunk_size: tasks per vmapped chunk (``None``: the whole meta-batch).
         checkpoint_inner: recompute each inner step's forward during the meta-backward instead
             of storing its activations (less memory on long unrolls, ~1 extra forward per step;
@@ -82,8 +165,6 @@ class MAML(nn.Module):
             metrics before adaptation (one extra no-grad forward per task); the runner turns it
             off on steps it does not log.
     """
-
-    pre_adaptation_metrics: bool = True
 
     def __init__(
         self,
@@ -100,6 +181,7 @@ class MAML(nn.Module):
         task_batching: str = "loop",
         task_chunk_size: int | None = None,
         checkpoint_inner: bool = False,
+        memory_budget_mb: float | None = None,
     ) -> None:
         super().__init__()
         if task_type not in ("classification", "regression"):
@@ -117,7 +199,7 @@ class MAML(nn.Module):
         self.eval_inner_steps = eval_inner_steps
         self.first_order = first_order
         self.copy_initial_weights = copy_initial_weights
-        self.learn_inner_lr = LearnInnerLR(learn_inner_lr)
+        self.learn_inner_lr = InnerLR(learn_inner_lr)
         self.bn_policy = BNPolicy(bn_policy)
         self.task_batching = TaskBatching(task_batching)
         if task_chunk_size is not None and task_chunk_size < 1:
@@ -127,12 +209,13 @@ class MAML(nn.Module):
             )
         self.task_chunk_size = task_chunk_size
         self.checkpoint_inner = checkpoint_inner
-        if checkpoint_inner and self.task_batching is TaskBatching.VMAP:
+        self.memory_budget_mb = memory_budget_mb
+        if checkpoint_inner and self.task_batching is TaskBatching.vmap:
             raise ValueError(
                 "algo.checkpoint_inner=true works with task_batching=loop only "
                 "(torch.func transforms do not support activation checkpointing)"
             )
-        if self.task_batching is TaskBatching.VMAP and self.bn_policy is not BNPolicy.BATCH_STATS:
+        if self.task_batching is TaskBatching.vmap and self.bn_policy is not BNPolicy.batch_stats:
             raise ValueError(
                 "task_batching=vmap needs bn_policy=batch_stats: tasks running at once cannot "
                 "share running statistics; set algo.bn_policy=batch_stats or "
@@ -144,9 +227,9 @@ class MAML(nn.Module):
         self.base_inner_lr = float(inner_lr)
         self.inner_lr: nn.Parameter | None = None
         self.inner_lrs: nn.ParameterDict | None = None
-        if self.learn_inner_lr is LearnInnerLR.SCALAR:
+        if self.learn_inner_lr is InnerLR.scalar:
             self.inner_lr = nn.Parameter(torch.tensor(float(inner_lr)))
-        elif self.learn_inner_lr is LearnInnerLR.PER_PARAM:
+        elif self.learn_inner_lr is InnerLR.per_param:
             # ParameterDict keys may not contain dots.
             self.inner_lrs = nn.ParameterDict(
                 {
@@ -163,9 +246,44 @@ class MAML(nn.Module):
                 "(hypergrad/norm stays 0). Set algo.copy_initial_weights=false for MAML."
             )
 
-    # -- pieces ------------------------------------------------------------------------------
-    def meta_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+    @classmethod
+    def from_config(cls, config: MAMLConfig, model: nn.Module, context: BuildContext) -> MAML:
+        return cls(
+            model,
+            task_type=context.task_type,
+            inner_lr=config.inner_lr,
+            inner_steps=config.inner_steps,
+            eval_inner_steps=config.eval_inner_steps,
+            first_order=config.first_order,
+            copy_initial_weights=config.copy_initial_weights,
+            learn_inner_lr=config.learn_inner_lr.value,
+            bn_policy=config.bn_policy.value,
+            task_batching=config.task_batching.value,
+            task_chunk_size=config.task_chunk_size,
+            checkpoint_inner=config.checkpoint_inner,
+            memory_budget_mb=config.memory_budget_mb,
+        )
+
+    # -- runner hooks ------------------------------------------------------------------------
+    def before_training(self, sample: Callable[[], TaskBatch], device: torch.device) -> None:
+        """``task_batching=auto``: time loop / vmap / vmap chunks on one meta-batch and keep the
+        fastest within ``memory_budget_mb`` (:mod:`metarun.algorithms.autotune`)."""
+        if self.task_batching is not TaskBatching.auto:
+            return
+        from metarun.algorithms.autotune import choose_task_batching
+
+        choose_task_batching(self, sample(), device, memory_budget_mb=self.memory_budget_mb)
+
+    def extra_state(self) -> dict[str, Any]:
+        """The task batching in use (what ``auto`` chose), so that a resumed run computes as
+        before."""
+        return {"task_batching": {"mode": self.task_batching.value, "chunk": self.task_chunk_size}}
+
+    def load_extra_state(self, state: dict[str, Any] | None) -> None:
+        chosen = (state or {}).get("task_batching")
+        if chosen is not None:
+            self.task_batching = TaskBatching(chosen["mode"])
+            self.task_chunk_size = chosen["chunk"]
 
     def _hyper(self) -> dict[str, object]:
         if self.inner_lr is not None:
@@ -181,7 +299,7 @@ class MAML(nn.Module):
         return {}
 
     def _forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        if self.bn_policy is BNPolicy.BATCH_STATS:
+        if self.bn_policy is BNPolicy.batch_stats:
             return functional_call(self.model, params, x, buffers=self._stats_off)
         return functional_call(self.model, params, x)
 
@@ -218,7 +336,7 @@ class MAML(nn.Module):
     def meta_train_step(self, batch: TaskBatch) -> dict[str, float]:
         """Meta-gradient of the mean query loss over the batch, accumulated task by task (each
         task's graph is freed before the next)."""
-        if self.task_batching is TaskBatching.VMAP:
+        if self.task_batching is TaskBatching.vmap:
             return self._meta_train_vmap(batch)
         n = len(batch)
         totals: dict[str, float] = {}
@@ -303,7 +421,7 @@ class MAML(nn.Module):
     @contextlib.contextmanager
     def _eval_mode(self) -> Iterator[None]:
         was = self.model.training
-        self.model.train(self.bn_policy is BNPolicy.BATCH_STATS)
+        self.model.train(self.bn_policy is BNPolicy.batch_stats)
         try:
             yield
         finally:

@@ -1,77 +1,93 @@
-"""Configuration: typed schemas (``schema``), their ConfigStore registration (``store``) and the
-checks that turn a composed config into a validated :class:`RunConfig` (``validate``)."""
+"""Configuration: the run's schema (``schema``), shared enums (``enums``), option base classes that
+declare compatibilities (``bases``), their ConfigStore registration (``store``) and the checks
+that turn a composed config into a validated :class:`RunConfig` (``validation``).
+
+Schemas of algorithms, datasets and models live beside their code and register themselves in
+:mod:`metarun.registry`; they are importable from here by class name too.
+
+Names are loaded on first use, so that the torch-free, OmegaConf-free pieces algorithms need
+(``errors``, ``checks``, ``enums``, ``bases``) import nothing else.
+"""
 
 from __future__ import annotations
 
-from metarun.config.errors import ConfigError
-from metarun.config.schema import (
-    SCHEMAS,
+import importlib
+from typing import TYPE_CHECKING
+
+from metarun.config.enums import (
     BNPolicy,
-    Cifar10NoisyConfig,
-    Cifar100NoisyConfig,
-    Conv4Config,
-    ERMConfig,
-    EvalConfig,
-    FOMAMLConfig,
     InnerLR,
-    L2RWConfig,
-    LeNetConfig,
     LeNetVariant,
-    LogConfig,
-    MAMLConfig,
-    MetaOptimizerConfig,
-    MLPConfig,
-    MnistImbalanceConfig,
     MnistSourceSplit,
     Mode,
     NoiseType,
-    OmniglotConfig,
     OmniglotSplit,
     OptimizerName,
-    ResNet32Config,
-    RunConfig,
-    SaveConfig,
     ScheduleName,
-    SinusoidConfig,
     TaskBatching,
-    WRN28_10Config,
 )
-from metarun.config.validate import from_yaml, options, to_yaml, validate
+from metarun.config.errors import ConfigError
+
+if TYPE_CHECKING:
+    from metarun.config.schema import (
+        EvalConfig,
+        LogConfig,
+        MetaOptimizerConfig,
+        RunConfig,
+        SaveConfig,
+    )
+    from metarun.config.validation import from_yaml, options, to_yaml, validate
+
+_LAZY = {
+    "EvalConfig": "schema",
+    "LogConfig": "schema",
+    "MetaOptimizerConfig": "schema",
+    "RunConfig": "schema",
+    "SaveConfig": "schema",
+    "from_yaml": "validation",
+    "options": "validation",
+    "to_yaml": "validation",
+    "validate": "validation",
+}
 
 __all__ = [
-    "SCHEMAS",
     "BNPolicy",
-    "Cifar10NoisyConfig",
-    "Cifar100NoisyConfig",
     "ConfigError",
-    "Conv4Config",
-    "ERMConfig",
     "EvalConfig",
-    "FOMAMLConfig",
     "InnerLR",
-    "L2RWConfig",
-    "LeNetConfig",
     "LeNetVariant",
     "LogConfig",
-    "MAMLConfig",
-    "MLPConfig",
     "MetaOptimizerConfig",
-    "MnistImbalanceConfig",
     "MnistSourceSplit",
     "Mode",
     "NoiseType",
-    "OmniglotConfig",
     "OmniglotSplit",
     "OptimizerName",
-    "ResNet32Config",
     "RunConfig",
     "SaveConfig",
     "ScheduleName",
-    "SinusoidConfig",
     "TaskBatching",
-    "WRN28_10Config",
     "from_yaml",
     "options",
     "to_yaml",
     "validate",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """The lazily loaded names above; every registered option's schema by class name
+    (``from metarun.config import MAMLConfig``); and ``SCHEMAS``: ``{group: {option: schema}}``."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"metarun.config.{_LAZY[name]}"), name)
+    from metarun import registry
+
+    if name == "SCHEMAS":
+        return {
+            group: {n: o.schema for n, o in registry.options(group).items()}
+            for group in registry.GROUPS
+        }
+    for group in registry.GROUPS:
+        for option in registry.options(group).values():
+            if option.schema.__name__ == name:
+                return option.schema
+    raise AttributeError(f"module 'metarun.config' has no attribute {name!r}")

@@ -7,7 +7,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from metarun.config.schema import SCHEMAS, RunConfig
+from metarun import registry
+from metarun.config.schema import RunConfig
 
 #: ``conf/config.yaml`` starts its defaults list with this name.
 RUN_SCHEMA = "run_schema"
@@ -31,6 +32,6 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("metarun.run_name", run_name, replace=True)
     store = ConfigStore.instance()
     store.store(name=RUN_SCHEMA, node=RunConfig)
-    for group, options in SCHEMAS.items():
-        for option, schema in options.items():
-            store.store(group=f"schema/{group}", name=option, node=schema)
+    for group in registry.GROUPS:
+        for name, option in registry.options(group).items():
+            store.store(group=f"schema/{group}", name=name, node=option.schema)

@@ -1,16 +1,20 @@
-"""Task samplers and data sets; they depend on torch, torchvision and PIL only."""
+"""Task samplers and data sets. Each dataset module also holds its ``dataset`` option (schema,
+builder, compatibilities) and registers it on import (:mod:`metarun.registry`)."""
+
+# Import order = registration order = the order help and error messages list options in.
+# isort: skip_file
 
 from __future__ import annotations
 
 from metarun.data.fewshot import FewShotTasks, fixed_tasks
-from metarun.data.omniglot import load_omniglot
 from metarun.data.sinusoid import SinusoidTasks
+from metarun.data.omniglot import load_omniglot
 
 __all__ = ["FewShotTasks", "SinusoidTasks", "fixed_tasks", "load_omniglot"]
 
 # Learning to reweight (Ren et al. 2018): imbalanced MNIST and noisy-label CIFAR.
-from metarun.data.cifar import background_flip, load_cifar_noisy, uniform_flip  # noqa: E402
 from metarun.data.mnist import load_mnist_imbalance  # noqa: E402
+from metarun.data.cifar import background_flip, load_cifar_noisy, uniform_flip  # noqa: E402
 from metarun.data.supervised import (  # noqa: E402
     ExampleSet,
     ReweightingTasks,

@@ -19,23 +19,33 @@ torchvision's downloader and are MD5-checked.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from metarun.config.bases import SUPERVISED, DatasetSchema
+from metarun.config.checks import require
+from metarun.config.enums import NoiseType
+from metarun.config.errors import ConfigError
 from metarun.data.supervised import (
     DOWNLOAD_ERRORS,
     DOWNLOAD_TIMEOUT_S,
     SplitData,
+    random_crop_flip,
     replace_into,
+    reweighting_sources,
     socket_timeout,
     staging_dir,
 )
+from metarun.registry import register
+from metarun.tasks import TaskSources
 
 __all__ = ["background_flip", "load_cifar_noisy", "uniform_flip"]
 
@@ -448,3 +458,116 @@ def load_cifar_noisy(
         train_y_true=y_true,
         background_class=background_class,
     )
+
+
+@dataclass
+class Cifar10NoisyConfig(DatasetSchema):
+    """``dataset=cifar10_noisy``: CIFAR-10 with label noise on the training pool and a small
+    clean set taken out of it (Ren et al. 2018, Sec. 5.2)."""
+
+    root: str = "${oc.env:METARUN_DATA,data}"  # holds cifar-10-batches-py/ (or cifar10/...)
+    num_classes: int = 10  # fixed by the option: 10 here, 100 for dataset=cifar100_noisy
+    noise: float = 0.4  # fraction of training labels flipped
+    noise_type: NoiseType = NoiseType.uniform
+    background: int | None = None  # noise_type=background: the class; null = drawn with seed
+    n_clean: int = 1000  # clean set, class-balanced, taken out of the training images
+    download: bool = False
+    seed: int = 0  # clean split and noise (not the training seed)
+    batch_size: int = 100  # training examples per step
+    # Clean examples per step (the official code's bsize_b); null = the whole clean set.
+    clean_batch_size: int | None = 100
+    # Random crops after zero padding, and left-right mirroring, of the training and clean
+    # batches (Ren et al. 2018 pad 32 -> 36, crop 32); validation and test images never.
+    augment: bool = True
+    crop_padding: int = 2  # pixels per side (4 is the common ResNet setting)
+
+    task_kind: ClassVar[str] = SUPERVISED
+    models: ClassVar[tuple[str, ...]] = ("resnet32", "wrn28_10")
+    _classes: ClassVar[int] = 10  # the classes this option stands for
+
+    def __post_init__(self) -> None:
+        other_classes = 100 if self._classes == 10 else 10
+        option, other = f"cifar{self._classes}_noisy", f"cifar{other_classes}_noisy"
+        if self.num_classes != self._classes:
+            raise ConfigError(
+                f"dataset.num_classes must be {self._classes} for dataset={option}, got "
+                f"{self.num_classes} (the option fixes it: leave it out, or use "
+                f"dataset={other} for CIFAR-{other_classes})"
+            )
+        require(
+            0.0 <= self.noise <= 1.0, "dataset.noise", self.noise, "in [0, 1]", "dataset.noise=0.4"
+        )
+        require(
+            self.background is None or 0 <= self.background < self.num_classes,
+            "dataset.background",
+            self.background,
+            f"null or a class in [0, {self.num_classes})",
+            "dataset.background=null",
+        )
+        require(self.n_clean >= 1, "dataset.n_clean", self.n_clean, ">= 1", "dataset.n_clean=1000")
+        require(
+            self.batch_size >= 1,
+            "dataset.batch_size",
+            self.batch_size,
+            ">= 1",
+            "dataset.batch_size=100",
+        )
+        require(
+            self.clean_batch_size is None or 1 <= self.clean_batch_size <= self.n_clean,
+            "dataset.clean_batch_size",
+            self.clean_batch_size,
+            f"null or in [1, dataset.n_clean={self.n_clean}]",
+            "dataset.clean_batch_size=100",
+        )
+        require(
+            0 <= self.crop_padding <= 16,
+            "dataset.crop_padding",
+            self.crop_padding,
+            "in [0, 16] (pixels per side)",
+            "dataset.crop_padding=2",
+        )
+
+    def check_model(self, model: Any) -> None:
+        require(
+            model.num_classes == self.num_classes,
+            "model.num_classes",
+            model.num_classes,
+            f"equal to dataset.num_classes ({self.num_classes})",
+            "model.num_classes=${dataset.num_classes}",
+        )
+
+    def shard_sizes(self) -> dict[str, int]:
+        if self.clean_batch_size is None:  # the whole clean set each step
+            return {"dataset.batch_size": self.batch_size, "dataset.n_clean": self.n_clean}
+        return {
+            "dataset.batch_size": self.batch_size,
+            "dataset.clean_batch_size": self.clean_batch_size,
+        }
+
+
+@dataclass
+class Cifar100NoisyConfig(Cifar10NoisyConfig):
+    """``dataset=cifar100_noisy``: CIFAR-100 (fine labels), otherwise as ``cifar10_noisy``."""
+
+    num_classes: int = 100
+
+    _classes: ClassVar[int] = 100
+
+
+@register("dataset", "cifar100_noisy", Cifar100NoisyConfig)
+@register("dataset", "cifar10_noisy", Cifar10NoisyConfig)
+def build_cifar_noisy(config: Cifar10NoisyConfig) -> TaskSources:
+    data = load_cifar_noisy(
+        config.root,
+        num_classes=config.num_classes,
+        noise=config.noise,
+        noise_type=config.noise_type.value,
+        n_clean=config.n_clean,
+        seed=config.seed,
+        download=config.download,
+        background=config.background,
+    )
+    augment = (
+        functools.partial(random_crop_flip, padding=config.crop_padding) if config.augment else None
+    )
+    return reweighting_sources(data, config.batch_size, config.clean_batch_size, augment)

@@ -19,19 +19,27 @@ import math
 import struct
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from metarun.config.bases import SUPERVISED, DatasetSchema
+from metarun.config.checks import require
+from metarun.config.enums import MnistSourceSplit
 from metarun.data.supervised import (
     DOWNLOAD_ERRORS,
     DOWNLOAD_TIMEOUT_S,
     SplitData,
     replace_into,
+    reweighting_sources,
     socket_timeout,
     staging_dir,
 )
+from metarun.registry import register
+from metarun.tasks import TaskSources
 
 __all__ = ["SplitData", "load_mnist_imbalance"]
 
@@ -431,3 +439,97 @@ def load_mnist_imbalance(
         num_classes=2,
         minority_class=0,
     )
+
+
+@dataclass
+class MnistImbalanceConfig(DatasetSchema):
+    """``dataset=mnist_imbalance``: binary 4-vs-9 MNIST with a training pool dominated by the 9s,
+    a small balanced clean set and a balanced test set (Ren et al. 2018, Sec. 5.1)."""
+
+    root: str = "${oc.env:METARUN_DATA,data}"  # holds mnist/raw/ (or MNIST/raw/) IDX files
+    pos_ratio: float = 0.995  # fraction of the dominant digit in the training pool
+    n_train: int = 5000
+    n_val: int = 10  # clean set, n_val/2 per digit: L2RW's meta-objective (query each step)
+    n_test: int | None = 500  # balanced; null = the largest the remaining images allow
+    digits: list[int] = field(default_factory=lambda: [4, 9])  # (minority, dominant)
+    # test: everything from the 10,000 test images (machines without the training file).
+    source_split: MnistSourceSplit = MnistSourceSplit.train
+    download: bool = False
+    seed: int = 0  # which images land in which pool (not the training seed)
+    batch_size: int = 100  # training examples per step
+
+    task_kind: ClassVar[str] = SUPERVISED
+    models: ClassVar[tuple[str, ...]] = ("lenet",)
+    # Label 0 is the minority digit (load_mnist_imbalance): reweighting logs its weight mass.
+    minority_class: ClassVar[int | None] = 0
+
+    def __post_init__(self) -> None:
+        require(
+            0.5 <= self.pos_ratio < 1.0,
+            "dataset.pos_ratio",
+            self.pos_ratio,
+            "in [0.5, 1)",
+            "dataset.pos_ratio=0.995",
+        )
+        require(self.n_train >= 1, "dataset.n_train", self.n_train, ">= 1", "dataset.n_train=5000")
+        require(
+            self.n_val >= 2 and self.n_val % 2 == 0,
+            "dataset.n_val",
+            self.n_val,
+            "an even number >= 2 (n_val/2 images per digit)",
+            "dataset.n_val=10",
+        )
+        require(
+            self.n_test is None or (self.n_test >= 2 and self.n_test % 2 == 0),
+            "dataset.n_test",
+            self.n_test,
+            "null or an even number >= 2 (n_test/2 images per digit)",
+            "dataset.n_test=500",
+        )
+        require(
+            len(self.digits) == 2
+            and self.digits[0] != self.digits[1]
+            and all(0 <= d <= 9 for d in self.digits),
+            "dataset.digits",
+            list(self.digits),
+            "two different digits 0..9 (minority, dominant)",
+            "dataset.digits=[4,9]",
+        )
+        require(
+            1 <= self.batch_size <= self.n_train,
+            "dataset.batch_size",
+            self.batch_size,
+            f"in [1, dataset.n_train={self.n_train}]",
+            "dataset.batch_size=100",
+        )
+
+    def check_model(self, model: Any) -> None:
+        for key, value in (("num_classes", 2), ("in_channels", 1), ("image_size", 28)):
+            require(
+                getattr(model, key) == value,
+                f"model.{key}",
+                getattr(model, key),
+                f"{value} for dataset=mnist_imbalance",
+                f"model.{key}={value}",
+            )
+
+    def shard_sizes(self) -> dict[str, int]:
+        # The clean batch is the whole clean set (n_val) each step.
+        return {"dataset.batch_size": self.batch_size, "dataset.n_val": self.n_val}
+
+
+@register("dataset", "mnist_imbalance", MnistImbalanceConfig)
+def build_mnist_imbalance(config: MnistImbalanceConfig) -> TaskSources:
+    data = load_mnist_imbalance(
+        config.root,
+        pos_ratio=config.pos_ratio,
+        n_train=config.n_train,
+        n_val=config.n_val,
+        n_test=config.n_test,
+        digits=tuple(config.digits),
+        source_split=config.source_split.value,
+        seed=config.seed,
+        download=config.download,
+    )
+    # Ren et al. 2018 (official code): the clean batch is min(batch size, n_val) = all 10.
+    return reweighting_sources(data, config.batch_size, clean_batch_size=None)

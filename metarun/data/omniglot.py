@@ -25,12 +25,20 @@ import urllib.request
 import zipfile
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 from torch import Tensor
+
+from metarun.config.bases import DatasetSchema
+from metarun.config.checks import require, require_optional_count
+from metarun.config.enums import OmniglotSplit
+from metarun.data.fewshot import FewShotTasks
+from metarun.registry import register
+from metarun.tasks import TaskSources
 
 logger = logging.getLogger(__name__)
 
@@ -474,3 +482,115 @@ def load_omniglot(
         pool = chosen.float().div_(255.0)  # (C, M, 1, S, S) in [0, 1]
         out[name] = _with_rotations(pool) if rotations else pool
     return out
+
+
+@dataclass
+class OmniglotConfig(DatasetSchema):
+    """``dataset=omniglot``: N-way K-shot character classification (Finn et al. 2017, Sec. 5.2)."""
+
+    root: str = "${oc.env:METARUN_DATA,data}/omniglot"
+    split: OmniglotSplit = OmniglotSplit.finn
+    fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    split_seed: int = 1
+    download: bool = False
+    rotations: bool = True
+    image_size: int = 28
+    cache_dir: str | None = None
+    n_way: int = 5
+    k_shot: int = 1
+    # 15 query examples per class during meta-training, as in the MAML reference code.
+    k_query: int = 15
+    eval_k_shot: int | None = None
+    eval_k_query: int | None = None
+    # Classes per validation/test task; null = n_way. Metric-based learners train with more
+    # ways than they test with (Snell et al. 2017: 60-way training, 5- and 20-way test).
+    eval_n_way: int | None = None
+
+    models: ClassVar[tuple[str, ...]] = ("conv4",)
+
+    def ways(self) -> tuple[int, int]:
+        return self.n_way, self.eval_n_way or self.n_way
+
+    def __post_init__(self) -> None:
+        require(self.n_way >= 2, "dataset.n_way", self.n_way, ">= 2", "dataset.n_way=5")
+        require(
+            self.eval_n_way is None or self.eval_n_way >= 2,
+            "dataset.eval_n_way",
+            self.eval_n_way,
+            ">= 2 or null (null = dataset.n_way)",
+            "dataset.eval_n_way=5",
+        )
+        require(self.k_shot >= 1, "dataset.k_shot", self.k_shot, ">= 1", "dataset.k_shot=1")
+        require(self.k_query >= 1, "dataset.k_query", self.k_query, ">= 1", "dataset.k_query=15")
+        require_optional_count("dataset.eval_k_shot", self.eval_k_shot, "dataset.eval_k_shot=1")
+        require_optional_count(
+            "dataset.eval_k_query", self.eval_k_query, "dataset.eval_k_query=15"
+        )
+        require(
+            self.image_size >= 4,
+            "dataset.image_size",
+            self.image_size,
+            ">= 4",
+            "dataset.image_size=28",
+        )
+        require(
+            len(self.fractions) == 3
+            and all(f >= 0 for f in self.fractions)
+            and abs(sum(self.fractions) - 1.0) < 1e-6,
+            "dataset.fractions",
+            list(self.fractions),
+            "3 non-negative numbers (train, val, test) summing to 1",
+            "dataset.fractions=[0.7,0.15,0.15]",
+        )
+
+    def check_model(self, model: Any) -> None:
+        require(
+            model.num_classes == self.n_way,
+            "model.num_classes",
+            model.num_classes,
+            f"equal to dataset.n_way ({self.n_way})",
+            "model.num_classes=${dataset.n_way}",
+        )
+        require(
+            model.image_size == self.image_size,
+            "model.image_size",
+            model.image_size,
+            f"equal to dataset.image_size ({self.image_size})",
+            "model.image_size=${dataset.image_size}",
+        )
+        require(
+            model.in_channels == 1,
+            "model.in_channels",
+            model.in_channels,
+            "1 for dataset=omniglot (grayscale)",
+            "model.in_channels=1",
+        )
+
+
+@register("dataset", "omniglot", OmniglotConfig)
+def build_omniglot(config: OmniglotConfig) -> TaskSources:
+    pools = load_omniglot(
+        config.root,
+        split=config.split.value,
+        fractions=tuple(config.fractions),
+        seed=config.split_seed,
+        download=config.download,
+        rotations=config.rotations,
+        image_size=config.image_size,
+        cache_dir=config.cache_dir,
+    )
+    # Pools stay in CPU memory: the trainer's prefetch thread samples there and copies each
+    # meta-batch to the device through pinned memory, overlapping with the previous step.
+    logger.info(
+        "omniglot %s split: %s classes (train/val/test)",
+        config.split.value,
+        "/".join(str(int(pools[name].shape[0])) for name in ("train", "val", "test")),
+    )
+    n, eval_n = config.ways()
+    shot, query = config.k_shot, config.k_query
+    eval_shot, eval_query = config.eval_k_shot or shot, config.eval_k_query or query
+    return TaskSources(
+        train=FewShotTasks(pools["train"], n, shot, query),
+        val=FewShotTasks(pools["val"], eval_n, eval_shot, eval_query),
+        test=FewShotTasks(pools["test"], eval_n, eval_shot, eval_query),
+    )

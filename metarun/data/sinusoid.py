@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
-from metarun.tasks import TaskBatch
+from metarun.config.bases import DatasetSchema
+from metarun.config.checks import require, require_optional_count, require_range
+from metarun.registry import register
+from metarun.tasks import TaskBatch, TaskSources
 
 
 def _check_range(key: str, value: tuple[float, float]) -> tuple[float, float]:
@@ -98,3 +103,53 @@ class SinusoidTasks:
             f"SinusoidTasks(k_shot={self.k_shot}, k_query={self.k_query}, "
             f"amplitude={self.amplitude}, phase={self.phase}, x_range={self.x_range})"
         )
+
+
+@dataclass
+class SinusoidConfig(DatasetSchema):
+    """``dataset=sinusoid``: regression on ``A sin(x - phase)`` (Finn et al. 2017, Sec. 5.1)."""
+
+    k_shot: int = 10
+    k_query: int = 10
+    # Support/query sizes of validation and test tasks; null = same as training.
+    eval_k_shot: int | None = None
+    eval_k_query: int | None = None
+    amplitude: list[float] = field(default_factory=lambda: [0.1, 5.0])
+    phase: list[float] = field(default_factory=lambda: [0.0, math.pi])
+    x_range: list[float] = field(default_factory=lambda: [-5.0, 5.0])
+
+    task_type: ClassVar[str] = "regression"
+    models: ClassVar[tuple[str, ...]] = ("mlp",)
+
+    def __post_init__(self) -> None:
+        require(self.k_shot >= 1, "dataset.k_shot", self.k_shot, ">= 1", "dataset.k_shot=10")
+        require(self.k_query >= 1, "dataset.k_query", self.k_query, ">= 1", "dataset.k_query=10")
+        require_optional_count("dataset.eval_k_shot", self.eval_k_shot, "dataset.eval_k_shot=5")
+        require_optional_count(
+            "dataset.eval_k_query", self.eval_k_query, "dataset.eval_k_query=10"
+        )
+        require_range("dataset.amplitude", self.amplitude, "dataset.amplitude=[0.1,5.0]")
+        require_range("dataset.phase", self.phase, "dataset.phase=[0,3.14159]")
+        require_range("dataset.x_range", self.x_range, "dataset.x_range=[-5,5]")
+
+    def check_model(self, model: Any) -> None:
+        for key in ("in_features", "out_features"):
+            value = getattr(model, key)
+            require(value == 1, f"model.{key}", value, "1 for dataset=sinusoid", f"model.{key}=1")
+
+
+@register("dataset", "sinusoid", SinusoidConfig)
+def build_sinusoid(config: SinusoidConfig) -> TaskSources:
+    amplitude, phase, x_range = (
+        (float(r[0]), float(r[1])) for r in (config.amplitude, config.phase, config.x_range)
+    )
+    train = SinusoidTasks(config.k_shot, config.k_query, amplitude, phase, x_range)
+    # One distribution: val and test differ from training only by their fixed seeds.
+    held_out = SinusoidTasks(
+        config.eval_k_shot or config.k_shot,
+        config.eval_k_query or config.k_query,
+        amplitude,
+        phase,
+        x_range,
+    )
+    return TaskSources(train=train, val=held_out, test=held_out)

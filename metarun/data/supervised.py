@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metarun.tasks import TaskBatch
+from metarun.tasks import TaskBatch, TaskSources
 
 logger = logging.getLogger(__name__)
 
@@ -277,3 +277,19 @@ class ExampleSet:
 
     def __repr__(self) -> str:
         return f"ExampleSet(n={len(self)}, chunk={self.chunk})"
+
+
+def reweighting_sources(
+    data: SplitData,
+    batch_size: int,
+    clean_batch_size: int | None,
+    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+) -> TaskSources:
+    """Each training step one task whose support is a training batch and whose query is the
+    clean set (or a batch of it); validation on the whole clean set, test on the whole test
+    set, example by example."""
+    return TaskSources(
+        train=ReweightingTasks(data, batch_size, clean_batch_size, augment),
+        val=ExampleSet(data.val_x, data.val_y),
+        test=ExampleSet(data.test_x, data.test_y),
+    )

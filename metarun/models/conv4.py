@@ -3,7 +3,14 @@ Finn et al. 2017)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from omegaconf import MISSING
 from torch import Tensor, nn
+
+from metarun.config.bases import ModelSchema
+from metarun.config.checks import require
+from metarun.registry import register
 
 
 def _block(in_channels: int, hidden: int, batch_norm: bool, max_pool: bool) -> nn.Sequential:
@@ -92,3 +99,52 @@ class Conv4(nn.Module):
         """``(B, in_channels, S, S) -> (B, num_classes)`` logits."""
         h = self.features(x)  # (B, hidden, s, s)
         return self.classifier(h.flatten(1))  # (B, num_classes)
+
+
+@dataclass
+class Conv4Config(ModelSchema):
+    """``model=conv4``: four 3x3 conv blocks (Vinyals et al. 2016; Finn et al. 2017)."""
+
+    in_channels: int = 1
+    num_classes: int = MISSING  # conf/model/conv4.yaml: ${dataset.n_way}
+    hidden: int = 64
+    image_size: int = MISSING  # conf/model/conv4.yaml: ${dataset.image_size}
+    batch_norm: bool = True
+    # Finn et al. 2017, App. A.1: strided convolutions instead of max-pooling on Omniglot.
+    max_pool: bool = False
+
+    def __post_init__(self) -> None:
+        require(
+            self.in_channels >= 1,
+            "model.in_channels",
+            self.in_channels,
+            ">= 1",
+            "model.in_channels=1",
+        )
+        require(
+            self.num_classes >= 2,
+            "model.num_classes",
+            self.num_classes,
+            ">= 2",
+            "model.num_classes=5",
+        )
+        require(self.hidden >= 1, "model.hidden", self.hidden, ">= 1", "model.hidden=64")
+        require(
+            self.image_size >= 4,
+            "model.image_size",
+            self.image_size,
+            ">= 4",
+            "model.image_size=28",
+        )
+
+
+@register("model", "conv4", Conv4Config)
+def build_conv4(config: Conv4Config) -> Conv4:
+    return Conv4(
+        in_channels=config.in_channels,
+        num_classes=config.num_classes,
+        hidden=config.hidden,
+        image_size=config.image_size,
+        batch_norm=config.batch_norm,
+        max_pool=config.max_pool,
+    )

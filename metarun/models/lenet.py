@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
+
+from metarun.config.bases import ModelSchema
+from metarun.config.checks import require
+from metarun.config.enums import LeNetVariant
+from metarun.registry import register
 
 VARIANTS = ("ren2018", "lenet5")
 
@@ -103,3 +110,46 @@ class LeNet(nn.Module):
         """``(B, in_channels, S, S) -> (B, num_classes)`` logits."""
         h = self.features(x)  # (B, 64, 4, 4) or (B, 16, 5, 5) at S = 28
         return self.classifier(h.flatten(1))  # (B, num_classes)
+
+
+@dataclass
+class LeNetConfig(ModelSchema):
+    """``model=lenet``: the LeNet of the imbalanced-MNIST experiment (Ren et al. 2018)."""
+
+    num_classes: int = 2
+    in_channels: int = 1
+    variant: LeNetVariant = LeNetVariant.ren2018
+    image_size: int = 28
+
+    def __post_init__(self) -> None:
+        require(
+            self.num_classes >= 2,
+            "model.num_classes",
+            self.num_classes,
+            ">= 2",
+            "model.num_classes=2",
+        )
+        require(
+            self.in_channels >= 1,
+            "model.in_channels",
+            self.in_channels,
+            ">= 1",
+            "model.in_channels=1",
+        )
+        require(
+            self.image_size >= 12,
+            "model.image_size",
+            self.image_size,
+            ">= 12",
+            "model.image_size=28",
+        )
+
+
+@register("model", "lenet", LeNetConfig)
+def build_lenet(config: LeNetConfig) -> LeNet:
+    return LeNet(
+        num_classes=config.num_classes,
+        in_channels=config.in_channels,
+        variant=config.variant.value,
+        image_size=config.image_size,
+    )

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from torch import Tensor, nn
+
+from metarun.config.bases import ModelSchema
+from metarun.config.checks import require
+from metarun.registry import register
 
 
 class MLP(nn.Module):
@@ -45,3 +50,40 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in_features) -> (..., out_features)``."""
         return self.layers(x)
+
+
+@dataclass
+class MLPConfig(ModelSchema):
+    """``model=mlp``: fully connected ReLU network (Finn et al. 2017: 2 hidden layers of 40)."""
+
+    in_features: int = 1
+    hidden: list[int] = field(default_factory=lambda: [40, 40])
+    out_features: int = 1
+
+    def __post_init__(self) -> None:
+        require(
+            self.in_features >= 1,
+            "model.in_features",
+            self.in_features,
+            ">= 1",
+            "model.in_features=1",
+        )
+        require(
+            self.out_features >= 1,
+            "model.out_features",
+            self.out_features,
+            ">= 1",
+            "model.out_features=1",
+        )
+        require(
+            all(h >= 1 for h in self.hidden),
+            "model.hidden",
+            list(self.hidden),
+            "a list of positive widths",
+            "model.hidden=[40,40]",
+        )
+
+
+@register("model", "mlp", MLPConfig)
+def build_mlp(config: MLPConfig) -> MLP:
+    return MLP(config.in_features, tuple(config.hidden), config.out_features)

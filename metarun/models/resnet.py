@@ -3,8 +3,15 @@ of Zagoruyko & Komodakis (2016), the two networks of Ren et al. (2018)'s CIFAR e
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
+from omegaconf import MISSING
 from torch import Tensor, nn
+
+from metarun.config.bases import ModelSchema
+from metarun.config.checks import require
+from metarun.registry import register
 
 
 def _init_weights(model: nn.Module) -> None:
@@ -226,3 +233,54 @@ def wrn28_10(num_classes: int = 10, dropout: float = 0.0) -> WideResNet:
     """WRN-28-10 (Zagoruyko & Komodakis 2016): 4 blocks per stage, widths 160/320/640,
     36,479,194 parameters with 10 classes."""
     return WideResNet(depth=28, widen_factor=10, num_classes=num_classes, dropout=dropout)
+
+
+@dataclass
+class ResNet32Config(ModelSchema):
+    """``model=resnet32``: the CIFAR ResNet-32 of He et al. 2016 (0.46M parameters)."""
+
+    num_classes: int = MISSING  # conf/model/resnet32.yaml: ${dataset.num_classes}
+
+    def __post_init__(self) -> None:
+        require(
+            self.num_classes >= 2,
+            "model.num_classes",
+            self.num_classes,
+            ">= 2",
+            "model.num_classes=10",
+        )
+
+
+@dataclass
+class WRN28_10Config(ModelSchema):
+    """``model=wrn28_10``: WRN-28-10 (Zagoruyko & Komodakis 2016, 36.5M parameters)."""
+
+    num_classes: int = MISSING  # conf/model/wrn28_10.yaml: ${dataset.num_classes}
+    # Between the two convolutions of each block; 0.3 in the official L2RW WRN-28-10 config.
+    dropout: float = 0.3
+
+    def __post_init__(self) -> None:
+        require(
+            self.num_classes >= 2,
+            "model.num_classes",
+            self.num_classes,
+            ">= 2",
+            "model.num_classes=10",
+        )
+        require(
+            0.0 <= self.dropout < 1.0,
+            "model.dropout",
+            self.dropout,
+            "in [0, 1)",
+            "model.dropout=0.3",
+        )
+
+
+@register("model", "resnet32", ResNet32Config)
+def build_resnet32(config: ResNet32Config) -> CifarResNet:
+    return resnet32(num_classes=config.num_classes)
+
+
+@register("model", "wrn28_10", WRN28_10Config)
+def build_wrn28_10(config: WRN28_10Config) -> WideResNet:
+    return wrn28_10(num_classes=config.num_classes, dropout=config.dropout)

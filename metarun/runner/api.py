@@ -30,7 +30,6 @@ from metarun.config import (
     ConfigError,
     Mode,
     RunConfig,
-    TaskBatching,
     from_yaml,
     options,
     to_yaml,
@@ -44,8 +43,6 @@ from metarun.runner.build import (
     build_lr_schedule,
     build_meta_optimizer,
     resolve_device,
-    restore_task_batching,
-    tune_task_batching,
 )
 from metarun.runner.checkpoint import (
     BEST,
@@ -223,20 +220,16 @@ def _train(
 
     experiment = build_experiment(config)
     if state is not None:
-        restore_task_batching(experiment.algorithm, state.get("task_batching"))
-    elif getattr(config.algo, "task_batching", None) is TaskBatching.auto:
-        assert experiment.tasks is not None  # built with data
-        # Measuring runs meta-steps: keep them from touching the run's random streams.
-        with torch.random.fork_rng(devices=_cuda_devices(experiment.device)):
-            tune_task_batching(experiment.algorithm, config, experiment.tasks, experiment.device)
+        experiment.algorithm.load_extra_state(_extra_state(state))
+    else:
+        _before_training(experiment)
     meta_optimizer = build_meta_optimizer(
         config.meta_optimizer, experiment.algorithm.meta_parameters()
     )
     lr_schedule = build_lr_schedule(config.meta_optimizer, config.outer_steps)
-    if hasattr(experiment.algorithm, "attach_optimizer"):
-        # L2RW's look-ahead steps a differentiable copy of the training optimizer.
-        experiment.algorithm.attach_optimizer(meta_optimizer)
-    if ctx.enabled and hasattr(experiment.algorithm, "set_shards"):
+    # E.g. L2RW's look-ahead steps a differentiable copy of the training optimizer.
+    experiment.algorithm.attach_optimizer(meta_optimizer)
+    if ctx.enabled and experiment.algorithm.splits_examples:
         experiment.algorithm.set_shards(distributed.example_shards(config.dataset, ctx))
     resume_step = int(state["step"]) if state is not None else None
     with RunLogger(
@@ -309,6 +302,34 @@ def _train(
         if ctx.is_main:
             summary.results = _write_results(run_dir, results, config)
     return summary
+
+
+def _before_training(experiment: Experiment) -> None:
+    """The algorithm's start-up hook (e.g. MAML's task-batching measurement), with meta-batches
+    drawn from a generator of its own so that the training tasks are those of a run without
+    it."""
+    tasks = experiment.tasks
+    if tasks is None:
+        raise ValueError("the experiment was built without data")
+    config = experiment.config
+    generator = torch.Generator().manual_seed(config.seed + 1)
+
+    def sample() -> Any:
+        return tasks.train.sample(config.meta_batch_size, generator).to(experiment.device)
+
+    # The hook may run meta-steps: keep them from touching the run's random streams.
+    with torch.random.fork_rng(devices=_cuda_devices(experiment.device)):
+        experiment.algorithm.before_training(sample, experiment.device)
+
+
+def _extra_state(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The algorithm's extra state in a checkpoint (older checkpoints: MAML's task batching
+    under its own key)."""
+    if "algorithm_extra" in state:
+        return cast("dict[str, Any] | None", state["algorithm_extra"])
+    if state.get("task_batching") is not None:
+        return {"task_batching": state["task_batching"]}
+    return None
 
 
 def _cuda_devices(device: torch.device) -> list[int]:

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from metarun.algorithms.l2rw import Shards
 from metarun.config import ConfigError
+from metarun.parallel import Shards
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +118,7 @@ def example_shards(dataset: Any, ctx: DistContext) -> Shards:
     """Data parallelism over each step's examples (``algo=l2rw`` / ``erm``): checks that the
     training and clean batches split evenly, and gives the algorithm its share and an
     all-reduce."""
-    clean_key, clean = "dataset.clean_batch_size", getattr(dataset, "clean_batch_size", None)
-    if clean is None:  # the whole clean set each step
-        name = "n_val" if hasattr(dataset, "n_val") else "n_clean"
-        clean_key, clean = f"dataset.{name}", getattr(dataset, name)
-    for key, n in (("dataset.batch_size", dataset.batch_size), (clean_key, clean)):
+    for key, n in dataset.shard_sizes().items():
         if n % ctx.world_size:
             fix = ctx.world_size * max(1, n // ctx.world_size)
             raise ConfigError(

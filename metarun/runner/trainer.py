@@ -21,7 +21,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import metarun
 from metarun.data.prefetch import Prefetcher
-from metarun.runner.build import Experiment, LRSchedule, task_batching_state
+from metarun.runner.build import Experiment, LRSchedule
 from metarun.runner.checkpoint import (
     BEST,
     CHECKPOINT_DIR,
@@ -206,7 +206,7 @@ class Trainer:
             "options": dict(self.options),
             "task_type": self.experiment.task_type,
             "best": asdict(self.best) if self.best is not None else None,
-            "task_batching": task_batching_state(self.algorithm),
+            "algorithm_extra": self.algorithm.extra_state(),
             "nonfinite_steps": self.nonfinite_steps,
             "metarun_version": metarun.__version__,
         }
@@ -294,7 +294,7 @@ class Trainer:
         else:
             batch = self.tasks.train.sample(cfg.meta_batch_size, self.generator)
             batch = batch.to(self.experiment.device)
-        if self.dist.enabled and not hasattr(self.algorithm, "set_shards"):
+        if self.dist.enabled and not self.algorithm.splits_examples:
             # Every rank drew the same full meta-batch; each keeps its share of the tasks.
             # (Reweighting algorithms take their share of the examples themselves.)
             sl = rank_slice(len(batch), self.dist)
@@ -303,9 +303,8 @@ class Trainer:
         if self.lr_schedule is not None:
             # Before the algorithm runs: L2RW's look-ahead takes this step's rate.
             self.lr_schedule.apply(self.meta_optimizer, self.step)
-        if hasattr(self.algorithm, "pre_adaptation_metrics"):
-            # Pre-adaptation query metrics cost a forward per task: only on steps that log them.
-            self.algorithm.pre_adaptation_metrics = logged
+        # Pre-adaptation query metrics cost a forward per task: only on steps that log them.
+        self.algorithm.pre_adaptation_metrics = logged
         metrics = dict(self.algorithm.meta_train_step(batch))
         if self.dist.enabled:
             # Explicit all-reduce: DDP's hooks never see functional_call's fast weights.
@@ -379,12 +378,7 @@ class Trainer:
         """What to change, naming the keys and their current values."""
         cfg = self.config
         keys = [f"meta_optimizer.lr (now {cfg.meta_optimizer.lr:g})"]
-        inner_lr = getattr(cfg.algo, "inner_lr", None)
-        if inner_lr is not None:
-            keys.append(f"algo.inner_lr (now {inner_lr:g})")
-        lookahead_lr = getattr(cfg.algo, "lookahead_lr", None)
-        if lookahead_lr is not None:
-            keys.append(f"algo.lookahead_lr (now {lookahead_lr:g})")
+        keys += [f"{key} (now {value:g})" for key, value in cfg.algo.step_sizes().items()]
         clip = (
             "set grad_clip (e.g. grad_clip=10)"
             if cfg.grad_clip is None
@@ -461,8 +455,8 @@ class Trainer:
                     scalars["time/sec_per_step"] = step_time / max(steps_timed, 1)
                     if self.nonfinite_steps:
                         scalars["train/nonfinite_steps"] = float(self.nonfinite_steps)
-                    if hasattr(self.algorithm, "log_histograms"):  # e.g. L2RW's example weights
-                        self.run_logger.log_histograms(self.step, self.algorithm.log_histograms())
+                    # E.g. L2RW's example weights.
+                    self.run_logger.log_histograms(self.step, self.algorithm.log_histograms())
                     step_time, steps_timed = 0.0, 0
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     val = split_scalars("val", self.validate())

@@ -1,4 +1,4 @@
-"""``task_batching=auto``: pick loop or vmap (and the vmap chunk size) from a short measurement.
+"""MAML's ``task_batching=auto``: pick loop or vmap (and the vmap chunk) from a short measurement.
 
 Candidates: the task loop, full vmap and vmap in halving chunks.
 
@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from metarun.config.enums import BNPolicy, TaskBatching
 from metarun.tasks import TaskBatch
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,8 @@ class Choice:
 
     def describe(self) -> str:
         return (
-            f"{_label(self.mode, self.chunk)}: {self.seconds * 1e3:.1f} ms/step (median of {self.rounds}), "
-            f"{self.bytes / 2**20:.1f} MiB"
+            f"{_label(self.mode, self.chunk)}: {self.seconds * 1e3:.1f} ms/step "
+            f"(median of {self.rounds}), {self.bytes / 2**20:.1f} MiB"
         )
 
 
@@ -112,10 +113,8 @@ def task_graph_bytes(algo: Any, batch: TaskBatch) -> int:
     the loop holds one task's graph at a time, a vmapped chunk of ``c`` tasks about ``c`` times
     that. (``torch.func`` transforms refuse saved-tensor hooks, hence measuring the loop.)
     """
-    from metarun.algorithms.maml import TaskBatching
-
     mode = algo.task_batching
-    algo.task_batching = TaskBatching.LOOP
+    algo.task_batching = TaskBatching.loop
     total = 0
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -149,8 +148,6 @@ class _Timer:
         self.cuda = device.type == "cuda"
 
     def select(self, c: _Candidate) -> None:
-        from metarun.algorithms.maml import TaskBatching
-
         self.algo.task_batching, self.algo.task_chunk_size = TaskBatching(c.mode), c.chunk
 
     def step(self, c: _Candidate) -> float:
@@ -222,16 +219,14 @@ def choose_task_batching(
             f"task_batching=auto needs an algorithm that can batch tasks; "
             f"{type(algo).__name__} cannot (set task_batching=loop)"
         )
-    from metarun.algorithms.maml import BNPolicy, TaskBatching
-
     only_loop = None
-    if getattr(algo, "bn_policy", None) is BNPolicy.RUNNING_STATS:
+    if getattr(algo, "bn_policy", None) is BNPolicy.running_stats:
         only_loop = "running-statistics BatchNorm"
     elif getattr(algo, "checkpoint_inner", False):
         only_loop = "checkpoint_inner=true (torch.func cannot checkpoint)"
     if only_loop is not None:
         log.info("task_batching=auto: %s needs the loop", only_loop)
-        algo.task_batching, algo.task_chunk_size = TaskBatching.LOOP, None
+        algo.task_batching, algo.task_chunk_size = TaskBatching.loop, None
         return Choice("loop", None, float("nan"), 0)
     extra = repeats if max_extra_rounds is None else max_extra_rounds
     budget = None if memory_budget_mb is None else memory_budget_mb * 2**20

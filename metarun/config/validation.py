@@ -5,10 +5,11 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from metarun import registry
+from metarun.config.bases import check_fits
 from metarun.config.errors import ConfigError
-from metarun.config.schema import SCHEMAS, RunConfig, check_model_fits_dataset, option_name
-
-GROUPS = tuple(SCHEMAS)
+from metarun.config.schema import RunConfig
+from metarun.registry import GROUPS
 
 
 def validate(cfg: DictConfig) -> RunConfig:
@@ -30,9 +31,11 @@ def validate(cfg: DictConfig) -> RunConfig:
     for group in GROUPS:
         if OmegaConf.is_missing(cfg, group):
             raise ConfigError(f"{group} must be chosen, got nothing (set e.g. {group}=...)")
-    model_type, dataset_type = OmegaConf.get_type(cfg.model), OmegaConf.get_type(cfg.dataset)
-    if model_type is not None and dataset_type is not None:
-        check_model_fits_dataset(model_type, dataset_type)
+    types = {group: OmegaConf.get_type(cfg[group]) for group in GROUPS}
+    if all(t is not None for t in types.values()):
+        # Before values are resolved: a conv4 model on sinusoid would otherwise fail as an
+        # unresolvable ${dataset.n_way}.
+        check_fits(types["algo"], types["dataset"], types["model"])
     try:
         run = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as error:
@@ -56,7 +59,7 @@ def to_yaml(run: RunConfig) -> str:
 def options(run: RunConfig) -> dict[str, str]:
     """The chosen option of each group, e.g. ``{"algo": "maml", ...}`` (checkpoints keep it so
     :func:`from_yaml` can re-type the saved YAML without Hydra)."""
-    return {group: option_name(group, getattr(run, group)) for group in GROUPS}
+    return {group: registry.option_of(group, getattr(run, group)).name for group in GROUPS}
 
 
 def from_yaml(text: str, chosen: dict[str, str]) -> RunConfig:
@@ -72,11 +75,10 @@ def from_yaml(text: str, chosen: dict[str, str]) -> RunConfig:
     schema = OmegaConf.structured(RunConfig)
     for group in GROUPS:
         option = chosen.get(group)
-        if option not in SCHEMAS[group]:
-            raise ConfigError(
-                f"{group}={option!r} in the checkpoint is not one of {sorted(SCHEMAS[group])}"
-            )
-        schema[group] = OmegaConf.structured(SCHEMAS[group][option])
+        known = registry.options(group)
+        if option not in known:
+            raise ConfigError(f"{group}={option!r} in the checkpoint is not one of {sorted(known)}")
+        schema[group] = OmegaConf.structured(known[option].schema)
     try:
         merged = OmegaConf.merge(schema, OmegaConf.create(text))
     except OmegaConfBaseException as error:

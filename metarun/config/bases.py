@@ -1,0 +1,109 @@
+"""Base classes of option schemas: each option declares what it fits, and the cross-group checks
+read only these declarations (no table of options anywhere else).
+
+- An algorithm says which kinds of task source it trains on (:attr:`AlgoSchema.task_kinds`) and
+  may check run-level keys (:meth:`AlgoSchema.check_run`).
+- A dataset says its kind and task type, which model options it takes
+  (:attr:`DatasetSchema.models`) and checks a model's values against its own
+  (:meth:`DatasetSchema.check_model`).
+
+Subclasses are dataclasses; the attributes here are ``ClassVar`` s, not config keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from metarun.config.errors import ConfigError
+
+#: Few-shot tasks (support and query sets of several classes or functions per step).
+EPISODIC = "episodic"
+#: One supervised training batch per step with a clean query set (example reweighting).
+SUPERVISED = "supervised"
+
+
+class AlgoSchema:
+    """Schema base of an ``algo`` option."""
+
+    task_kinds: ClassVar[tuple[str, ...]] = (EPISODIC,)
+
+    def check_run(self, run: Any) -> None:
+        """Checks of run-level keys this algorithm needs (``run``: the whole RunConfig)."""
+
+    def step_sizes(self) -> dict[str, float]:
+        """This algorithm's step-size keys and values (``{"algo.inner_lr": 0.4}``): what a
+        diverged run's message tells the user to lower, beside ``meta_optimizer.lr``."""
+        return {}
+
+    @property
+    def eval_inner_steps(self) -> int | None:
+        """Adaptation steps at evaluation when ``eval.inner_steps`` is null (None: the
+        algorithm adapts nothing, or decides itself)."""
+        return None
+
+
+class DatasetSchema:
+    """Schema base of a ``dataset`` option."""
+
+    task_kind: ClassVar[str] = EPISODIC
+    task_type: ClassVar[str] = "classification"  # or "regression"
+    #: Model options this dataset takes (empty: any).
+    models: ClassVar[tuple[str, ...]] = ()
+
+    #: The label whose example-weight mass reweighting algorithms log (None: none).
+    minority_class: ClassVar[int | None] = None
+
+    def check_model(self, model: Any) -> None:
+        """Value checks between this dataset and the chosen model (input and output shapes)."""
+
+    def ways(self) -> tuple[int | None, int | None]:
+        """Classes per training task and per validation/test task (None: not a few-shot
+        classification dataset)."""
+        return None, None
+
+    def shard_sizes(self) -> dict[str, int]:
+        """Per-step example counts, by key, that data-parallel processes split among themselves
+        (each must be divisible by their number); empty for task datasets, which split tasks."""
+        return {}
+
+
+class ModelSchema:
+    """Schema base of a ``model`` option."""
+
+
+def fitting(group: str, options: dict[str, type], keep: Any) -> str:
+    """``"algo=a, algo=b or algo=c"`` for the options whose schema satisfies ``keep``."""
+    names = [f"{group}={name}" for name, schema in options.items() if keep(schema)]
+    if not names:
+        return f"no {group} option"
+    return ", ".join(names[:-1]) + (" or " if len(names) > 1 else "") + names[-1]
+
+
+def check_fits(algo: type, dataset: type, model: type | None) -> None:
+    """The chosen options fit each other (by type, before any value is resolved: a conv4 model
+    on sinusoid would otherwise fail as an unresolvable ``${dataset.n_way}``).
+
+    Raises:
+        ConfigError: naming both options and the ones that would fit.
+    """
+    from metarun import registry
+
+    algos = {n: o.schema for n, o in registry.options("algo").items()}
+    datasets = {n: o.schema for n, o in registry.options("dataset").items()}
+    algo_name = registry.option_of("algo", algo).name
+    dataset_name = registry.option_of("dataset", dataset).name
+    kind = getattr(dataset, "task_kind", EPISODIC)
+    kinds = getattr(algo, "task_kinds", (EPISODIC,))
+    if kind not in kinds:
+        takes_algo = fitting("algo", algos, lambda s: kind in getattr(s, "task_kinds", ()))
+        takes_data = fitting("dataset", datasets, lambda s: getattr(s, "task_kind", "") in kinds)
+        raise ConfigError(
+            f"algo={algo_name} does not fit dataset={dataset_name} (dataset={dataset_name} takes "
+            f"{takes_algo}; algo={algo_name} takes {takes_data})"
+        )
+    wanted = getattr(dataset, "models", ())
+    if model is not None and wanted:
+        model_name = registry.option_of("model", model).name
+        if model_name not in wanted:
+            use = " or ".join(f"model={w}" for w in wanted)
+            raise ConfigError(f"model={model_name} does not fit dataset={dataset_name} (use {use})")
