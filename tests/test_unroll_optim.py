@@ -45,6 +45,14 @@ CASES = [
     (torch.optim.NAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
     (torch.optim.RAdam, dict(lr=0.01)),
     (torch.optim.RAdam, dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)),
+    (torch.optim.Adadelta, dict(lr=1.0)),
+    (torch.optim.Adadelta, dict(lr=0.5, rho=0.8, eps=1e-4, weight_decay=0.1, maximize=True)),
+    (torch.optim.ASGD, dict(lr=0.05)),
+    # t0=2 and a large lambd: the averaging branch (mu < 1) and the eta decay both take part.
+    (torch.optim.ASGD, dict(lr=0.05, lambd=0.5, alpha=0.6, t0=2.0, weight_decay=0.1)),
+    (torch.optim.Rprop, dict(lr=0.01)),
+    # Narrow step-size bounds so that clamping happens within the 10 steps.
+    (torch.optim.Rprop, dict(lr=0.01, etas=(0.3, 1.5), step_sizes=(1e-3, 0.02), maximize=True)),
 ]
 
 
@@ -102,6 +110,15 @@ def test_matches_torch_optim(case: tuple, pre_steps: int) -> None:
             ref_opt.step()
         for fast, ref in zip(fmodel.parameters(), ref_model.parameters()):
             assert _rel_err(fast.detach(), ref.detach()) <= 1e-10
+        # The state too (e.g. ASGD's average ax, which never feeds back into the weights).
+        compared = 0
+        for i, ref in enumerate(ref_model.parameters()):
+            for key, value in ref_opt.state[ref].items():
+                ours = diffopt.state[i].get(key)
+                if torch.is_tensor(value) and value.shape == ref.shape and ours is not None:
+                    assert _rel_err(ours.detach(), value) <= 1e-10, key
+                    compared += 1
+        assert compared > 0 or cls is torch.optim.SGD and "momentum" not in kw
 
 
 @pytest.mark.parametrize("case", CASES[::3], ids=[_ids(c) for c in CASES[::3]])
@@ -135,6 +152,9 @@ def test_functional_step_matches_torch_optim(case: tuple) -> None:
         (torch.optim.NAdam, dict(lr=0.01)),
         (torch.optim.RAdam, dict(lr=0.01)),
         (torch.optim.Adamax, dict(lr=0.01)),
+        (torch.optim.Adadelta, dict(lr=1.0)),
+        (torch.optim.ASGD, dict(lr=0.01, t0=1.0)),
+        (torch.optim.Rprop, dict(lr=0.01)),
     ],
 )
 def test_zero_second_moment_gives_finite_hypergradients(cls: type, kw: dict) -> None:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from metarun.unroll import optim, optimizers, patch
+from metarun.unroll import optim, optimizers, patch, utils
 from metarun.unroll.functional import (
     InnerLoopResult,
     detach_params,
@@ -31,12 +31,16 @@ from metarun.unroll.functional import (
 )
 from metarun.unroll.optim import (
     DifferentiableOptimizer,
+    apply_trainable_opt_params,
     create_diff_optim,
     get_diff_optim,
+    get_trainable_opt_params,
     register_optim,
 )
 from metarun.unroll.optimizers import (
+    ASGD,
     SGD,
+    Adadelta,
     Adagrad,
     Adam,
     Adamax,
@@ -46,15 +50,24 @@ from metarun.unroll.optimizers import (
     Params,
     RAdam,
     RMSprop,
+    Rprop,
     State,
     functional_for,
     register_functional,
     safe_sqrt,
 )
-from metarun.unroll.patch import BufferPolicy, FunctionalModule, HistoryError, monkeypatch
+from metarun.unroll.patch import (
+    BufferPolicy,
+    FunctionalModule,
+    HistoryError,
+    make_functional,
+    monkeypatch,
+)
 
 __all__ = [
+    "ASGD",
     "SGD",
+    "Adadelta",
     "Adagrad",
     "Adam",
     "AdamW",
@@ -69,7 +82,9 @@ __all__ = [
     "Params",
     "RAdam",
     "RMSprop",
+    "Rprop",
     "State",
+    "apply_trainable_opt_params",
     "create_diff_optim",
     "detach_params",
     "functional_call",
@@ -77,10 +92,12 @@ __all__ = [
     "get_buffers",
     "get_diff_optim",
     "get_params",
+    "get_trainable_opt_params",
     "grads_of",
     "inner_loop",
     "inner_step",
     "innerloop_ctx",
+    "make_functional",
     "monkeypatch",
     "optim",
     "optimizers",
@@ -88,6 +105,7 @@ __all__ = [
     "register_functional",
     "register_optim",
     "safe_sqrt",
+    "utils",
 ]
 
 

@@ -72,12 +72,61 @@ def functional_call(
 ) -> Any:
     """Runs the unmodified ``module`` with ``params`` (and ``buffers``) substituted.
 
-    A thin wrapper of :func:`torch.func.functional_call`: hooks fire, tied weights stay tied,
-    parametrizations see the substituted originals. Buffers not given are the module's own.
+    A wrapper of :func:`torch.func.functional_call`: hooks fire, parametrizations see the
+    substituted originals, and every tie is kept: a tensor given under one of its names (the
+    ``named_parameters()`` name) replaces it wherever the module holds it, whether the tie comes
+    from assignment (``b.weight = a.weight``) or from reusing a module (``proj`` twice in an
+    ``nn.Sequential``, one submodule held by two parents). Buffers not given are the module's own.
+
+    Raises:
+        ValueError: when two names of one tied tensor are given different values.
     """
     # None for a buffer is allowed: e.g. batch_stats_buffers() switches running statistics off.
     tensors: dict[str, Any] = {**buffers, **params} if buffers else dict(params)
-    return torch.func.functional_call(module, tensors, args, kwargs, tie_weights=True, strict=False)
+    return torch.func.functional_call(
+        module, _untie(module, tensors), args, kwargs, tie_weights=False, strict=False
+    )
+
+
+def _untie(module: nn.Module, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """One entry per storage slot (a submodule's ``_parameters``/``_buffers`` key) holding a
+    given tensor.
+
+    torch's own ``tie_weights=True`` expands a name to every *name* of the tensor. A reused
+    module has several names for one slot, so torch swaps that slot twice and restores it in
+    the wrong order: the user's module is left holding the (non-leaf) fast weights. Substituting
+    each slot exactly once is correct for both kinds of tie.
+    """
+    slot_names: dict[tuple[int, str], str] = {}  # (id(submodule), key) -> first full name
+    slots_of: dict[int, list[str]] = {}  # id(tensor) -> one name per slot holding it
+    tensor_at: dict[str, int] = {}  # every full name -> id(tensor)
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        for table in (sub._parameters, sub._buffers):
+            for key, t in table.items():
+                if t is None:
+                    continue
+                name = f"{prefix}.{key}" if prefix else key
+                tensor_at[name] = id(t)
+                slot = (id(sub), key)
+                if slot not in slot_names:
+                    slot_names[slot] = name
+                    slots_of.setdefault(id(t), []).append(name)
+    out: dict[str, Any] = {}
+    given_for: dict[int, tuple[str, Any]] = {}
+    for name, value in tensors.items():
+        tid = tensor_at.get(name)
+        if tid is None:  # not a tensor of the module (strict=False passes it through)
+            out[name] = value
+            continue
+        first = given_for.setdefault(tid, (name, value))
+        if first[1] is not value:
+            raise ValueError(
+                f"functional_call got different values for {first[0]!r} and {name!r}, which "
+                "name the same (tied) tensor of the module; give one of them"
+            )
+        for slot_name in slots_of[tid]:
+            out[slot_name] = value
+    return out
 
 
 def grads_of(

@@ -15,10 +15,12 @@ import torch
 from torch import Tensor
 
 from metarun.unroll import optimizers as F
+from metarun.unroll import utils
 from metarun.unroll.functional import detach_state
 from metarun.unroll.patch import FunctionalModule
 
-Override = Mapping[str, Sequence[Any]]
+Override = Mapping[str, Any]
+"""Setting name -> values with a length of 1 or one per param group (see :func:`per_group`)."""
 GradCallback = Callable[[list[Tensor | None]], Sequence[Tensor | None]]
 
 
@@ -108,18 +110,8 @@ class DifferentiableOptimizer:
                     f"override key {key!r} is not a setting of {self._functional.name}; "
                     f"settings: {sorted(self._functional.defaults)}"
                 )
-            if isinstance(values, Tensor) or not isinstance(values, (list, tuple)):
-                raise ValueError(
-                    f"override[{key!r}] must be a list of values (one for all groups or one per "
-                    f"group), got {type(values).__name__}; e.g. override={{'{key}': [tensor]}}"
-                )
-            if len(values) not in (1, n):
-                raise ValueError(
-                    f"override[{key!r}] has {len(values)} values but the optimizer has {n} "
-                    "param group(s); give 1 (for all) or one per group"
-                )
-            for g_idx, group in enumerate(self.param_groups):
-                group[key] = values[0] if len(values) == 1 else values[g_idx]
+            for g_idx, value in enumerate(per_group(key, values, n)):
+                self.param_groups[g_idx][key] = value
 
     def step(
         self,
@@ -194,6 +186,38 @@ class DifferentiableOptimizer:
         return new_params
 
 
+def per_group(key: str, values: Any, n_groups: int) -> list[Any]:
+    """One value per param group from an override entry, as higher reads it.
+
+    ``values`` is anything with a length of 1 (one value for every group) or ``n_groups`` (one
+    per group) that can be indexed: a list or tuple of numbers/tensors/tuples, or a tensor such
+    as ``torch.tensor([0.1], requires_grad=True)`` (its elements, still in the graph).
+
+    Raises:
+        ValueError: naming ``key``, when ``values`` has no length or the wrong one.
+    """
+    # A str has a length but is never a setting; a 0-d tensor or a number has none.
+    length = None if isinstance(values, (str, bytes)) else _len_or_none(values)
+    if length is None:
+        raise ValueError(
+            f"override[{key!r}] must be a sequence of values (one for all groups or one per "
+            f"group), got {type(values).__name__} {values!r}; e.g. override={{'{key}': [value]}}"
+        )
+    if length not in (1, n_groups):
+        raise ValueError(
+            f"override[{key!r}] has {length} values but the optimizer has {n_groups} "
+            "param group(s); give 1 (for all) or one per group"
+        )
+    return [values[0] if length == 1 else values[i] for i in range(n_groups)]
+
+
+def _len_or_none(values: Any) -> int | None:
+    try:
+        return len(values)
+    except TypeError:  # no __len__, or a 0-d tensor
+        return None
+
+
 def _make(functional: type[F.FunctionalOptimizer]) -> type[DifferentiableOptimizer]:
     name = "Differentiable" + functional.name
     cls = type(
@@ -216,6 +240,9 @@ DifferentiableAdagrad = _make(F.Adagrad)
 DifferentiableAdamax = _make(F.Adamax)
 DifferentiableNAdam = _make(F.NAdam)
 DifferentiableRAdam = _make(F.RAdam)
+DifferentiableAdadelta = _make(F.Adadelta)
+DifferentiableASGD = _make(F.ASGD)
+DifferentiableRprop = _make(F.Rprop)
 
 _registry: dict[type[torch.optim.Optimizer], type[DifferentiableOptimizer]] = {
     torch.optim.SGD: DifferentiableSGD,
@@ -226,6 +253,9 @@ _registry: dict[type[torch.optim.Optimizer], type[DifferentiableOptimizer]] = {
     torch.optim.Adamax: DifferentiableAdamax,
     torch.optim.NAdam: DifferentiableNAdam,
     torch.optim.RAdam: DifferentiableRAdam,
+    torch.optim.Adadelta: DifferentiableAdadelta,
+    torch.optim.ASGD: DifferentiableASGD,
+    torch.optim.Rprop: DifferentiableRprop,
 }
 
 
@@ -299,3 +329,100 @@ def create_diff_optim(
         track_higher_grads=track_higher_grads,
         **kwargs,
     )
+
+
+def get_trainable_opt_params(
+    opt: torch.optim.Optimizer, device: torch.device | str | None = None
+) -> dict[str, list[Any]]:
+    """An ``override`` dict of leaf tensors requiring grad, initialised from ``opt``'s settings.
+
+    Every numeric setting of every param group (a number, a tensor, or a tuple/list of those
+    such as ``betas``) becomes a tensor with one entry per group, ready to be learned:
+    ``get_diff_optim(opt, ..., override=hp)`` then ``meta_opt = torch.optim.Adam(flatten(hp))``.
+    Flags (bools) and ``None`` are left out: they are switches, not hyperparameters. When ``opt``
+    has a differentiable version, only the settings it reads are included, so the result is
+    always accepted as its ``override``.
+
+    Args:
+        opt: a ``torch.optim`` optimizer.
+        device: where the tensors live (default: the device of the group's first parameter).
+
+    Returns:
+        ``{setting: [value for group 0, value for group 1, ...]}``.
+    """
+    try:
+        known: set[str] | None = set(F.functional_for(opt)().defaults)
+    except TypeError:  # no differentiable version: offer every numeric setting
+        known = None
+    override: dict[str, list[Any]] = {}
+    for group in opt.param_groups:
+        first = next(iter(group["params"]), None)
+        # float64 models get float64 hyperparameters (no rounding of e.g. eps or betas).
+        dtype = first.dtype if first is not None and first.is_floating_point() else None
+        where = device if device is not None else (first.device if first is not None else None)
+
+        def leaf(x: Any, dtype: torch.dtype | None = dtype, where: Any = where) -> Tensor:
+            if torch.is_tensor(x):
+                return x.detach().clone().to(device=where).requires_grad_()
+            return torch.tensor(float(x), dtype=dtype, device=where, requires_grad=True)
+
+        for key, value in group.items():
+            if key == "params" or (known is not None and key not in known):
+                continue
+            if _is_numeric(value):
+                override.setdefault(key, []).append(utils._recursive_map(value, leaf))
+    return override
+
+
+def _is_numeric(value: Any) -> bool:
+    leaves = utils.flatten(value)
+    return bool(leaves) and all(
+        torch.is_tensor(x) or (isinstance(x, (int, float)) and not isinstance(x, bool))
+        for x in leaves
+    )
+
+
+def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: Override) -> None:
+    """Writes learned hyperparameters back into ``opt``'s param groups, in place.
+
+    Each value keeps the type the group had: a float stays a float, an int an int, a tuple a
+    tuple, and a tensor setting is overwritten in place (no graph is recorded).
+
+    Args:
+        opt: the optimizer to update.
+        override: as from :func:`get_trainable_opt_params` (1 value or one per group per key).
+
+    Raises:
+        ValueError: for a wrong number of values, or a structure that does not match the
+            group's setting.
+    """
+    n = len(opt.param_groups)
+    for key, values in override.items():
+        for g_idx, value in enumerate(per_group(key, values, n)):
+            group = opt.param_groups[g_idx]
+            if key not in group:
+                raise ValueError(
+                    f"param group {g_idx} of {type(opt).__name__} has no setting {key!r}; "
+                    f"settings: {sorted(k for k in group if k != 'params')}"
+                )
+            group[key] = _write_back(value, group[key], f"{key} (group {g_idx})")
+
+
+def _write_back(value: Any, target: Any, where: str) -> Any:
+    if isinstance(target, (tuple, list)):
+        if not isinstance(value, (tuple, list)) or len(value) != len(target):
+            raise ValueError(
+                f"override for {where} must be a sequence of {len(target)} values like "
+                f"{target!r}, got {value!r}"
+            )
+        return type(target)(
+            _write_back(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, target))
+        )
+    if torch.is_tensor(target):
+        with torch.no_grad():
+            target.copy_(torch.as_tensor(value, dtype=target.dtype, device=target.device))
+        return target
+    if isinstance(target, bool) or not isinstance(target, (int, float)):
+        raise ValueError(f"{where} is {target!r}, not a number: it cannot be learned")
+    number = value.item() if torch.is_tensor(value) else value
+    return type(target)(number)

@@ -453,9 +453,149 @@ class RAdam(FunctionalOptimizer):
         return p - bias_corrected_exp_avg * lr, new_s
 
 
+class Adadelta(FunctionalOptimizer):
+    """Adadelta (weight decay, ``maximize``), as ``torch.optim.Adadelta``.
+
+    References:
+        Zeiler, "ADADELTA: An Adaptive Learning Rate Method", 2012.
+    """
+
+    name = "Adadelta"
+    DEFAULTS = {"lr": 1.0, "rho": 0.9, "eps": 1e-6, "weight_decay": 0.0, "maximize": False}
+    torch_class = torch.optim.Adadelta
+
+    def validate(self, hp: Hyper) -> None:
+        super().validate(hp)
+        rho = hp.get("rho")
+        if isinstance(rho, (int, float)) and not 0.0 <= rho <= 1.0:
+            raise ValueError(f"{self.name}: invalid rho value {rho}; need 0 <= rho <= 1")
+
+    def init_param(self, p, hp):  # type: ignore[no-untyped-def]
+        return {"step": 0.0, "square_avg": torch.zeros_like(p), "acc_delta": torch.zeros_like(p)}
+
+    def update_param(self, p, g, s, hp):  # type: ignore[no-untyped-def]
+        g = _grad_with_decay(p, g, hp)
+        rho, eps = hp["rho"], hp["eps"]
+        square_avg = s["square_avg"] * rho + (1 - rho) * g * g
+        # safe_sqrt: with eps = 0 (or a learned eps reaching 0) a zero accumulator would make
+        # sqrt's derivative infinite; the values are those of plain sqrt.
+        std = safe_sqrt(square_avg + eps)
+        delta = safe_sqrt(s["acc_delta"] + eps) / std * g
+        acc_delta = s["acc_delta"] * rho + (1 - rho) * delta * delta
+        new_s = {"step": s["step"] + 1, "square_avg": square_avg, "acc_delta": acc_delta}
+        return p - hp["lr"] * delta, new_s
+
+
+class ASGD(FunctionalOptimizer):
+    """Averaged SGD (weight decay, ``maximize``), as ``torch.optim.ASGD``.
+
+    The state's ``eta`` (the decayed step size) starts as the group's ``lr`` itself, so a tensor
+    ``lr`` gets its hypergradient through every later step size, as it should. ``ax`` (the
+    running average of the iterates) is kept as torch keeps it; it is not the fast weight.
+
+    References:
+        Polyak and Juditsky, "Acceleration of Stochastic Approximation by Averaging", 1992.
+    """
+
+    name = "ASGD"
+    DEFAULTS = {
+        "lr": 1e-2,
+        "lambd": 1e-4,
+        "alpha": 0.75,
+        "t0": 1e6,
+        "weight_decay": 0.0,
+        "maximize": False,
+    }
+    torch_class = torch.optim.ASGD
+
+    def init_param(self, p, hp):  # type: ignore[no-untyped-def]
+        return {"step": 0.0, "eta": hp["lr"], "mu": 1.0, "ax": torch.zeros_like(p)}
+
+    def update_param(self, p, g, s, hp):  # type: ignore[no-untyped-def]
+        g = _grad_with_decay(p, g, hp)
+        lr, lambd, alpha = hp["lr"], hp["lambd"], hp["alpha"]
+        step, eta, mu = s["step"] + 1, s["eta"], s["mu"]
+        p = p * (1 - lambd * eta) - eta * g
+        # torch copies the iterate while mu == 1 (before t0) and averages afterwards.
+        ax = p if float(mu) == 1.0 else s["ax"] + (p - s["ax"]) * mu
+        new_s = {
+            "step": step,
+            "eta": lr / _pow(1 + lambd * lr * step, alpha),
+            "mu": 1.0 / max(1.0, step - float(hp["t0"])),
+            "ax": ax,
+        }
+        return p, new_s
+
+    def state_from_torch(self, torch_state: Mapping[str, Any], p: Tensor) -> ParamState:
+        out = super().state_from_torch(torch_state, p)
+        # torch keeps eta and mu as 0-d tensors of the default dtype; our rule treats them as
+        # numbers (mu only selects copy vs. average, eta is a plain step size).
+        for key in ("eta", "mu"):
+            if key in out:
+                out[key] = float(out[key])
+        return out
+
+
+class Rprop(FunctionalOptimizer):
+    """Rprop (``maximize``), as ``torch.optim.Rprop``.
+
+    The update uses only the gradient's sign, so second-order terms are (correctly) zero: the
+    new weights depend on the old ones through the identity, and a tensor ``lr`` or ``etas``
+    gets its hypergradient through the per-element step sizes.
+
+    References:
+        Riedmiller and Braun, "A Direct Adaptive Method for Faster Backpropagation Learning:
+        The RPROP Algorithm", 1993.
+    """
+
+    name = "Rprop"
+    DEFAULTS = {
+        "lr": 1e-2,
+        "etas": (0.5, 1.2),
+        "step_sizes": (1e-6, 50.0),
+        "maximize": False,
+    }
+    torch_class = torch.optim.Rprop
+
+    def validate(self, hp: Hyper) -> None:
+        super().validate(hp)
+        etaminus, etaplus = hp["etas"]
+        if (
+            isinstance(etaminus, (int, float))
+            and isinstance(etaplus, (int, float))
+            and not 0.0 < etaminus < 1.0 < etaplus
+        ):
+            raise ValueError(
+                f"{self.name}: invalid etas {(etaminus, etaplus)}; need 0 < etaminus < 1 < etaplus"
+            )
+
+    def init_param(self, p, hp):  # type: ignore[no-untyped-def]
+        # zeros + lr rather than full_like: a tensor lr stays in the graph.
+        step_size = torch.zeros_like(p) + hp["lr"]
+        return {"step": 0.0, "prev": torch.zeros_like(p), "step_size": step_size}
+
+    def update_param(self, p, g, s, hp):  # type: ignore[no-untyped-def]
+        if hp.get("maximize"):
+            g = -g
+        etaminus, etaplus = hp["etas"]
+        step_size_min, step_size_max = hp["step_sizes"]
+        agreement = g * s["prev"]
+        factor = torch.where(
+            agreement > 0,
+            etaplus,
+            torch.where(agreement < 0, etaminus, torch.ones_like(agreement)),
+        )
+        step_size = (s["step_size"] * factor).clamp(step_size_min, step_size_max)
+        # After a sign change the step is skipped and the next comparison starts from zero.
+        g = torch.where(agreement < 0, torch.zeros_like(g), g)
+        # prev only enters through sign(), whose derivative is 0: detaching it frees the graph.
+        new_s = {"step": s["step"] + 1, "prev": g.detach(), "step_size": step_size}
+        return p - g.sign() * step_size, new_s
+
+
 OPTIMIZERS: dict[type[torch.optim.Optimizer], type[FunctionalOptimizer]] = {
     cls.torch_class: cls  # type: ignore[misc]
-    for cls in (SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, NAdam, RAdam)
+    for cls in (SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, NAdam, RAdam, Adadelta, ASGD, Rprop)
 }
 """``torch.optim`` class -> functional counterpart; extended by :func:`register_functional`."""
 

@@ -8,7 +8,7 @@ hooks, parametrizations, tied weights and RNN flat weights behave as in the plai
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -49,7 +49,8 @@ class FunctionalModule:
 
     Args:
         module: the user's module (left unmodified).
-        params: time-0 fast weights, in ``module.parameters()`` order.
+        params: time-0 fast weights, in ``module.parameters()`` order; ``None`` for a stateless
+            view (:func:`make_functional`) whose first call must pass ``params=``.
         track_higher_grads: ``False`` keeps only the initial and latest weights (test mode).
         buffer_policy: see :class:`BufferPolicy`.
         device: where copies of buffers live.
@@ -58,7 +59,7 @@ class FunctionalModule:
     def __init__(
         self,
         module: nn.Module,
-        params: Sequence[Tensor],
+        params: Sequence[Tensor] | None,
         *,
         track_higher_grads: bool = True,
         buffer_policy: BufferPolicy | str = BufferPolicy.PRIVATE,
@@ -66,7 +67,7 @@ class FunctionalModule:
     ) -> None:
         self.module = module
         self.param_names: list[str] = [n for n, _ in module.named_parameters()]
-        if len(params) != len(self.param_names):
+        if params is not None and len(params) != len(self.param_names):
             raise ValueError(
                 f"expected {len(self.param_names)} fast weights (one per module parameter), "
                 f"got {len(params)}"
@@ -74,13 +75,16 @@ class FunctionalModule:
         self.buffer_policy = BufferPolicy(buffer_policy)
         self._track_higher_grads = track_higher_grads
         self._training: bool | None = None
-        self._fast_params: list[list[Tensor] | None] = [list(params)]
+        self._fast_params: list[list[Tensor] | None] = []
         self._buffers: dict[str, Tensor] = (
             {}
             if self.buffer_policy is BufferPolicy.WRITE_BACK
             else get_buffers(module, copy=True, device=device)
         )
-        self._buffer_history: list[dict[str, Tensor] | None] = [self._snapshot_buffers()]
+        self._buffer_history: list[dict[str, Tensor] | None] = []
+        if params is not None:
+            self._fast_params.append(list(params))
+            self._buffer_history.append(self._snapshot_buffers())
 
     # -- fast weights ------------------------------------------------------------------------
     @property
@@ -96,9 +100,9 @@ class FunctionalModule:
     @property
     def fast_params(self) -> list[Tensor]:
         """The latest fast weights, in ``module.parameters()`` order."""
-        latest = self._fast_params[-1]
-        assert latest is not None  # the latest entry is never dropped
-        return latest
+        # Read on every forward: index directly, and let _get explain an empty history.
+        latest = self._fast_params[-1] if self._fast_params else None
+        return self._get(None) if latest is None else latest
 
     @fast_params.setter
     def fast_params(self, value: Iterable[Tensor]) -> None:
@@ -129,6 +133,11 @@ class FunctionalModule:
 
     def _get(self, time: int | None) -> list[Tensor]:
         n = len(self._fast_params)
+        if n == 0:
+            raise HistoryError(
+                "this fast model has no fast weights yet (made by make_functional): call it "
+                "with params=[...] (module.parameters() order) or set fmodel.fast_params first"
+            )
         t = n - 1 if time is None else time
         if t < 0:
             t += n
@@ -293,3 +302,24 @@ def monkeypatch(
         buffer_policy=buffer_policy,
         device=device,
     )
+
+
+def make_functional(
+    module: nn.Module,
+    encapsulator: Callable[[FunctionalModule, nn.Module], None] | None = None,
+) -> FunctionalModule:
+    """A stateless view of ``module`` without initial weights (higher's ``make_functional``).
+
+    The first call must pass ``params=`` (a list in ``module.parameters()`` order or a dict by
+    name); those become the fast weights, as with :func:`monkeypatch`'s view. Buffers are private
+    copies (``BufferPolicy.PRIVATE``).
+
+    Args:
+        module: the user's module (not modified).
+        encapsulator: called as ``encapsulator(fmodel, module)`` before returning, e.g. to set
+            initial fast weights with ``fmodel.update_params(...)``.
+    """
+    fmodel = FunctionalModule(module, None)
+    if encapsulator is not None:
+        encapsulator(fmodel, module)
+    return fmodel
