@@ -42,11 +42,9 @@ log = logging.getLogger(__name__)
 DROP_AFTER_ROUND = (2.0, 1.25)
 # Candidates within this fraction of the best after ``repeats`` rounds get extra rounds.
 CLOSE = 0.05
-# A warm-up step includes first-call costs, so only a candidate this much slower than the best
-# warm-up is dropped before the timed rounds (the loop on a small MLP: 10-100x). Halving the
-# vmap chunk stops once a chunk is this much slower than the one before: step time against
-# chunk size has one minimum (per-task overhead on the left, poor cache use on the right).
-WARMUP_DROP = 3.0
+# Halving the vmap chunk stops once a chunk's first timed step is this much slower than the
+# previous chunk's: step time against chunk size has one minimum (per-task overhead on one
+# side, poor cache use on the other).
 CHUNK_STOP = 1.5
 
 
@@ -251,43 +249,31 @@ def choose_task_batching(
             return False
 
         pool: list[_Candidate] = []
-        warm: dict[int, float] = {}  # id(candidate) -> warm-up seconds
         previous_chunk: float | None = None
         for mode, chunk in candidates(len(batch)):
             c = _Candidate(mode, chunk, per_task * (1 if mode == "loop" else chunk or len(batch)))
             if not fits(c, "modelled "):
                 continue
-            seconds = timer.warm_up(c)
-            if seconds is None:
+            if timer.warm_up(c) is None:
                 log.info("task_batching=auto: vmap(chunk=%s) ran out of memory", chunk or "all")
                 continue
+            # Round one for this candidate right after its warm-up: on CUDA a warm-up step
+            # can take 50x a timed one (kernel selection for new shapes), so only timed steps
+            # are compared.
+            timer.timed_step_with_memory(c)
+            if not fits(c, "measured "):
+                continue
             pool.append(c)
-            warm[id(c)] = seconds
             if chunk is not None:
-                if previous_chunk is not None and seconds > CHUNK_STOP * previous_chunk:
+                if previous_chunk is not None and c.seconds > CHUNK_STOP * previous_chunk:
                     break  # past the minimum: smaller chunks only get slower
-                previous_chunk = seconds
-        fastest_warm = min(warm.values(), default=0.0)
-        hopeless = [c for c in pool if warm[id(c)] > WARMUP_DROP * fastest_warm]
-        for c in hopeless:
-            log.info(
-                "task_batching=auto: %s dropped after its warm-up (%.1f ms, best %.1f ms)",
-                _label(c.mode, c.chunk),
-                warm[id(c)] * 1e3,
-                fastest_warm * 1e3,
-            )
-        pool = [c for c in pool if warm[id(c)] <= WARMUP_DROP * fastest_warm]
+                previous_chunk = c.seconds
         alive = list(pool)
         for r in range(repeats + extra):
-            # Rotating the order keeps any first/last-in-round effect off one candidate.
-            for c in alive[r % len(alive) :] + alive[: r % len(alive)]:
-                if r == 0:
-                    timer.timed_step_with_memory(c)
-                else:
+            if r > 0:
+                # Rotating the order keeps any first/last-in-round effect off one candidate.
+                for c in alive[r % len(alive) :] + alive[: r % len(alive)]:
                     c.times.append(timer.step(c))
-            if r == 0:
-                pool = [c for c in pool if fits(c, "measured ")]
-                alive = list(pool)
             best = min(c.seconds for c in alive)
             limit = 1 + CLOSE if r + 1 >= repeats else DROP_AFTER_ROUND[min(r, 1)]
             alive = [c for c in alive if c.seconds <= best * limit]
