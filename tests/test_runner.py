@@ -212,12 +212,13 @@ def test_task_batching_auto_is_measured_saved_and_restored(train, tmp_path, capl
     overrides = ["algo.task_batching=auto", "outer_steps=4", "save.every=0", "eval.every=0"]
     train(tmp_path, overrides)
     assert "task_batching=auto chose" in caplog.text
-    chosen = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["algorithm_extra"]["task_batching"]
+    last = tmp_path / "checkpoints" / "last.pt"
+    chosen = load_checkpoint(last)["algorithm_extra"]["task_batching"]
     assert chosen["mode"] in ("loop", "vmap")
     caplog.clear()
     train(tmp_path, [*overrides, "outer_steps=6", "resume=true"])
     assert "task_batching=auto chose" not in caplog.text  # the checkpoint's choice is reused
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["algorithm_extra"]["task_batching"] == chosen
+    assert load_checkpoint(last)["algorithm_extra"]["task_batching"] == chosen
 
 
 def test_loop_with_checkpointed_inner_steps_matches_vmap(train, tmp_path):
