@@ -248,8 +248,13 @@ class MAML(MetaAlgorithm):
 
     @classmethod
     def from_config(cls, config: MAMLConfig, model: nn.Module, context: BuildContext) -> MAML:
-        return cls(
-            model,
+        return cls(model, **cls.init_kwargs(config, context))
+
+    @classmethod
+    def init_kwargs(cls, config: MAMLConfig, context: BuildContext) -> dict[str, Any]:
+        """The constructor's keyword arguments from ``config``: a subclass with a schema
+        extending :class:`MAMLConfig` adds its own keys to these (e.g. ANIL's ``head``)."""
+        return dict(
             task_type=context.task_type,
             inner_lr=config.inner_lr,
             inner_steps=config.inner_steps,
