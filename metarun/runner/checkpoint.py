@@ -133,6 +133,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ValueError: ``path`` is not a metarun checkpoint.
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        inside = path / CHECKPOINT_DIR / LAST
+        hint = f" (did you mean {str(inside)!r}?)" if inside.is_file() else ""
+        raise ValueError(f"{str(path)!r} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {str(path)!r} does not exist (checkpoints are written to "
