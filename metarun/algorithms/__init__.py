@@ -13,3 +13,4 @@ from __future__ import annotations
 from metarun.algorithms import maml  # noqa: F401
 from metarun.algorithms import l2rw  # noqa: F401
 from metarun.algorithms import protonets  # noqa: F401
+from metarun.algorithms import anil  # noqa: F401
