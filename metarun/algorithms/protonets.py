@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from metarun import registry
 from metarun.algorithms.base import MetaAlgorithm
+from metarun.algorithms.heads import find_head
 from metarun.config.bases import AlgoSchema
 from metarun.config.errors import ConfigError
 from metarun.registry import BuildContext, register
@@ -229,37 +230,7 @@ def _check_steps(steps: int | None) -> None:
 def _drop_head(model: nn.Module, name: str | None) -> str:
     """Replace the module ``name`` of ``model`` (``None``: the last ``nn.Linear``) by
     ``nn.Identity``; returns the name replaced."""
-    modules = dict(model.named_modules())
-    if name is None:
-        linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-        if not linear:
-            raise ConfigError(
-                "algo.embedding_head=null drops the model's last nn.Linear, but "
-                f"{type(model).__name__} has none (set algo.embedding_head to one of: "
-                f"{_listing(modules)})"
-            )
-        name = linear[-1]
-    if not name or name not in modules:
-        raise ConfigError(
-            f"algo.embedding_head must name a module of {type(model).__name__}, got {name!r} "
-            f"(set e.g. algo.embedding_head={_default_hint(modules)}; modules: "
-            f"{_listing(modules)})"
-        )
+    name = find_head(model, name, key="algo.embedding_head", role="drops")
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, nn.Identity())
     return name
-
-
-def _listing(modules: dict[str, nn.Module]) -> str:
-    """The top-level modules and every ``nn.Linear``, with their types."""
-    shown = [
-        f"{n} ({type(m).__name__})"
-        for n, m in modules.items()
-        if n and ("." not in n or isinstance(m, nn.Linear))
-    ]
-    return ", ".join(shown) or "none"
-
-
-def _default_hint(modules: dict[str, nn.Module]) -> str:
-    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-    return linear[-1] if linear else "null"
