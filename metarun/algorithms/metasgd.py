@@ -1,0 +1,36 @@
+"""``algo=metasgd``: Meta-SGD, i.e. MAML with a meta-learned inner learning rate for every weight
+(elementwise, ``learn_inner_lr=per_param``). The algorithm is MAML's; only the schema is its own,
+so that checkpoints, results and ``mode=eval`` record and accept ``algo=metasgd`` (a YAML that
+reused MAML's schema would be recorded as ``algo=maml``: options are recorded by schema type).
+
+References:
+    Li, Zhou, Chen & Li, "Meta-SGD: Learning to Learn Quickly for Few-Shot Learning", 2017.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from metarun.algorithms.maml import MAML, MAMLConfig
+from metarun.config.enums import InnerLR
+from metarun.config.errors import ConfigError
+from metarun.registry import register
+
+
+@dataclass
+class MetaSGDConfig(MAMLConfig):
+    """``algo=metasgd``: MAML's keys; the inner rates are learned per parameter element."""
+
+    learn_inner_lr: InnerLR = InnerLR.per_param
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.learn_inner_lr is not InnerLR.per_param:
+            raise ConfigError(
+                f"algo.learn_inner_lr must be per_param for algo=metasgd, got "
+                f"{self.learn_inner_lr.value} (use algo=maml algo.learn_inner_lr="
+                f"{self.learn_inner_lr.value})"
+            )
+
+
+register("algo", "metasgd", MetaSGDConfig)(MAML)
