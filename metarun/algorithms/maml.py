@@ -224,6 +224,9 @@ class MAML(MetaAlgorithm):
         # Substituting the norm layers' running statistics by None makes them normalise with
         # per-batch (under vmap: per-task) statistics and write nothing.
         self._stats_off = batch_stats_buffers(model)
+        self._has_batch_norm = any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+        )
         self.base_inner_lr = float(inner_lr)
         self.inner_lr: nn.Parameter | None = None
         self.inner_lrs: nn.ParameterDict | None = None
@@ -319,6 +322,17 @@ class MAML(MetaAlgorithm):
             m["accuracy"] = (out.argmax(-1) == y).float().mean()
         return m
 
+    def _task_metrics(self, out: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Per-task metrics of a batch of tasks, ``out`` (T, Q, ...) against ``y`` (T, Q, ...):
+        one tensor op per metric, whatever the number of tasks."""
+        if self.task_type == "classification":
+            loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none")
+            return {
+                "loss": loss.view(y.shape).mean(-1),
+                "accuracy": (out.argmax(-1) == y).float().mean(-1),
+            }
+        return {"loss": F.mse_loss(out, y, reduction="none").flatten(1).mean(1)}
+
     def _adapt(self, sx: Tensor, sy: Tensor, steps: int, *, track: bool) -> dict[str, Tensor]:
         params = get_params(self.model, copy=self.copy_initial_weights or not track)
 
@@ -344,7 +358,7 @@ class MAML(MetaAlgorithm):
         if self.task_batching is TaskBatching.vmap:
             return self._meta_train_vmap(batch)
         n = len(batch)
-        totals: dict[str, float] = {}
+        totals = _Totals()
         for i in range(n):
             sx, sy, qx, qy = (t[i] for t in batch.tensors())
             params = self._adapt(sx, sy, self.inner_steps, track=True)
@@ -352,15 +366,11 @@ class MAML(MetaAlgorithm):
             loss = self._loss(out, qy)
             (loss / n).backward()
             with torch.no_grad():
-                groups = [("post", self._metrics(out.detach(), qy))]
+                totals.add("post", self._task_metrics(out[None], qy[None]))
                 if self.pre_adaptation_metrics:
                     pre_out = self._forward(get_params(self.model), qx)
-                    groups.append(("pre", self._metrics(pre_out, qy)))
-            for prefix, metrics in groups:
-                for key, value in metrics.items():
-                    name = f"train/{prefix}_{key}"
-                    totals[name] = totals.get(name, 0.0) + float(value) / n
-        return _with_meta_loss(totals)
+                    totals.add("pre", self._task_metrics(pre_out[None], qy[None]))
+        return _with_meta_loss(totals.means(n))
 
     def _meta_train_vmap(self, batch: TaskBatch) -> dict[str, float]:
         n = len(batch)
@@ -387,25 +397,25 @@ class MAML(MetaAlgorithm):
         batched = torch.func.vmap(task, in_dims=(None, 0, 0, 0, 0))
         # Only the double backward of the native batch norm has the wrong vmap rule; first order
         # never differentiates an inner gradient, and the native kernel is 15-30% faster there.
-        bn_mode = contextlib.nullcontext if self.first_order else decomposed_batch_norm
-        totals: dict[str, float] = {}
+        # Without batch norm the mode would only tax every other op (it intercepts them all).
+        bn_mode = (
+            decomposed_batch_norm
+            if self._has_batch_norm and not self.first_order
+            else contextlib.nullcontext
+        )
+        totals = _Totals()
         for chunk in batch.split(self.task_chunk_size or n):
             with bn_mode():
                 losses, outs = batched(params, *chunk.tensors())
             (losses.sum() / n).backward()
             with torch.no_grad():
-                groups = [("post", outs.detach())]
+                totals.add("post", self._task_metrics(outs.detach(), chunk.query_y))
                 if self.pre_adaptation_metrics:
                     pre = torch.func.vmap(self._forward, in_dims=(None, 0))(
                         get_params(self.model), chunk.query_x
                     )
-                    groups.append(("pre", pre))
-                for prefix, out in groups:
-                    for i in range(len(chunk)):
-                        for key, value in self._metrics(out[i], chunk.query_y[i]).items():
-                            name = f"train/{prefix}_{key}"
-                            totals[name] = totals.get(name, 0.0) + float(value) / n
-        return _with_meta_loss(totals)
+                    totals.add("pre", self._task_metrics(pre, chunk.query_y))
+        return _with_meta_loss(totals.means(n))
 
     def evaluate(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
         steps = self.eval_inner_steps if inner_steps is None else inner_steps
@@ -462,6 +472,25 @@ class MAML(MetaAlgorithm):
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
+
+
+class _Totals:
+    """Sums of per-task metrics kept on the device; read once per step (one host transfer
+    instead of one per task and metric)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+
+    def add(self, prefix: str, per_task: dict[str, Tensor]) -> None:
+        for key, values in per_task.items():
+            name = f"train/{prefix}_{key}"
+            total = values.sum()
+            self.sums[name] = self.sums[name] + total if name in self.sums else total
+
+    def means(self, n: int) -> dict[str, float]:
+        names = list(self.sums)
+        values = torch.stack([self.sums[k] for k in names]).double().div(n).tolist()
+        return dict(zip(names, values))
 
 
 def _with_meta_loss(totals: dict[str, float]) -> dict[str, float]:
