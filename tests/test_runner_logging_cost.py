@@ -1,0 +1,55 @@
+"""Logging costs no numbers: what a run computes does not depend on how often it logs (only
+logged steps compute pre-adaptation metrics and hypergradient norms, and metrics are read from
+the device once per step)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from metarun.runner import api
+from metarun.runner.checkpoint import load_checkpoint
+
+# A fixed task batching: auto's measurement would be the only difference between the runs.
+COMMON = ["outer_steps=6", "eval.every=0", "save.every=0", "algo.task_batching=vmap"]
+
+
+@pytest.fixture
+def train(make_config, tiny):
+    def _train(run_dir, overrides=()) -> api.RunSummary:
+        args = [*tiny, *COMMON, *overrides]
+        return api.run(make_config(args), run_dir, overrides=args)
+
+    return _train
+
+
+def _records(run_dir) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "hypergrad/norm" in r}
+
+
+@pytest.mark.parametrize("batching", ["vmap", "loop"])
+def test_logging_every_step_or_every_third_computes_the_same(train, tmp_path, batching):
+    every_step = train(tmp_path / "every1", ["log.every=1", f"algo.task_batching={batching}"])
+    every_third = train(tmp_path / "every3", ["log.every=3", f"algo.task_batching={batching}"])
+
+    # The same weights after training, and the same test loss, to the last bit.
+    ours = load_checkpoint(tmp_path / "every1" / "checkpoints" / "last.pt")["algorithm"]
+    theirs = load_checkpoint(tmp_path / "every3" / "checkpoints" / "last.pt")["algorithm"]
+    for name, value in ours.items():
+        assert torch.equal(value, theirs[name]), name
+    loss = every_step.results["test"]["metrics"]["loss"]["mean"]
+    assert loss == every_third.results["test"]["metrics"]["loss"]["mean"]
+
+    # A step logged by both runs logs the same meta-gradient norm and the same last-step value.
+    one, three = _records(tmp_path / "every1"), _records(tmp_path / "every3")
+    assert set(three) == {3, 6}
+    for step in (3, 6):
+        norm = three[step]["hypergrad/norm"]
+        assert one[step]["hypergrad/norm"] == pytest.approx(norm, rel=1e-12)
+        assert one[step]["train/pre_loss"] == pytest.approx(three[step]["train/pre_loss"], rel=1e-6)
+    # Interval means: the every-third run's value at step 3 is the mean of steps 1..3.
+    mean = sum(one[s]["train/meta_loss"] for s in (1, 2, 3)) / 3
+    assert three[3]["train/meta_loss"] == pytest.approx(mean, rel=1e-6)
