@@ -93,7 +93,7 @@ def test_cli_eval_mode(trained, tmp_path):
     [
         (["algo.inner_lrr=0.1"], ["algo.inner_lrr"]),
         (["algo.inner_lr=abc"], ["'abc'", "algo.inner_lr"]),
-        (["algo=reptile"], ["algo/reptile", "fomaml"]),
+        (["algo=no_such_algo"], ["algo/no_such_algo", "fomaml"]),
         (
             ["algo.inner_steps=0"],
             ["error: algo.inner_steps must be >= 1, got 0 (set e.g. algo.inner_steps=5)"],

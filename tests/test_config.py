@@ -211,8 +211,8 @@ def test_bad_override_fails_at_compose_naming_key_and_value(compose_cfg, overrid
 
 
 def test_unknown_option_lists_the_available_ones(compose_cfg):
-    with pytest.raises(MissingConfigException, match="algo/reptile") as info:
-        compose_cfg(["algo=reptile"])
+    with pytest.raises(MissingConfigException, match="algo/no_such_algo") as info:
+        compose_cfg(["algo=no_such_algo"])
     assert "fomaml" in str(info.value) and "maml" in str(info.value)
 
 
@@ -315,9 +315,9 @@ def test_yaml_round_trip(make_config):
 
 
 def test_from_yaml_rejects_unknown_option(make_config):
-    with pytest.raises(ConfigError, match="algo='reptile'"):
+    with pytest.raises(ConfigError, match="algo='no_such_algo'"):
         from_yaml(
-            to_yaml(make_config()), {"algo": "reptile", "dataset": "sinusoid", "model": "mlp"}
+            to_yaml(make_config()), {"algo": "no_such_algo", "dataset": "sinusoid", "model": "mlp"}
         )
 
 
