@@ -1,7 +1,7 @@
 """metarun: a command-line meta-learning experiment runner.
 
 The differentiable-unroll core lives in :mod:`metarun.unroll` and imports torch only.
-``metarun.load(checkpoint)`` returns a meta-trained :class:`~metarun.runner.api.Learner`.
+``metarun.load(checkpoint)`` returns a meta-trained :class:`~metarun.runner.learner.Learner`.
 """
 
 from __future__ import annotations

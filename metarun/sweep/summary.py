@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-RESULTS_FILE = "results.json"  # written by metarun.runner.api
+RESULTS_FILE = "results.json"  # written by metarun.runner.results
 STATUS_FILE = "status.json"  # written by metarun.sweep.callback
 SUMMARY_CSV = "summary.csv"
 SUMMARY_MD = "summary.md"
