@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -231,6 +232,59 @@ def test_data_errors(args, expected, bad_data, tmp_path, monkeypatch, capsys):
     # The decoded-image cache must not hide a broken archive, nor be written outside tmp_path.
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     _assert_usage_error(args, expected, tmp_path, monkeypatch, capsys)
+
+
+# ----------------------------------------------------------------------- download, no network
+
+OFFLINE_CASES = [
+    # (args, the first file fetched, its URL)
+    (
+        OMNIGLOT,
+        "images_background.zip",
+        "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
+        "images_background.zip",
+    ),
+    (
+        MNIST,
+        "t10k-images-idx3-ubyte.gz",
+        "https://ossci-datasets.s3.amazonaws.com/mnist/t10k-images-idx3-ubyte.gz",
+    ),
+    (
+        ["algo=erm", "dataset=cifar10_noisy", "device=cpu"],
+        "cifar-10-python.tar.gz",
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+    ),
+    (
+        ["algo=erm", "dataset=cifar100_noisy", "device=cpu"],
+        "cifar-100-python.tar.gz",
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "filename", "url"), OFFLINE_CASES)
+def test_download_without_network(args, filename, url, tmp_path, monkeypatch, capsys):
+    """dataset.download=true on a machine without network: a usage error naming the file, the
+    URL and the fix, at once (no traceback, no hang, nothing left behind)."""
+    looked_up: list[str] = []
+
+    def no_network(host, *args, **kwargs):
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = tmp_path / "data"
+    err = _assert_usage_error(
+        [*args, f"dataset.root={root}", "dataset.download=true"],
+        ["error: could not download", filename, url, "name resolution", "dataset.download=true"],
+        tmp_path,
+        monkeypatch,
+        capsys,
+    )
+    assert "yourself" in err and str(root) in err  # where to put the file by hand
+    assert looked_up  # the network was tried, through the socket layer
+    assert not [p for p in root.rglob("*") if p.is_file()]  # no partial download
 
 
 # ---------------------------------------------------------------------------------- run dirs

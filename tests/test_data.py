@@ -7,9 +7,11 @@ import io
 import math
 import os
 import random
+import socket
 import subprocess
 import sys
 import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -414,11 +416,13 @@ def test_missing_data_error_names_key_path_files_and_fix(tmp_path: Path) -> None
 def test_offline_download_fails_fast_with_clear_error(tmp_path: Path, monkeypatch) -> None:
     seen = []
 
-    def offline(url: str, timeout: float | None = None):
-        seen.append((url, timeout))
+    # torchvision's downloader opens Requests without a timeout argument: the socket default is
+    # what bounds the wait.
+    def offline(request: urllib.request.Request | str, timeout: float | None = None):
+        seen.append((_url(request), socket.getdefaulttimeout()))
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(omniglot.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     root = tmp_path / "data"
     with pytest.raises(RuntimeError) as error:
         load_omniglot(root, split="finn", download=True, cache_dir=tmp_path / "cache")
@@ -432,12 +436,25 @@ def test_offline_download_fails_fast_with_clear_error(tmp_path: Path, monkeypatc
     assert list(root.iterdir()) == []  # no partial file left behind
 
 
-def _serve(monkeypatch, files: dict[str, bytes]) -> None:
-    def fake_urlopen(url: str, timeout: float | None = None):
-        assert timeout is not None
-        return io.BytesIO(files[url.rsplit("/", 1)[-1]])
+def _url(request: urllib.request.Request | str) -> str:
+    return request.full_url if isinstance(request, urllib.request.Request) else request
 
-    monkeypatch.setattr(omniglot.urllib.request, "urlopen", fake_urlopen)
+
+class _Response(io.BytesIO):
+    """What torchvision's downloader reads of an HTTP response."""
+
+    def __init__(self, url: str, data: bytes) -> None:
+        super().__init__(data)
+        self.url, self.length = url, len(data)
+
+
+def _serve(monkeypatch, files: dict[str, bytes]) -> None:
+    def fake_urlopen(request: urllib.request.Request | str, timeout: float | None = None):
+        assert socket.getdefaulttimeout() is not None
+        url = _url(request)
+        return _Response(url, files[url.rsplit("/", 1)[-1]])
+
+    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
 
 
 def test_download_checks_md5_and_writes_atomically(tmp_path: Path, monkeypatch) -> None:

@@ -24,7 +24,7 @@ from metarun.data import (
     load_mnist_imbalance,
     uniform_flip,
 )
-from metarun.data.supervised import DOWNLOAD_TIMEOUT_S
+from metarun.data.download import DOWNLOAD_TIMEOUT_S
 
 # --------------------------------------------------------------------------- helpers
 

@@ -34,15 +34,11 @@ from metarun.config.bases import SUPERVISED, DatasetSchema
 from metarun.config.checks import require
 from metarun.config.enums import NoiseType
 from metarun.config.errors import ConfigError
+from metarun.data.download import downloaded, replace_into
 from metarun.data.supervised import (
-    DOWNLOAD_ERRORS,
-    DOWNLOAD_TIMEOUT_S,
     SplitData,
     random_crop_flip,
-    replace_into,
     reweighting_sources,
-    socket_timeout,
-    staging_dir,
 )
 from metarun.registry import register
 from metarun.tasks import TaskSources
@@ -267,29 +263,23 @@ def _not_found_message(root: Path, num_classes: int) -> str:
 
 
 def _download(root: Path, num_classes: int) -> None:
-    """Fetch and extract the official archive into ``<root>/<folder>/``, file by file."""
+    """Fetch the official archive (MD5-checked) and extract it into ``<root>/<folder>/``, file by
+    file."""
     # Imported here: torchvision.datasets takes about a second to import.
     import torchvision.datasets
-    from torchvision.datasets.utils import download_url, extract_archive
+    from torchvision.datasets.utils import extract_archive
 
     layout = _LAYOUT[num_classes]
     dataset = getattr(torchvision.datasets, layout["dataset"])
     dest = root / layout["folder"]
-    logger.info("downloading %s to %s", dataset.url, root)
-    with staging_dir(root) as tmp:
-        try:
-            with socket_timeout(DOWNLOAD_TIMEOUT_S):
-                download_url(dataset.url, str(tmp), filename=dataset.filename, md5=dataset.tgz_md5)
-        except DOWNLOAD_ERRORS as error:  # includes timeouts and MD5 mismatches
-            raise RuntimeError(
-                f"could not download {dataset.url} into {root}: {error}. Fix: on a machine with "
-                f"network, retry dataset.download=true; otherwise extract the official "
-                f"{dataset.filename} there by hand and set dataset.root=<that folder> with "
-                f"dataset.download=false"
-            ) from error
-        extract_archive(str(tmp / dataset.filename), str(tmp))
+    fix = (
+        f"extract the official {dataset.filename} (MD5 {dataset.tgz_md5}) into {root} yourself, "
+        f"so that {dest} holds {', '.join(layout['train'] + layout['test'])}"
+    )
+    with downloaded(dataset.url, dataset.filename, dataset.tgz_md5, into=root, fix=fix) as archive:
+        extract_archive(str(archive), str(archive.parent))
         dest.mkdir(parents=True, exist_ok=True)
-        for path in sorted((tmp / layout["folder"]).iterdir()):
+        for path in sorted((archive.parent / layout["folder"]).iterdir()):
             replace_into(path, dest / path.name)
 
 
@@ -383,7 +373,7 @@ def load_cifar_noisy(
 
     Raises:
         FileNotFoundError: the files are missing and ``download=False``.
-        RuntimeError: ``download=True`` but the download failed.
+        DownloadError: ``download=True`` but the download failed (also a ValueError).
         ValueError: bad arguments, or a corrupt or foreign file.
 
     References:

@@ -29,14 +29,10 @@ from torch import Tensor
 from metarun.config.bases import SUPERVISED, DatasetSchema
 from metarun.config.checks import require
 from metarun.config.enums import MnistSourceSplit
+from metarun.data.download import download_file
 from metarun.data.supervised import (
-    DOWNLOAD_ERRORS,
-    DOWNLOAD_TIMEOUT_S,
     SplitData,
-    replace_into,
     reweighting_sources,
-    socket_timeout,
-    staging_dir,
 )
 from metarun.registry import register
 from metarun.tasks import TaskSources
@@ -89,10 +85,10 @@ def _not_found_message(root: Path, split: str) -> str:
 
 
 def _download(root: Path, split: str) -> None:
-    """Fetch the two files of ``split`` into ``<root>/MNIST/raw/``, MD5-checked, atomically."""
+    """Fetch the missing files of ``split`` into ``<root>/MNIST/raw/`` (MD5-checked, atomically),
+    trying torchvision's mirrors in turn."""
     # Imported here: torchvision.datasets takes about a second to import.
     from torchvision.datasets import MNIST
-    from torchvision.datasets.utils import download_url
 
     md5 = dict(MNIST.resources)
     dest = root / _DOWNLOAD_SUBDIR
@@ -100,27 +96,12 @@ def _download(root: Path, split: str) -> None:
         name = f"{stem}.gz"
         if (dest / name).is_file():
             continue
-        errors: list[str] = []
-        with staging_dir(dest) as tmp:
-            for mirror in MNIST.mirrors:
-                url = f"{mirror}{name}"
-                logger.info("downloading %s to %s", url, dest)
-                try:
-                    with socket_timeout(DOWNLOAD_TIMEOUT_S):
-                        download_url(url, str(tmp), filename=name, md5=md5[name])
-                except DOWNLOAD_ERRORS as error:  # includes timeouts and MD5 mismatches
-                    errors.append(f"{url}: {error}")
-                    (tmp / name).unlink(missing_ok=True)
-                    continue
-                replace_into(tmp / name, dest / name)
-                break
-        if errors and not (dest / name).is_file():
-            raise RuntimeError(
-                f"could not download {name} into {dest} ({'; '.join(errors)}). Fix: on a machine "
-                f"with network, retry dataset.download=true; otherwise copy the official "
-                f"{' and '.join(f'{s}.gz' for s in _STEMS[split])} into <folder>/mnist/raw/ by "
-                f"hand and set dataset.root=<folder> with dataset.download=false"
-            )
+        download_file(
+            [f"{mirror}{name}" for mirror in MNIST.mirrors],
+            dest / name,
+            md5[name],
+            where=f"; the files are looked for under {_root_hint(root)}",
+        )
 
 
 def _read_idx(path: Path, ndim: int) -> Tensor:
@@ -375,7 +356,7 @@ def load_mnist_imbalance(
 
     Raises:
         FileNotFoundError: the files of a needed split are missing and ``download=False``.
-        RuntimeError: ``download=True`` but the download failed.
+        DownloadError: ``download=True`` but the download failed (also a ValueError).
         ValueError: bad arguments; a corrupt file; or more images asked for than the split holds
             (the message gives the numbers and the largest ``dataset.n_train`` that fits).
 

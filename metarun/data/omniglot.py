@@ -20,8 +20,6 @@ import logging
 import os
 import random
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -36,6 +34,7 @@ from torch import Tensor
 from metarun.config.bases import DatasetSchema
 from metarun.config.checks import require, require_optional_count
 from metarun.config.enums import OmniglotSplit
+from metarun.data.download import download_file
 from metarun.data.fewshot import FewShotTasks
 from metarun.registry import register
 from metarun.tasks import TaskSources
@@ -55,7 +54,6 @@ DOWNLOAD_MD5 = {
     f"{BACKGROUND}.zip": "68d2efa1b9178cc56df9314c21c6e718",
     f"{EVALUATION}.zip": "6b91aef0f799c5bb55b94e3f2daec811",
 }
-DOWNLOAD_TIMEOUT_S = 30.0
 FULL_CHARACTERS = 1623
 # Finn et al. 2017 (github.com/cbfinn/maml, data_generator.py): 1100 train, 100 val, rest test.
 FINN_TRAIN, FINN_VAL = 1100, 100
@@ -132,43 +130,13 @@ def _download(root: Path, sources: dict[str, _Source]) -> None:
         if stem in sources:
             continue
         name = f"{stem}.zip"
-        url = DOWNLOAD_URL.format(name=name)
-        dest = root / name
-        tmp_path: Path | None = None
-        logger.info("downloading %s to %s", url, dest)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            digest = hashlib.md5(usedforsecurity=False)
-            with (
-                urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
-                tempfile.NamedTemporaryFile(
-                    dir=root, prefix=f".{name}.", suffix=".part", delete=False
-                ) as tmp,
-            ):
-                tmp_path = Path(tmp.name)
-                while chunk := response.read(1 << 20):
-                    digest.update(chunk)
-                    tmp.write(chunk)
-            if digest.hexdigest() != DOWNLOAD_MD5[name]:
-                raise RuntimeError(
-                    f"downloaded {url} has MD5 {digest.hexdigest()}, expected "
-                    f"{DOWNLOAD_MD5[name]} (a truncated or altered download; retry, or place the "
-                    f"official {name} in dataset.root={str(root)!r} yourself)"
-                )
-            os.chmod(tmp_path, 0o644)  # NamedTemporaryFile makes it 0600
-            os.replace(tmp_path, dest)
-            tmp_path = None
-        except (urllib.error.URLError, OSError) as error:  # includes timeouts
-            raise RuntimeError(
-                f"could not download {url} into {_root_hint(root)}: {error}. Fix: on a machine "
-                f"with network, retry dataset.download=true; otherwise copy {BACKGROUND}.zip and "
-                f"{EVALUATION}.zip (or images_background_small1/2.zip) there by hand and set "
-                f"dataset.root=<that folder> with dataset.download=false"
-            ) from error
-        finally:
-            if tmp_path is not None:
-                tmp_path.unlink(missing_ok=True)
-        sources[stem] = _Source(stem, dest)
+        download_file(
+            DOWNLOAD_URL.format(name=name),
+            root / name,
+            DOWNLOAD_MD5[name],
+            where=f"; the archives are read from {_root_hint(root)}",
+        )
+        sources[stem] = _Source(stem, root / name)
 
 
 def _corrupt_message(path: Path, error: BaseException) -> str:
@@ -441,7 +409,8 @@ def load_omniglot(
 
     Raises:
         FileNotFoundError: no archive under ``root`` and ``download=False``.
-        RuntimeError: ``download=True`` but the download failed or its checksum is wrong.
+        DownloadError: ``download=True`` but the download failed or its checksum is wrong (a
+            ValueError).
         ValueError: bad arguments, or a split the archives present cannot make.
     """
     _check_arguments(split, fractions, image_size)

@@ -1,5 +1,5 @@
-"""What the supervised (example-reweighting) data sets share: the split container, downloads, and
-the task sources the runner draws from.
+"""What the supervised (example-reweighting) data sets share: the split container and the task
+sources the runner draws from (downloads: :mod:`metarun.data.download`).
 
 Learning to reweight (Ren et al. 2018) trains on a large, biased or noisy pool and meta-learns
 example weights against a small clean validation set; :class:`SplitData` holds the three pools,
@@ -9,28 +9,14 @@ evaluation sets.
 
 from __future__ import annotations
 
-import http.client
-import logging
-import os
-import socket
-import tempfile
-import urllib.error
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from metarun.tasks import TaskBatch, TaskSources
-
-logger = logging.getLogger(__name__)
-
-# Offline machines must fail within this time, not hang: torchvision's downloader opens its
-# connections without a timeout, so the process-wide socket default is set around it.
-DOWNLOAD_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -65,38 +51,6 @@ class SplitData:
     train_y_true: Tensor | None = None
     minority_class: int | None = None
     background_class: int | None = None
-
-
-@contextmanager
-def socket_timeout(seconds: float) -> Iterator[None]:
-    """Set the process-wide default socket timeout for the duration of the block."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-# What a failed download raises: URLError (no network, DNS), socket timeouts and resets (OSError),
-# torchvision's RuntimeError on a checksum mismatch, a truncated HTTP response.
-DOWNLOAD_ERRORS = (urllib.error.URLError, OSError, RuntimeError, http.client.HTTPException)
-
-
-@contextmanager
-def staging_dir(parent: Path) -> Iterator[Path]:
-    """A temporary folder inside ``parent`` (same file system, so ``os.replace`` out of it is
-    atomic), removed with whatever is left in it."""
-    parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".download.") as tmp:
-        yield Path(tmp)
-
-
-def replace_into(src: Path, dest: Path) -> None:
-    """Move a finished file or folder into place (readable by all, unlike temp files)."""
-    os.chmod(src, 0o755 if src.is_dir() else 0o644)
-    os.replace(src, dest)
-    logger.info("wrote %s", dest)
 
 
 # ------------------------------------------------------------------------- runner task sources
