@@ -4,8 +4,14 @@ Two layers, both public:
 
 - the functional layer (:mod:`metarun.unroll.functional`, :mod:`metarun.unroll.optimizers`):
   parameters as ``dict[str, Tensor]``, pure optimizer steps, :func:`inner_loop`;
-- a ``higher``-compatible layer on top (``innerloop_ctx``, ``monkeypatch``,
-  ``DifferentiableOptimizer``...), so ``import metarun.unroll as higher`` runs higher scripts.
+- a ``higher``-compatible layer on top (``innerloop_ctx``, ``monkeypatch`` in
+  :mod:`metarun.unroll.patch`, ``DifferentiableOptimizer``... in :mod:`metarun.unroll.diffopt`,
+  re-exported under higher's name :mod:`metarun.unroll.optim`), so
+  ``import metarun.unroll as higher`` runs higher scripts.
+
+One registry (:data:`metarun.unroll.optimizers.REGISTRY`) maps ``torch.optim`` types to both
+layers' classes; :func:`register_functional` fills it, higher's :func:`register_optim` is a thin
+name over it.
 
 This package imports torch only (never Hydra or the runner).
 """
@@ -18,7 +24,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from metarun.unroll import optim, optimizers, patch, utils
+from metarun.unroll import diffopt, optim, optimizers, patch, utils
+from metarun.unroll.diffopt import (
+    DifferentiableOptimizer,
+    apply_trainable_opt_params,
+    create_diff_optim,
+    get_diff_optim,
+    get_trainable_opt_params,
+    register_optim,
+)
 from metarun.unroll.functional import (
     InnerLoopResult,
     detach_params,
@@ -28,14 +42,6 @@ from metarun.unroll.functional import (
     grads_of,
     inner_loop,
     inner_step,
-)
-from metarun.unroll.optim import (
-    DifferentiableOptimizer,
-    apply_trainable_opt_params,
-    create_diff_optim,
-    get_diff_optim,
-    get_trainable_opt_params,
-    register_optim,
 )
 from metarun.unroll.optimizers import (
     ASGD,
@@ -87,6 +93,7 @@ __all__ = [
     "apply_trainable_opt_params",
     "create_diff_optim",
     "detach_params",
+    "diffopt",
     "functional_call",
     "functional_for",
     "get_buffers",
@@ -115,7 +122,7 @@ def innerloop_ctx(
     opt: torch.optim.Optimizer,
     device: torch.device | str | None = None,
     copy_initial_weights: bool = True,
-    override: optim.Override | None = None,
+    override: diffopt.Override | None = None,
     track_higher_grads: bool = True,
     first_order: bool = False,
     buffer_policy: BufferPolicy | str = BufferPolicy.PRIVATE,

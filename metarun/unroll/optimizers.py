@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -593,35 +594,93 @@ class Rprop(FunctionalOptimizer):
         return p - g.sign() * step_size, new_s
 
 
-OPTIMIZERS: dict[type[torch.optim.Optimizer], type[FunctionalOptimizer]] = {
-    cls.torch_class: cls  # type: ignore[misc]
+@dataclass(frozen=True)
+class Registration:
+    """What the registry holds for one ``torch.optim`` type.
+
+    Attributes:
+        functional: the pure update rule (this module).
+        differentiable: the ``higher``-compatible class registered for this type with
+            :func:`metarun.unroll.diffopt.register_optim`, or ``None``: the generic
+            ``DifferentiableOptimizer`` over ``functional``. Only the higher layer reads it (the
+            functional layer cannot import that layer, hence the plain ``type``).
+    """
+
+    functional: type[FunctionalOptimizer]
+    differentiable: type | None = None
+
+
+REGISTRY: dict[type[torch.optim.Optimizer], Registration] = {
+    cls.torch_class: Registration(cls)  # type: ignore[misc]
     for cls in (SGD, Adam, AdamW, RMSprop, Adagrad, Adamax, NAdam, RAdam, Adadelta, ASGD, Rprop)
 }
-"""``torch.optim`` class -> functional counterpart; extended by :func:`register_functional`."""
+"""The one optimizer registry: ``torch.optim`` type -> its differentiable counterparts. Both
+layers read it (:func:`functional_for`; ``get_diff_optim`` / ``create_diff_optim`` of the higher
+layer) and both register into it through :func:`register_functional` (``register_optim`` of the
+higher layer is a thin name over it)."""
 
 
 def register_functional(
-    torch_class: type[torch.optim.Optimizer], functional: type[FunctionalOptimizer]
+    torch_class: type[torch.optim.Optimizer],
+    functional: type[FunctionalOptimizer],
+    *,
+    differentiable: type | None = None,
 ) -> None:
-    """Makes ``functional`` the differentiable counterpart of ``torch_class``."""
-    OPTIMIZERS[torch_class] = functional
+    """Makes ``functional`` the differentiable counterpart of ``torch_class`` (the one register
+    function; a later registration of the same type replaces the earlier one).
+
+    Args:
+        torch_class: a ``torch.optim.Optimizer`` subclass.
+        functional: a :class:`FunctionalOptimizer` subclass with the same update rule.
+        differentiable: the higher-compatible class ``get_diff_optim`` should build for this type
+            (``None``: the generic one over ``functional``); higher's ``register_optim`` passes it.
+
+    Raises:
+        TypeError: when ``torch_class`` or ``functional`` is not a class of the expected kind.
+    """
+    if not (isinstance(torch_class, type) and issubclass(torch_class, torch.optim.Optimizer)):
+        raise TypeError(
+            f"register_functional: torch_class must be a torch.optim.Optimizer subclass, got "
+            f"{torch_class!r}"
+        )
+    if not (isinstance(functional, type) and issubclass(functional, FunctionalOptimizer)):
+        raise TypeError(
+            f"register_functional: functional must be a FunctionalOptimizer subclass, got "
+            f"{functional!r}"
+        )
+    REGISTRY[torch_class] = Registration(functional, differentiable)
+
+
+def registration_for(cls: type, *, exact: bool) -> Registration:
+    """The registry entry for ``cls``: its own, or (``exact=False``) that of its nearest
+    registered base class.
+
+    Exact type first: AdamW may subclass Adam in recent torch and must not fall back to it.
+
+    Raises:
+        TypeError: naming the unsupported type, the supported ones and how to register one.
+    """
+    entry = REGISTRY.get(cls)
+    if entry is None and not exact:
+        entry = next((REGISTRY[b] for b in cls.__mro__[1:] if b in REGISTRY), None)
+    if entry is None:
+        supported = ", ".join(sorted(c.__name__ for c in REGISTRY))
+        raise TypeError(
+            f"No differentiable version of optimizer type {cls.__module__}.{cls.__name__}. "
+            f"Supported: {supported}. Register one with "
+            "metarun.unroll.register_functional(torch_class, functional_class), or with "
+            "higher's metarun.unroll.register_optim(optim_type, diff_optim_type): both fill "
+            "the same registry."
+        )
+    return entry
 
 
 def functional_for(optimizer: torch.optim.Optimizer | type) -> type[FunctionalOptimizer]:
-    """The functional optimizer class matching a ``torch.optim`` optimizer (instance or class).
+    """The functional optimizer class matching a ``torch.optim`` optimizer (instance or class);
+    a subclass of a registered type gets that type's rule.
 
     Raises:
         TypeError: naming the unsupported type and listing the supported ones.
     """
     cls = optimizer if isinstance(optimizer, type) else type(optimizer)
-    # Exact type first: AdamW may subclass Adam in recent torch and must not fall back to it.
-    if cls in OPTIMIZERS:
-        return OPTIMIZERS[cls]
-    for base in cls.__mro__[1:]:
-        if base in OPTIMIZERS:
-            return OPTIMIZERS[base]
-    supported = ", ".join(sorted(c.__name__ for c in OPTIMIZERS))
-    raise TypeError(
-        f"No differentiable version of optimizer type {cls.__module__}.{cls.__name__}. "
-        f"Supported: {supported}. Register one with metarun.unroll.register_optim(...)."
-    )
+    return registration_for(cls, exact=False).functional
