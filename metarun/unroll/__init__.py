@@ -34,6 +34,7 @@ from metarun.unroll.diffopt import (
     register_optim,
 )
 from metarun.unroll.functional import (
+    GradBackend,
     InnerLoopResult,
     detach_params,
     functional_call,
@@ -82,6 +83,7 @@ __all__ = [
     "DifferentiableOptimizer",
     "FunctionalModule",
     "FunctionalOptimizer",
+    "GradBackend",
     "HistoryError",
     "InnerLoopResult",
     "NAdam",

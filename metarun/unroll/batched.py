@@ -1,5 +1,7 @@
-"""Inner loops written with ``torch.func.grad`` so that a whole batch of tasks runs as one
-``torch.func.vmap`` computation, still differentiable by ordinary autograd (the meta-gradient).
+"""Inner loops under ``torch.func.vmap``: :func:`func_inner_loop` is
+:func:`metarun.unroll.inner_loop` with its gradients taken by ``torch.func``, so that a whole
+batch of tasks runs as one ``torch.func.vmap`` computation, still differentiable by ordinary
+autograd (the meta-gradient).
 
 Normalisation layers keep per-task semantics: under ``vmap`` every task is its own batch, so
 batch statistics are computed per task, exactly as a Python loop over tasks does. Running
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from metarun.unroll.functional import GradBackend, inner_loop
 from metarun.unroll.optimizers import FunctionalOptimizer, Hyper, Params, State
 
 
@@ -101,10 +104,6 @@ class decomposed_batch_norm(TorchFunctionMode):  # noqa: N801 (used like a funct
         return func(*args, **kwargs)
 
 
-def _detach(tree: Params) -> Params:
-    return {k: v.detach() for k, v in tree.items()}
-
-
 def func_inner_loop(
     loss_fn: Callable[[Params], Tensor],
     params: Params,
@@ -115,11 +114,12 @@ def func_inner_loop(
     hyper: Hyper | None = None,
     first_order: bool = False,
 ) -> Params:
-    """``steps`` differentiable optimizer steps using ``torch.func.grad`` (vmap-compatible).
+    """``steps`` differentiable optimizer steps using ``torch.func`` (vmap-compatible).
 
-    Same update rules and gradient-flow semantics as :func:`metarun.unroll.inner_loop`:
-    second order by default; ``first_order`` detaches the inner gradients while keeping the
-    identity path to ``params``. Parameters that do not require grad are left unchanged.
+    :func:`metarun.unroll.inner_loop` with ``grad="func"``, returning only the adapted
+    parameters: the same loop, update rules and gradient-flow semantics (second order by
+    default; ``first_order`` detaches the inner gradients while keeping the identity path to
+    ``params``; parameters that do not require grad are left unchanged).
 
     Args:
         loss_fn: maps parameters to a scalar loss (one task).
@@ -133,19 +133,13 @@ def func_inner_loop(
     Returns:
         The adapted parameters.
     """
-    if steps < 0:
-        raise ValueError(f"func_inner_loop: steps must be >= 0, got {steps}")
-    frozen = {n: p for n, p in params.items() if not p.requires_grad}
-    trainable = {n: p for n, p in params.items() if p.requires_grad}
-    state = optimizer.init(trainable, hyper) if state is None else state
-
-    def loss_of_trainable(tr: Params) -> Tensor:
-        return loss_fn({**frozen, **tr})
-
-    grad_fn = torch.func.grad(loss_of_trainable)
-    for _ in range(steps):
-        grads = grad_fn(trainable)
-        if first_order:
-            grads = _detach(grads)
-        trainable, state = optimizer.step(trainable, grads, state, hyper)
-    return {**frozen, **trainable}
+    return inner_loop(
+        loss_fn,
+        params,
+        optimizer,
+        steps,
+        state=state,
+        hyper=hyper,
+        first_order=first_order,
+        grad=GradBackend.func,
+    ).params

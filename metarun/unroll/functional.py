@@ -1,7 +1,11 @@
 """The functional layer: parameters as dicts, a stateless forward, and differentiable inner loops.
 
 Everything the algorithms use lives here; the ``higher``-compatible objects in
-:mod:`metarun.unroll.patch` and :mod:`metarun.unroll.optim` are built on top of it.
+:mod:`metarun.unroll.patch` and :mod:`metarun.unroll.diffopt` are built on top of it.
+
+:func:`inner_loop` is the one inner loop of the package: the gradient engine is an argument
+(``grad="autograd"``, or ``grad="func"`` for ``torch.func.vmap``, which
+:func:`metarun.unroll.batched.func_inner_loop` names).
 
 Example::
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import torch
@@ -154,6 +159,63 @@ def detach_state(state: State) -> State:
     }
 
 
+class GradBackend(Enum):
+    """How :func:`inner_loop` differentiates the inner loss (one loop, two gradient engines).
+
+    - ``autograd``: ``torch.autograd.grad``; every option of :func:`inner_loop` (truncation,
+      checkpointing, history, test mode).
+    - ``func``: ``torch.func.grad_and_value``, so the loop runs inside ``torch.func.vmap`` (a
+      batch of tasks as one computation, :mod:`metarun.unroll.batched`); the options that need
+      autograd's own graph handling are refused.
+    """
+
+    autograd = "autograd"
+    func = "func"
+
+
+GradsAndLoss = tuple[dict[str, Tensor | None], Tensor]
+GradFn = Callable[[Params, bool, bool], GradsAndLoss]
+"""``(params, first_order, checkpoint) -> (grads, loss)``: one inner gradient. ``first_order``:
+the gradients carry no graph (the update still depends on ``params`` through the identity)."""
+
+
+def _autograd_grads(loss_fn: LossFn) -> GradFn:
+    def grads(params: Params, first_order: bool, checkpoint: bool) -> GradsAndLoss:
+        if first_order:
+            # Loss on detached leaves: no second-order graph is built at all.
+            leaves = detach_params(params)
+            loss = loss_fn(leaves)
+            return grads_of(loss, leaves, create_graph=False), loss
+        if checkpoint:
+            return _checkpointed_grads(loss_fn, params)
+        loss = loss_fn(params)
+        return grads_of(loss, params, create_graph=True), loss
+
+    return grads
+
+
+def _func_grads(loss_fn: LossFn, params: Params) -> GradFn:
+    # torch.func differentiates every input regardless of requires_grad: split the frozen
+    # parameters off once, so they get no gradient (and no update), as under autograd.
+    frozen = {n: p for n, p in params.items() if not p.requires_grad}
+    names = [n for n, p in params.items() if p.requires_grad]
+
+    def loss_of_trainable(trainable: Params) -> Tensor:
+        return loss_fn({**frozen, **trainable})
+
+    grad_and_value = torch.func.grad_and_value(loss_of_trainable)
+
+    def grads(params: Params, first_order: bool, checkpoint: bool) -> GradsAndLoss:
+        g, loss = grad_and_value({n: params[n] for n in names})
+        if first_order:
+            # Detach the result (not the inputs): the loss may close over tensors of the outer
+            # graph (ANIL's features), and the first-order gradient must carry none of it.
+            g = {n: t.detach() for n, t in g.items()}
+        return g, loss
+
+    return grads
+
+
 @dataclass
 class InnerLoopResult:
     """What :func:`inner_loop` returns.
@@ -201,29 +263,41 @@ def inner_step(
     Returns:
         ``(new_params, new_state, loss)`` with ``loss`` detached.
     """
+    return _step(
+        _autograd_grads(loss_fn),
+        params,
+        optimizer,
+        state,
+        hyper,
+        first_order=first_order,
+        track_higher_grads=track_higher_grads,
+        checkpoint=checkpoint,
+    )
+
+
+def _step(
+    grad_fn: GradFn,
+    params: Params,
+    optimizer: FunctionalOptimizer,
+    state: State | None,
+    hyper: Hyper | None,
+    *,
+    first_order: bool,
+    track_higher_grads: bool,
+    checkpoint: bool,
+) -> tuple[Params, State, Tensor]:
+    """The one inner step of :func:`inner_step` and :func:`inner_loop`, whatever ``grad_fn``."""
     if not track_higher_grads:
-        leaves = detach_params(params)
         with torch.enable_grad():
-            loss = loss_fn(leaves)
-            grads = grads_of(loss, leaves, create_graph=False)
+            grads, loss = grad_fn(params, True, False)
         with torch.no_grad():
-            new_params, new_state = optimizer.step(leaves, grads, state, hyper)
+            new_params, new_state = optimizer.step(params, grads, state, hyper)
         # Results made under no_grad lose requires_grad; restore it so later steps differentiate.
         new_params = {
-            n: p.detach().requires_grad_(leaves[n].requires_grad) for n, p in new_params.items()
+            n: p.detach().requires_grad_(params[n].requires_grad) for n, p in new_params.items()
         }
         return new_params, detach_state(new_state), loss.detach()
-    if first_order:
-        leaves = detach_params(params)
-        loss = loss_fn(leaves)
-        grads = grads_of(loss, leaves, create_graph=False)
-        new_params, new_state = optimizer.step(params, grads, state, hyper)
-        return new_params, new_state, loss.detach()
-    if checkpoint:
-        grads, loss = _checkpointed_grads(loss_fn, params)
-    else:
-        loss = loss_fn(params)
-        grads = grads_of(loss, params, create_graph=True)
+    grads, loss = grad_fn(params, first_order, checkpoint)
     new_params, new_state = optimizer.step(params, grads, state, hyper)
     return new_params, new_state, loss.detach()
 
@@ -260,6 +334,7 @@ def inner_loop(
     truncate: int | None = None,
     checkpoint: bool = False,
     keep_history: bool = False,
+    grad: GradBackend | str = GradBackend.autograd,
 ) -> InnerLoopResult:
     """Runs ``steps`` differentiable optimizer steps on ``loss_fn`` from ``params``.
 
@@ -267,7 +342,8 @@ def inner_loop(
         loss_fn: maps parameters to a scalar inner loss (close over the module and the data;
             use :func:`functional_call` for the forward).
         params: initial parameters: :func:`get_params` ``(model)`` for MAML (gradients reach the
-            model) or ``get_params(model, copy=True)`` for detached copies.
+            model) or ``get_params(model, copy=True)`` for detached copies. Parameters that do
+            not require grad are left unchanged and get no gradient.
         optimizer: e.g. ``SGD(lr=0.4)``; hyperparameters may be tensors.
         steps: number of inner steps (>= 0).
         state: initial optimizer state (``None``: fresh).
@@ -280,21 +356,42 @@ def inner_loop(
             initial weights still receive a (first-order) gradient through those steps.
         checkpoint: recompute inner forwards in the backward pass instead of storing them.
         keep_history: also return every intermediate parameter dict.
+        grad: the gradient engine (:class:`GradBackend`): ``"autograd"`` (default) or
+            ``"func"`` (``torch.func``, to run under ``torch.func.vmap``; see
+            :func:`metarun.unroll.batched.func_inner_loop`). Both give the same values and the
+            same meta-gradients; ``"func"`` refuses ``truncate``, ``checkpoint``,
+            ``keep_history`` and ``track_higher_grads=False``.
+
+    Returns:
+        An :class:`InnerLoopResult`; with ``grad="func"`` its ``history`` is ``None``, and under
+        ``vmap`` its tensors are per task (return what you need from the vmapped function).
 
     Raises:
-        ValueError: ``steps < 0`` or ``truncate < 0``.
+        ValueError: ``steps < 0``, ``truncate < 0``, an unknown ``grad``, or an option that
+            ``grad="func"`` does not support.
     """
     if steps < 0:
         raise ValueError(f"inner_loop: steps must be >= 0, got {steps}")
     if truncate is not None and truncate < 0:
         raise ValueError(f"inner_loop: truncate must be >= 0 or None, got {truncate}")
+    backend = _backend(grad)
+    if backend is GradBackend.autograd:
+        grad_fn = _autograd_grads(loss_fn)
+    else:
+        _refuse_under_func(
+            truncate=truncate,
+            checkpoint=checkpoint,
+            keep_history=keep_history,
+            track_higher_grads=track_higher_grads,
+        )
+        grad_fn = _func_grads(loss_fn, params)
     history = [params] if keep_history else None
     losses: list[Tensor] = []
     state = optimizer.init(params, hyper) if state is None else state
     for t in range(steps):
         fo = first_order or (truncate is not None and t < steps - truncate)
-        params, state, loss = inner_step(
-            loss_fn,
+        params, state, loss = _step(
+            grad_fn,
             params,
             optimizer,
             state,
@@ -307,3 +404,29 @@ def inner_loop(
         if history is not None:
             history.append(params)
     return InnerLoopResult(params=params, state=state, losses=losses, history=history)
+
+
+def _backend(grad: GradBackend | str) -> GradBackend:
+    try:
+        return GradBackend(grad)
+    except ValueError:
+        known = ", ".join(repr(b.value) for b in GradBackend)
+        raise ValueError(f"inner_loop: grad must be one of {known}, got {grad!r}") from None
+
+
+def _refuse_under_func(**options: Any) -> None:
+    # checkpoint recomputes through torch.utils.checkpoint, which does not compose with torch.func
+    # transforms; truncation, history and test mode are autograd-only features of this loop.
+    defaults = {
+        "truncate": None,
+        "checkpoint": False,
+        "keep_history": False,
+        "track_higher_grads": True,
+    }
+    bad = [f"{k}={v!r}" for k, v in options.items() if v != defaults[k]]
+    if bad:
+        raise ValueError(
+            f"inner_loop(grad='func') does not support {', '.join(bad)}; use "
+            "grad='autograd' (the default, a Python loop over tasks instead of vmap) for "
+            "truncate, checkpoint, keep_history and track_higher_grads=False"
+        )
