@@ -387,7 +387,10 @@ def inner_loop(
         grad_fn = _func_grads(loss_fn, params)
     history = [params] if keep_history else None
     losses: list[Tensor] = []
-    state = optimizer.init(params, hyper) if state is None else state
+    if state is None:
+        # Fresh state for the parameters the loop updates: a frozen one has none (and may have
+        # no entry in a per-parameter ``hyper``, e.g. Meta-SGD rates of trainable ones only).
+        state = optimizer.init({n: p for n, p in params.items() if p.requires_grad}, hyper)
     for t in range(steps):
         fo = first_order or (truncate is not None and t < steps - truncate)
         params, state, loss = _step(
