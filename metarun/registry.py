@@ -42,7 +42,7 @@ GROUPS = ("algo", "dataset", "model")
 #: Packages whose import registers every built-in option.
 OPTION_PACKAGES = ("metarun.algorithms", "metarun.data", "metarun.models")
 
-T = TypeVar("T")
+T = TypeVar("T", bound=Callable[..., Any])  # a class or a builder function
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ class TaskBatch:
 
     def _map(self, fn: Callable[[Tensor], Tensor]) -> TaskBatch:
         info = None if self.support_info is None else fn(self.support_info)
-        return TaskBatch(*(fn(t) for t in self.tensors()), support_info=info)
+        support_x, support_y, query_x, query_y = (fn(t) for t in self.tensors())
+        return TaskBatch(support_x, support_y, query_x, query_y, support_info=info)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TaskBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
@@ -51,7 +52,11 @@ class TaskBatch:
 
     def split(self, chunk: int) -> list[TaskBatch]:
         """Consecutive sub-batches of at most ``chunk`` tasks (for ranks or memory chunks)."""
-        return [self._map(lambda t, i=i: t[i : i + chunk]) for i in range(0, len(self), chunk)]
+
+        def rows(start: int) -> Callable[[Tensor], Tensor]:
+            return lambda t: t[start : start + chunk]
+
+        return [self._map(rows(i)) for i in range(0, len(self), chunk)]
 
 
 class TaskSource(Protocol):

@@ -31,11 +31,11 @@ def validate(cfg: DictConfig) -> RunConfig:
     for group in GROUPS:
         if OmegaConf.is_missing(cfg, group):
             raise ConfigError(f"{group} must be chosen, got nothing (set e.g. {group}=...)")
-    types = {group: OmegaConf.get_type(cfg[group]) for group in GROUPS}
-    if all(t is not None for t in types.values()):
+    algo, dataset, model = (OmegaConf.get_type(cfg[group]) for group in GROUPS)
+    if algo is not None and dataset is not None and model is not None:
         # Before values are resolved: a conv4 model on sinusoid would otherwise fail as an
         # unresolvable ${dataset.n_way}.
-        check_fits(types["algo"], types["dataset"], types["model"])
+        check_fits(algo, dataset, model)
     try:
         run = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as error:

@@ -321,10 +321,10 @@ def _split_keys(
         background = [k for k in ordered if characters[k].source.stem != EVALUATION]
         evaluation = [k for k in ordered if characters[k].source.stem == EVALUATION]
         if not evaluation or not background:
-            missing = f"{EVALUATION}.zip" if not evaluation else f"{BACKGROUND}.zip"
+            absent = f"{EVALUATION}.zip" if not evaluation else f"{BACKGROUND}.zip"
             raise ValueError(
                 f"dataset.split=lake needs background alphabets for train and {EVALUATION}.zip "
-                f"for test, but {missing} is missing under {_root_hint(root)} (found: "
+                f"for test, but {absent} is missing under {_root_hint(root)} (found: "
                 f"{', '.join(present)}). Fix: set dataset.download=true on a machine with "
                 f"network, or use dataset.split=random (fractions of the characters present)"
             )

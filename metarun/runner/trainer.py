@@ -323,7 +323,9 @@ class Trainer:
             # The norm before clipping: what the divergence check reads, at no extra cost.
             grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, cfg.grad_clip)
         else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+            # with_grad holds no None; the filter tells the type checker so.
+            grads = [p.grad for p in with_grad if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads)
         if not self._finite(metrics, grad_norm):
             self.step += 1  # the batch is consumed: a skipped step keeps the data order
             return {}

@@ -81,10 +81,10 @@ class Preemption:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         stop = signal.getsignal(signal.SIGTERM)
-        if isinstance(getattr(stop, "__self__", None), StopFlag):
+        if callable(stop) and isinstance(getattr(stop, "__self__", None), StopFlag):
             # Training: the trainer's stop flag finishes the step and saves last.pt.
             self.received = True
-            stop(signum, frame)  # type: ignore[operator]  # a StopFlag's bound handler
+            stop(signum, frame)  # a StopFlag's bound handler
         else:
             assert self._submitit_handler is not None  # installed together with this handler
             self._submitit_handler(signum, frame)
