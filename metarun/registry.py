@@ -21,7 +21,7 @@ What each group's builder takes (the runner calls nothing else):
 
 A class is registered through its ``from_config`` classmethod, a function as it is.
 Compatibility between groups is declared by the schemas themselves
-(:class:`metarun.config.bases.AlgoSchema`, ``DatasetSchema``, ``ModelSchema``); the
+(:class:`metarun.spec.bases.AlgoSchema`, ``DatasetSchema``, ``ModelSchema``); the
 registry only finds options.
 
 The modules that register options are imported by :func:`load_options` (the package
@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from metarun.config.errors import ConfigError
+from metarun.spec.errors import ConfigError
 
 GROUPS = ("algo", "dataset", "model")
 #: Packages whose import registers every built-in option.

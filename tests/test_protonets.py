@@ -166,7 +166,7 @@ def test_configs(make_config):
     )
     assert run.dataset.ways() == (10, 5) and run.algo.eval_inner_steps == 0
     assert run.algo.embedding_head is None
-    with pytest.raises(ConfigError, match=r"classification dataset, got dataset=sinusoid"):
+    with pytest.raises(ConfigError, match=r"algo=protonets does not fit dataset=sinusoid"):
         make_config(["algo=protonets"])
     with pytest.raises(ConfigError, match=r"eval.inner_steps must be null or 0 .* got 3"):
         make_config(["algo=protonets", "dataset=omniglot", "eval.inner_steps=3"])

@@ -233,9 +233,9 @@ ERM_CIFAR = ["algo=erm", "dataset=cifar10_noisy"]
     [
         (
             ["algo=l2rw"],
-            "algo=l2rw does not fit dataset=sinusoid (dataset=sinusoid takes algo=maml or "
-            "algo=fomaml; algo=l2rw takes dataset=mnist_imbalance, dataset=cifar10_noisy or "
-            "dataset=cifar100_noisy)",
+            "algo=l2rw does not fit dataset=sinusoid (dataset=sinusoid takes algo=maml, "
+            "algo=fomaml, algo=metasgd, algo=anil or algo=reptile; algo=l2rw takes "
+            "dataset=mnist_imbalance, dataset=cifar10_noisy or dataset=cifar100_noisy)",
         ),
         (
             ["dataset=mnist_imbalance"],

@@ -11,8 +11,8 @@ commit adding an algorithm lists only new files and that line).
 from __future__ import annotations
 
 from metarun.algorithms import maml  # noqa: F401
-from metarun.algorithms import l2rw  # noqa: F401
+from metarun.algorithms import metasgd  # noqa: F401
+from metarun.algorithms import anil  # noqa: F401
 from metarun.algorithms import reptile  # noqa: F401
 from metarun.algorithms import protonets  # noqa: F401
-from metarun.algorithms import anil  # noqa: F401
-from metarun.algorithms import metasgd  # noqa: F401
+from metarun.algorithms import l2rw  # noqa: F401

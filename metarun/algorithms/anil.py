@@ -37,9 +37,9 @@ from torch import Tensor, nn
 
 from metarun.algorithms.heads import find_head
 from metarun.algorithms.maml import MAML, MAMLConfig, _key, _with_meta_loss
-from metarun.config.enums import BNPolicy, TaskBatching
-from metarun.config.errors import ConfigError
 from metarun.registry import BuildContext, register
+from metarun.spec.enums import BNPolicy, TaskBatching
+from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
 from metarun.unroll import functional_call, get_params, inner_loop
 from metarun.unroll.batched import batch_stats_buffers, func_inner_loop

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from metarun.config.enums import BNPolicy, TaskBatching
+from metarun.spec.enums import BNPolicy, TaskBatching
 from metarun.tasks import TaskBatch
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from metarun.config.errors import ConfigError
+from metarun.spec.errors import ConfigError
 
 
 def find_head(model: nn.Module, name: str | None, *, key: str, role: str) -> str:

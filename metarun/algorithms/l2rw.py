@@ -37,11 +37,11 @@ from torch import Tensor, nn
 
 from metarun import registry
 from metarun.algorithms.base import MetaAlgorithm
-from metarun.config.bases import SUPERVISED, AlgoSchema
-from metarun.config.checks import require
-from metarun.config.errors import ConfigError
 from metarun.parallel import SINGLE, Shards
 from metarun.registry import BuildContext
+from metarun.spec.bases import SUPERVISED, AlgoSchema
+from metarun.spec.checks import require
+from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
 from metarun.unroll import get_diff_optim, monkeypatch
 

@@ -28,11 +28,11 @@ from torch import Tensor, nn
 
 from metarun import registry
 from metarun.algorithms.base import MetaAlgorithm
-from metarun.config.bases import AlgoSchema
-from metarun.config.checks import require, require_optional_count
-from metarun.config.enums import BNPolicy, InnerLR, TaskBatching
-from metarun.config.errors import ConfigError
 from metarun.registry import BuildContext, register
+from metarun.spec.bases import AlgoSchema
+from metarun.spec.checks import require, require_optional_count
+from metarun.spec.enums import BNPolicy, InnerLR, TaskBatching
+from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
 from metarun.unroll import SGD, functional_call, get_params, inner_loop
 from metarun.unroll.batched import batch_stats_buffers, decomposed_batch_norm, func_inner_loop

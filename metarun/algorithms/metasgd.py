@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from metarun.algorithms.maml import MAML, MAMLConfig
-from metarun.config.enums import InnerLR
-from metarun.config.errors import ConfigError
 from metarun.registry import register
+from metarun.spec.enums import InnerLR
+from metarun.spec.errors import ConfigError
 
 
 @dataclass

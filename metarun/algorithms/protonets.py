@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,15 +37,17 @@ from torch import Tensor, nn
 from metarun import registry
 from metarun.algorithms.base import MetaAlgorithm
 from metarun.algorithms.heads import find_head
-from metarun.config.bases import AlgoSchema
-from metarun.config.errors import ConfigError
 from metarun.registry import BuildContext, register
+from metarun.spec.bases import AlgoSchema
+from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
 
 
 @dataclass
 class ProtoNetsConfig(AlgoSchema):
     """``algo=protonets``: Snell et al. 2017."""
+
+    task_types: ClassVar[tuple[str, ...]] = ("classification",)  # distances to class prototypes
 
     # The module of the model dropped to make the embedding network (replaced by nn.Identity),
     # by its name in model.named_modules(); null = the last nn.Linear (Conv4: classifier).
@@ -58,13 +60,6 @@ class ProtoNetsConfig(AlgoSchema):
 
     def check_run(self, run: Any) -> None:
         name = registry.option_of("algo", self).name
-        dataset = registry.option_of("dataset", run.dataset).name
-        if run.dataset.task_type != "classification":
-            raise ConfigError(
-                f"algo={name} classifies by distances to class prototypes, so it needs a "
-                f"classification dataset, got dataset={dataset} ({run.dataset.task_type}) "
-                "(use e.g. dataset=omniglot, or algo=maml for regression)"
-            )
         if run.eval.inner_steps not in (None, 0):
             raise ConfigError(
                 f"eval.inner_steps must be null or 0 for algo={name} (prototypes take no "

@@ -1,12 +1,12 @@
-"""Configuration: the run's schema (``schema``), shared enums (``enums``), option base classes that
-declare compatibilities (``bases``), their ConfigStore registration (``store``) and the checks
-that turn a composed config into a validated :class:`RunConfig` (``validation``).
+"""Configuration, the Hydra-facing layer: the run's schema (``schema``), the ConfigStore
+registration of every schema (``store``) and the checks that turn a composed config into a
+validated :class:`RunConfig` (``validation``). What options declare (errors, checks, enums,
+schema bases) is in :mod:`metarun.spec`.
 
 Schemas of algorithms, datasets and models live beside their code and register themselves in
 :mod:`metarun.registry`; they are importable from here by class name too.
 
-Names are loaded on first use, so that the torch-free, OmegaConf-free pieces algorithms need
-(``errors``, ``checks``, ``enums``, ``bases``) import nothing else.
+Names are loaded on first use, so that ``from metarun.config import ConfigError`` stays cheap.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from metarun.config.enums import (
+from metarun.spec.enums import (
     BNPolicy,
     InnerLR,
     LeNetVariant,
@@ -26,7 +26,7 @@ from metarun.config.enums import (
     ScheduleName,
     TaskBatching,
 )
-from metarun.config.errors import ConfigError
+from metarun.spec.errors import ConfigError
 
 if TYPE_CHECKING:
     from metarun.config.schema import (

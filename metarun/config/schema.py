@@ -16,10 +16,10 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from metarun.config.bases import check_fits
-from metarun.config.checks import require
-from metarun.config.enums import Mode, OptimizerName, ScheduleName
-from metarun.config.errors import ConfigError
+from metarun.spec.bases import check_fits
+from metarun.spec.checks import require
+from metarun.spec.enums import Mode, OptimizerName, ScheduleName
+from metarun.spec.errors import ConfigError
 
 
 @dataclass
@@ -214,7 +214,7 @@ class RunConfig:
                 "mode=train (add mode=eval to test it; to continue training a run use "
                 "resume=true hydra.run.dir=<its run dir>)"
             )
-        # Each option declares what it fits (metarun.config.bases).
+        # Each option declares what it fits (metarun.spec.bases).
         check_fits(type(self.algo), type(self.dataset), type(self.model))
         self.algo.check_run(self)
         self.dataset.check_model(self.model)

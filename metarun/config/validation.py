@@ -6,10 +6,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from metarun import registry
-from metarun.config.bases import check_fits
-from metarun.config.errors import ConfigError
 from metarun.config.schema import RunConfig
 from metarun.registry import GROUPS
+from metarun.spec.bases import check_fits
+from metarun.spec.errors import ConfigError
 
 
 def validate(cfg: DictConfig) -> RunConfig:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from metarun.config.errors import ConfigError
+from metarun.spec.errors import ConfigError
 
 #: Few-shot tasks (support and query sets of several classes or functions per step).
 EPISODIC = "episodic"
@@ -26,6 +26,8 @@ class AlgoSchema:
     """Schema base of an ``algo`` option."""
 
     task_kinds: ClassVar[tuple[str, ...]] = (EPISODIC,)
+    #: The dataset task types it handles ("classification", "regression").
+    task_types: ClassVar[tuple[str, ...]] = ("classification", "regression")
 
     def check_run(self, run: Any) -> None:
         """Checks of run-level keys this algorithm needs (``run``: the whole RunConfig)."""
@@ -79,6 +81,16 @@ def fitting(group: str, options: dict[str, type], keep: Any) -> str:
     return ", ".join(names[:-1]) + (" or " if len(names) > 1 else "") + names[-1]
 
 
+def _fits(algo: type, dataset: type) -> bool:
+    """What the two schemas declare: the dataset's kind and task type are ones the algorithm
+    takes."""
+    return getattr(dataset, "task_kind", EPISODIC) in getattr(
+        algo, "task_kinds", (EPISODIC,)
+    ) and getattr(dataset, "task_type", "classification") in getattr(
+        algo, "task_types", ("classification", "regression")
+    )
+
+
 def check_fits(algo: type, dataset: type, model: type | None) -> None:
     """The chosen options fit each other (by type, before any value is resolved: a conv4 model
     on sinusoid would otherwise fail as an unresolvable ``${dataset.n_way}``).
@@ -92,11 +104,9 @@ def check_fits(algo: type, dataset: type, model: type | None) -> None:
     datasets = {n: o.schema for n, o in registry.options("dataset").items()}
     algo_name = registry.option_of("algo", algo).name
     dataset_name = registry.option_of("dataset", dataset).name
-    kind = getattr(dataset, "task_kind", EPISODIC)
-    kinds = getattr(algo, "task_kinds", (EPISODIC,))
-    if kind not in kinds:
-        takes_algo = fitting("algo", algos, lambda s: kind in getattr(s, "task_kinds", ()))
-        takes_data = fitting("dataset", datasets, lambda s: getattr(s, "task_kind", "") in kinds)
+    if not _fits(algo, dataset):
+        takes_algo = fitting("algo", algos, lambda s: _fits(s, dataset))
+        takes_data = fitting("dataset", datasets, lambda s: _fits(algo, s))
         raise ConfigError(
             f"algo={algo_name} does not fit dataset={dataset_name} (dataset={dataset_name} takes "
             f"{takes_algo}; algo={algo_name} takes {takes_data})"

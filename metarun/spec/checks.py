@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from metarun.config.errors import ConfigError
+from metarun.spec.errors import ConfigError
 
 
 def require(ok: bool, key: str, value: Any, requirement: str, example: str) -> None:
