@@ -67,7 +67,7 @@ class _Timed(torch.nn.Module):
         first: dict[tuple[str, int | None], float] | None = None,
     ) -> None:
         super().__init__()
-        from metarun.config.enums import TaskBatching
+        from metarun.spec.enums import TaskBatching
 
         self.w = torch.nn.Parameter(torch.ones(3))
         self.seconds = seconds

@@ -30,10 +30,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from metarun.config.bases import SUPERVISED, DatasetSchema
-from metarun.config.checks import require
-from metarun.config.enums import NoiseType
-from metarun.config.errors import ConfigError
 from metarun.data.download import downloaded, replace_into
 from metarun.data.supervised import (
     SplitData,
@@ -41,6 +37,10 @@ from metarun.data.supervised import (
     reweighting_sources,
 )
 from metarun.registry import register
+from metarun.spec.bases import SUPERVISED, DatasetSchema
+from metarun.spec.checks import require
+from metarun.spec.enums import NoiseType
+from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskSources
 
 __all__ = ["background_flip", "load_cifar_noisy", "uniform_flip"]

@@ -26,15 +26,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from metarun.config.bases import SUPERVISED, DatasetSchema
-from metarun.config.checks import require
-from metarun.config.enums import MnistSourceSplit
 from metarun.data.download import download_file
 from metarun.data.supervised import (
     SplitData,
     reweighting_sources,
 )
 from metarun.registry import register
+from metarun.spec.bases import SUPERVISED, DatasetSchema
+from metarun.spec.checks import require
+from metarun.spec.enums import MnistSourceSplit
 from metarun.tasks import TaskSources
 
 __all__ = ["SplitData", "load_mnist_imbalance"]

@@ -31,12 +31,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from metarun.config.bases import DatasetSchema
-from metarun.config.checks import require, require_optional_count
-from metarun.config.enums import OmniglotSplit
 from metarun.data.download import download_file
 from metarun.data.fewshot import FewShotTasks
 from metarun.registry import register
+from metarun.spec.bases import DatasetSchema
+from metarun.spec.checks import require, require_optional_count
+from metarun.spec.enums import OmniglotSplit
 from metarun.tasks import TaskSources
 
 logger = logging.getLogger(__name__)

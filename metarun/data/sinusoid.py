@@ -8,9 +8,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from metarun.config.bases import DatasetSchema
-from metarun.config.checks import require, require_optional_count, require_range
 from metarun.registry import register
+from metarun.spec.bases import DatasetSchema
+from metarun.spec.checks import require, require_optional_count, require_range
 from metarun.tasks import TaskBatch, TaskSources
 
 

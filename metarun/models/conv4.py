@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 from torch import Tensor, nn
 
-from metarun.config.bases import ModelSchema
-from metarun.config.checks import require
 from metarun.registry import register
+from metarun.spec.bases import ModelSchema
+from metarun.spec.checks import require
 
 
 def _block(in_channels: int, hidden: int, batch_norm: bool, max_pool: bool) -> nn.Sequential:

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from metarun.config.bases import ModelSchema
-from metarun.config.checks import require
-from metarun.config.enums import LeNetVariant
 from metarun.registry import register
+from metarun.spec.bases import ModelSchema
+from metarun.spec.checks import require
+from metarun.spec.enums import LeNetVariant
 
 VARIANTS = ("ren2018", "lenet5")
 

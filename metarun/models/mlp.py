@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from metarun.config.bases import ModelSchema
-from metarun.config.checks import require
 from metarun.registry import register
+from metarun.spec.bases import ModelSchema
+from metarun.spec.checks import require
 
 
 class MLP(nn.Module):

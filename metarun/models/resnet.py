@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from omegaconf import MISSING
 from torch import Tensor, nn
 
-from metarun.config.bases import ModelSchema
-from metarun.config.checks import require
 from metarun.registry import register
+from metarun.spec.bases import ModelSchema
+from metarun.spec.checks import require
 
 
 def _init_weights(model: nn.Module) -> None:
