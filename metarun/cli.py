@@ -2,7 +2,7 @@
 
 Examples::
 
-    metarun                                   # MAML on sinusoid regression, CPU, ~2 minutes
+    metarun                                   # MAML on sinusoid regression (20,000 steps, CPU)
     metarun algo=maml dataset=omniglot        # Finn et al. 2017, Omniglot 5-way 1-shot
     metarun experiment=omniglot_20way_5shot   # a paper preset (conf/experiment/)
     metarun mode=eval checkpoint=outputs/.../checkpoints/best.pt

@@ -156,7 +156,7 @@ class RunConfig:
     mode: Mode = Mode.train
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N; auto = cuda if available
-    outer_steps: int = 20000  # the default run: about 1.5 minutes on a 2-core CPU
+    outer_steps: int = 20000  # the default run (README: its measured time on a 2-core CPU)
     meta_batch_size: int = 25
     meta_optimizer: MetaOptimizerConfig = field(default_factory=MetaOptimizerConfig)
     grad_clip: float | None = None  # max global norm of the meta-gradient; null = no clipping
