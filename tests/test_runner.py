@@ -151,10 +151,10 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
 def test_resume_is_exact(train, tmp_path):
     """20 steps in one go == 10 steps, then resume to 20 (CPU float32), with or without
     prefetching."""
-    overrides = ["outer_steps=20", "save.every=0"]
-    # Synchronous sampling here, prefetching (the default) below: the same tasks either way.
+    overrides = ["outer_steps=20", "save.every=0", "prefetch=2"]
+    # Synchronous sampling here, prefetching (2 batches ahead) below: the same tasks either way.
     train(tmp_path / "once", [*overrides, "prefetch=0"])
-    train(tmp_path / "twice", ["outer_steps=10", "save.every=0"])
+    train(tmp_path / "twice", ["outer_steps=10", "save.every=0", "prefetch=2"])
     first_half = _params(tmp_path / "twice" / "checkpoints" / "last.pt")
     summary = train(tmp_path / "twice", [*overrides, "resume=true"])
     assert summary.step == 20

@@ -53,3 +53,13 @@ def test_logging_every_step_or_every_third_computes_the_same(train, tmp_path, ba
     # Interval means: the every-third run's value at step 3 is the mean of steps 1..3.
     mean = sum(one[s]["train/meta_loss"] for s in (1, 2, 3)) / 3
     assert three[3]["train/meta_loss"] == pytest.approx(mean, rel=1e-6)
+
+
+def test_prefetching_by_default_only_on_cuda():
+    """A producer thread pays on a GPU (it overlaps the device); on a CPU it takes cores from
+    the step (scripts/bench_runner.py: 1.35x the default job's step on 2 cores)."""
+    from metarun.runner.trainer import prefetch_depth
+
+    assert prefetch_depth(None, torch.device("cuda")) == 2
+    assert prefetch_depth(None, torch.device("cpu")) == 0
+    assert prefetch_depth(3, torch.device("cpu")) == 3  # an explicit value is kept

@@ -405,7 +405,7 @@ class Trainer:
             self.tasks.train.sample,
             cfg.meta_batch_size,
             self.generator,
-            depth=cfg.prefetch,
+            depth=prefetch_depth(cfg.prefetch, self.experiment.device),
             device=self.experiment.device,
         )
         try:
@@ -511,6 +511,14 @@ def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
         flags = torch.stack([torch.isfinite(tensors[k]).all() for k in keys]).tolist()
         bad += [key for key, ok in zip(keys, flags) if not ok]
     return bad
+
+
+def prefetch_depth(prefetch: int | None, device: torch.device) -> int:
+    """``prefetch`` as configured, or for null: 2 on CUDA, 0 on the CPU (there the producer
+    thread competes with the step's own threads for the cores)."""
+    if prefetch is not None:
+        return prefetch
+    return 2 if device.type == "cuda" else 0
 
 
 def _postfix(metrics: dict[str, float]) -> dict[str, str]:
