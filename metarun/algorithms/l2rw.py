@@ -43,7 +43,7 @@ from metarun.spec.bases import SUPERVISED, AlgoSchema
 from metarun.spec.checks import require
 from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
-from metarun.unroll import get_diff_optim, monkeypatch
+from metarun.unroll import functional_call, get_diff_optim, monkeypatch
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,8 @@ class ReweightingBase(MetaAlgorithm):
         self.model.eval()
         try:
             with torch.no_grad():
-                return torch.func.functional_call(self.model, params, (x,))
+                # metarun.unroll's call: right for weights tied through a reused module too.
+                return functional_call(self.model, params, x)
         finally:
             self.model.train(was)
 
