@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from metarun import registry
 from metarun.algorithms.base import MetaAlgorithm
+from metarun.algorithms.losses import task_loss, task_metrics
 from metarun.registry import BuildContext, register
 from metarun.spec.bases import AlgoSchema
 from metarun.spec.checks import require, require_optional_count
@@ -312,15 +313,10 @@ class MAML(MetaAlgorithm):
         return functional_call(self.model, params, x)
 
     def _loss(self, out: Tensor, y: Tensor) -> Tensor:
-        if self.task_type == "classification":
-            return F.cross_entropy(out, y)
-        return F.mse_loss(out, y)
+        return task_loss(self.task_type, out, y)
 
     def _metrics(self, out: Tensor, y: Tensor) -> dict[str, Tensor]:
-        m = {"loss": self._loss(out, y).detach()}
-        if self.task_type == "classification":
-            m["accuracy"] = (out.argmax(-1) == y).float().mean()
-        return m
+        return task_metrics(self.task_type, out, y)
 
     def _task_metrics(self, out: Tensor, y: Tensor) -> dict[str, Tensor]:
         """Per-task metrics of a batch of tasks, ``out`` (T, Q, ...) against ``y`` (T, Q, ...):
