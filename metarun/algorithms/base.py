@@ -47,6 +47,9 @@ class MetaAlgorithm(nn.Module):
       e.g. MAML measures its task batching there.
     - ``extra_state()`` / ``load_extra_state(state)``: run state outside ``state_dict`` that a
       resumed run must reuse (MAML's measured task batching), saved in checkpoints.
+    - ``set_step(step)``: the number of completed outer steps, given by the runner before each
+      ``meta_train_step`` (also after a resume: the runner restores the step), for schedules
+      over the outer steps (MAML++'s loss weights and derivative-order annealing).
 
     Attributes:
         model: the network.
@@ -92,6 +95,9 @@ class MetaAlgorithm(nn.Module):
     def before_training(
         self, sample: Callable[[], TaskBatch], device: torch.device
     ) -> None:
+        return None
+
+    def set_step(self, step: int) -> None:
         return None
 
     def extra_state(self) -> dict[str, Any] | None:

@@ -305,6 +305,7 @@ class Trainer:
             self.lr_schedule.apply(self.meta_optimizer, self.step)
         # Pre-adaptation query metrics cost a forward per task: only on steps that log them.
         self.algorithm.pre_adaptation_metrics = logged
+        self.algorithm.set_step(self.step)
         metrics = dict(self.algorithm.meta_train_step(batch))
         if self.dist.enabled:
             # Explicit all-reduce: DDP's hooks never see functional_call's fast weights.
