@@ -10,7 +10,8 @@ Each training step, with a training batch (support) and a clean batch (query) in
 
 1. per-example weights ``eps = 0`` (requires grad), weighted loss ``sum_i eps_i * loss_i``;
 2. one differentiable look-ahead step of the model's own optimizer (type, settings and current
-   state, via :mod:`metarun.unroll`) from detached copies of the weights: the model is untouched;
+   state: :class:`~metarun.algorithms.lookahead.LookAhead`, shared with Meta-Weight-Net) from
+   detached copies of the weights: the model is untouched;
 3. clean loss at the look-ahead weights, and its gradient w.r.t. ``eps``;
 4. ``w = max(-grad, 0)`` normalised to sum 1 (all zero if the sum is 0);
 5. backward of ``sum_i w_i * loss_i`` on the real model; the runner's optimizer steps.
@@ -37,13 +38,14 @@ from torch import Tensor, nn
 
 from metarun import registry
 from metarun.algorithms.base import MetaAlgorithm
+from metarun.algorithms.lookahead import LookAhead
 from metarun.parallel import SINGLE, Shards
 from metarun.registry import BuildContext
 from metarun.spec.bases import SUPERVISED, AlgoSchema
 from metarun.spec.checks import require
 from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
-from metarun.unroll import functional_call, get_diff_optim, monkeypatch
+from metarun.unroll import functional_call
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,7 @@ class ReweightingBase(MetaAlgorithm):
         )
         w, extra = self._weights_and_stats(x, y, val_x, val_y)
         losses = F.cross_entropy(self.model(x), y, reduction="none")
+        w = self._weights_of_losses(w, losses.detach())
         weighted = (w * losses).sum()
         # The runner averages gradients over processes; the weights already sum to 1 over all
         # of them, so each process's share of the sum is scaled up by their number.
@@ -180,8 +183,20 @@ class ReweightingBase(MetaAlgorithm):
 
     def _weights_and_stats(
         self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor | None, dict[str, float]]:
+        """The example weights ``(B,)`` of this process's share (summing to 1 over all
+        processes) and metrics, before the real forward; ``None``: they depend on its losses
+        (:meth:`_weights_of_losses`)."""
         raise NotImplementedError
+
+    def _weights_of_losses(self, w: Tensor | None, losses: Tensor) -> Tensor:
+        """The weights the real step uses, given the real forward's per-example losses
+        (detached); by default those of :meth:`_weights_and_stats`."""
+        if w is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} returned no weights: override _weights_of_losses"
+            )
+        return w
 
     def _clean_loss(self, val_x: Tensor, val_y: Tensor) -> float:
         # Eval mode: a logging forward must not move BatchNorm running statistics.
@@ -258,12 +273,21 @@ class L2RW(ReweightingBase):
         minority_class: int | None = None,
     ) -> None:
         super().__init__(model, clean_as_train=clean_as_train, minority_class=minority_class)
-        if lookahead_lr is not None and lookahead_lr <= 0:
-            raise ValueError(
-                f"algo.lookahead_lr must be > 0 or null, got {lookahead_lr} "
-                "(null uses the optimizer's learning rate)"
-            )
-        self.lookahead_lr = lookahead_lr
+        self.lookahead = LookAhead(model, lookahead_lr)
+
+    @property
+    def lookahead_lr(self) -> float | None:
+        """Learning rate of the look-ahead step (``None``: the optimizer's own)."""
+        return self.lookahead.lr
+
+    @lookahead_lr.setter
+    def lookahead_lr(self, lr: float | None) -> None:
+        self.lookahead.lr = lr
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """The runner's optimizer over ``meta_parameters()``: the look-ahead steps a copy of it."""
+        super().attach_optimizer(optimizer)
+        self.lookahead.attach(optimizer)
 
     @classmethod
     def from_config(cls, config: L2RWConfig, model: nn.Module, context: BuildContext) -> L2RW:
@@ -296,24 +320,10 @@ class L2RW(ReweightingBase):
     def _lookahead_val_loss(
         self, eps: Tensor, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor
     ) -> tuple[Tensor, list[Tensor]]:
-        """The clean loss at the look-ahead weights, and those weights."""
-        if self.optimizer is None:
-            raise RuntimeError(
-                "L2RW needs the training optimizer: call attach_optimizer(opt) first "
-                "(the runner does this)"
-            )
-        # Detached copies and private BN buffers: the look-ahead leaves the model untouched.
-        fmodel = monkeypatch(self.model, copy_initial_weights=True)
-        override: dict[str, Any] | None = None
-        if self.lookahead_lr is not None:
-            override = {"lr": [self.lookahead_lr]}
-        diffopt = get_diff_optim(
-            self.optimizer, self.model.parameters(), fmodel=fmodel, override=override
-        )
-        losses = F.cross_entropy(fmodel(x), y, reduction="none")
-        diffopt.step((eps * losses).sum())
-        ahead = [p for p in fmodel.parameters() if p.requires_grad]
-        return F.cross_entropy(fmodel(val_x), val_y), ahead
+        """The clean loss at the look-ahead weights (a step on ``sum_i eps_i * loss_i``), and
+        those weights."""
+        ahead = self.lookahead(lambda losses: eps, x, y, val_x, val_y)
+        return ahead.clean_loss, ahead.params
 
     def _weights_and_stats(
         self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor
