@@ -38,6 +38,8 @@ class MetaAlgorithm(nn.Module):
     Hooks with no-op defaults:
 
     - ``log_scalars()`` / ``log_histograms()``: extra values for logged steps.
+    - ``log_curves()``: curves for logged steps, ``{tag: (x, y)}`` of 1-D tensors (e.g.
+      Meta-Weight-Net's learned weight against loss); plotted to TensorBoard and a PNG.
     - ``attach_optimizer(optimizer)``: the runner's optimizer (L2RW's look-ahead steps it).
     - ``set_shards(shards)``: under torch.distributed, for algorithms that split each step's
       examples themselves (``splits_examples = True``); the others get their share of the
@@ -84,6 +86,9 @@ class MetaAlgorithm(nn.Module):
         return {}
 
     def log_histograms(self) -> dict[str, Tensor]:
+        return {}
+
+    def log_curves(self) -> dict[str, tuple[Tensor, Tensor]]:
         return {}
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
