@@ -16,6 +16,9 @@ logger = logging.getLogger(__name__)
 
 TENSORBOARD_DIR = "tb"
 METRICS_FILE = "metrics.jsonl"
+CURVES_DIR = "curves"
+# Axis labels of known curve tags (others: x, y).
+_CURVE_AXES = {"weights/function": ("loss", "weight")}
 
 
 class RunLogger:
@@ -42,6 +45,7 @@ class RunLogger:
         self.tensorboard_dir = self.run_dir / TENSORBOARD_DIR
         self.metrics_path = self.run_dir / METRICS_FILE
         self._jsonl: Any = None
+        self._warned_no_matplotlib = False
         if not active:
             # Ranks other than 0 of a distributed run write nothing.
             return
@@ -82,6 +86,59 @@ class RunLogger:
         for key, value in values.items():
             self._writer.add_histogram(key, value.detach().float().cpu(), step)
 
+    def log_curves(self, step: int, curves: Mapping[str, Any]) -> None:
+        """Curves ``{tag: (x, y)}`` (1-D tensors of equal length) at ``step``, e.g.
+        ``weights/function``: Meta-Weight-Net's weight against loss.
+
+        Each is written to ``<run_dir>/curves/<tag>.csv`` (``/`` in the tag becomes ``_``;
+        rewritten at every logged step: the latest curve) and, when matplotlib is installed
+        (``pip install 'metarun[plot]'``), plotted as a TensorBoard figure and
+        ``<run_dir>/curves/<tag>.png``. Without matplotlib the TensorBoard entry is a text table
+        of the curve instead (one warning per run). Not written to ``metrics.jsonl``.
+        """
+        if not curves or self._jsonl is None:  # nothing, or not the logging process
+            return
+        folder = self.run_dir / CURVES_DIR
+        folder.mkdir(exist_ok=True)
+        plt = _pyplot()
+        if plt is None and not self._warned_no_matplotlib:
+            self._warned_no_matplotlib = True
+            logger.warning(
+                "matplotlib is not installed: curves (%s) go to TensorBoard as text tables and "
+                "to %s as CSV, without PNGs (pip install 'metarun[plot]')",
+                ", ".join(curves),
+                folder,
+            )
+        for tag, (x, y) in curves.items():
+            xs = [float(v) for v in x.detach().reshape(-1).cpu()]
+            ys = [float(v) for v in y.detach().reshape(-1).cpu()]
+            name = tag.replace("/", "_")
+            x_label, y_label = _CURVE_AXES.get(tag, ("x", "y"))
+            rows = [f"{x_label},{y_label}"] + [f"{a!r},{b!r}" for a, b in zip(xs, ys)]
+            tmp = folder / f"{name}.csv.tmp"
+            tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
+            tmp.replace(folder / f"{name}.csv")
+            if plt is None:
+                if self._writer is not None:
+                    step_every = max(1, len(xs) // 10)
+                    table = [f"| {x_label} | {y_label} |", "|---|---|"] + [
+                        f"| {a:.4g} | {b:.4g} |" for a, b in list(zip(xs, ys))[::step_every]
+                    ]
+                    self._writer.add_text(tag, "\n".join(table), step)
+                continue
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            ax.plot(xs, ys)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(y_label)
+            ax.set_title(f"{tag} (step {step})")
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(folder / f"{name}.png", dpi=100)
+            if self._writer is not None:
+                self._writer.add_figure(tag, fig, step)  # closes the figure
+            else:
+                plt.close(fig)
+
     def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         """TensorBoard's HParams view: the flattened config next to the final metrics."""
         if self._writer is None:
@@ -109,6 +166,19 @@ class RunLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot with the file-only Agg backend, or None when matplotlib is missing
+    (it is an optional extra: ``metarun[plot]``)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _json_number(value: float) -> float | str:

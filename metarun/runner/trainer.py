@@ -460,6 +460,7 @@ class Trainer:
                         scalars["train/nonfinite_steps"] = float(self.nonfinite_steps)
                     # E.g. L2RW's example weights.
                     self.run_logger.log_histograms(self.step, self.algorithm.log_histograms())
+                    self.run_logger.log_curves(self.step, self.algorithm.log_curves())
                     step_time, steps_timed = 0.0, 0
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     val = split_scalars("val", self.validate())
