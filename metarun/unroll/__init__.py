@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from metarun.unroll import diffopt, optim, optimizers, patch, utils
+from metarun.unroll import diffopt, implicit, optim, optimizers, patch, utils
 from metarun.unroll.diffopt import (
     DifferentiableOptimizer,
     apply_trainable_opt_params,
@@ -43,6 +43,17 @@ from metarun.unroll.functional import (
     grads_of,
     inner_loop,
     inner_step,
+)
+from metarun.unroll.implicit import (
+    CG,
+    ImplicitGrad,
+    ImplicitSolverError,
+    Neumann,
+    SolverInfo,
+    check_converged,
+    implicit_grad,
+    implicit_surrogate,
+    stationarity_of,
 )
 from metarun.unroll.optimizers import (
     ASGD,
@@ -73,6 +84,7 @@ from metarun.unroll.patch import (
 
 __all__ = [
     "ASGD",
+    "CG",
     "SGD",
     "Adadelta",
     "Adagrad",
@@ -85,14 +97,19 @@ __all__ = [
     "FunctionalOptimizer",
     "GradBackend",
     "HistoryError",
+    "ImplicitGrad",
+    "ImplicitSolverError",
     "InnerLoopResult",
     "NAdam",
+    "Neumann",
     "Params",
     "RAdam",
     "RMSprop",
     "Rprop",
+    "SolverInfo",
     "State",
     "apply_trainable_opt_params",
+    "check_converged",
     "create_diff_optim",
     "detach_params",
     "diffopt",
@@ -103,6 +120,9 @@ __all__ = [
     "get_params",
     "get_trainable_opt_params",
     "grads_of",
+    "implicit",
+    "implicit_grad",
+    "implicit_surrogate",
     "inner_loop",
     "inner_step",
     "innerloop_ctx",
@@ -114,6 +134,7 @@ __all__ = [
     "register_functional",
     "register_optim",
     "safe_sqrt",
+    "stationarity_of",
     "utils",
 ]
 
