@@ -38,7 +38,13 @@ class TaskBatch:
         return TaskBatch(support_x, support_y, query_x, query_y, support_info=info)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TaskBatch:
-        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+        target = torch.device(device)
+        if all(t.device == target for t in self.tensors()) and (
+            self.support_info is None or self.support_info.device == target
+        ):
+            # Already there: every step would otherwise pay five no-op copies' dispatch.
+            return self
+        return self._map(lambda t: t.to(target, non_blocking=non_blocking))
 
     def pin_memory(self) -> TaskBatch:
         return self._map(lambda t: t.pin_memory())
@@ -52,6 +58,8 @@ class TaskBatch:
 
     def split(self, chunk: int) -> list[TaskBatch]:
         """Consecutive sub-batches of at most ``chunk`` tasks (for ranks or memory chunks)."""
+        if chunk >= len(self):
+            return [self]
 
         def rows(start: int) -> Callable[[Tensor], Tensor]:
             return lambda t: t[start : start + chunk]

@@ -72,7 +72,7 @@ def test_vmap_matches_loop(case: str, steps: int, first_order: bool) -> None:
     assert _rel(vmap, loop) <= 1e-10
     assert _rel(chunked, loop) <= 1e-10
     for key in m_loop:
-        assert m_vmap[key] == pytest.approx(m_loop[key], rel=1e-9, abs=1e-12)
+        assert float(m_vmap[key]) == pytest.approx(float(m_loop[key]), rel=1e-9, abs=1e-12)
 
 
 @pytest.mark.parametrize("learn", ["scalar", "per_param"])

@@ -7,7 +7,7 @@ them unconditionally and never probes for attributes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -26,7 +26,8 @@ class MetaAlgorithm(nn.Module):
     - ``meta_train_step(batch)`` computes the meta-loss of a batch of tasks and runs its backward,
       leaving the mean over tasks of the meta-gradient in ``.grad`` of ``meta_parameters()``. It
       does not step an optimizer. Returns scalar metrics keyed ``train/<name>``, among them
-      ``train/meta_loss`` (what the meta-optimizer minimises).
+      ``train/meta_loss`` (what the meta-optimizer minimises): floats, or better 0-d tensors
+      left on the device (the runner reads those only on the steps it logs).
     - ``evaluate(batch, inner_steps)`` adapts each task without building a meta-graph and returns
       per-task metrics keyed ``pre/<name>`` and ``post/<name>`` (before/after adaptation), each a
       1-D tensor of length ``len(batch)``: ``loss`` always, ``accuracy`` for classification.
@@ -67,7 +68,7 @@ class MetaAlgorithm(nn.Module):
     def meta_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def meta_train_step(self, batch: TaskBatch) -> dict[str, float]:
+    def meta_train_step(self, batch: TaskBatch) -> Mapping[str, float | Tensor]:
         raise NotImplementedError
 
     def evaluate(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:

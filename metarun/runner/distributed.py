@@ -149,16 +149,19 @@ def average_gradients(params: Iterable[torch.Tensor], ctx: DistContext) -> None:
 
 
 def average_metrics(
-    metrics: Mapping[str, float], ctx: DistContext, device: torch.device
-) -> dict[str, float]:
-    """Means over ranks of the per-rank metrics (same keys on every rank)."""
+    metrics: Mapping[str, float | torch.Tensor], ctx: DistContext, device: torch.device
+) -> dict[str, float | torch.Tensor]:
+    """Means over ranks of the per-rank metrics (same keys on every rank), as 0-d tensors on
+    ``device``: the all-reduce needs no host read, and the runner reads them when it logs."""
     if not ctx.enabled or not metrics:
         return dict(metrics)
     keys = sorted(metrics)
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    values = torch.stack(
+        [torch.as_tensor(metrics[k], dtype=torch.float64, device=device).detach() for k in keys]
+    )
     dist.all_reduce(values)
     values /= ctx.world_size
-    return dict(zip(keys, values.tolist()))
+    return dict(zip(keys, values.unbind()))
 
 
 def any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:

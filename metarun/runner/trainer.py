@@ -9,6 +9,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
@@ -42,6 +43,9 @@ from metarun.runner.evaluate import Stat, evaluate_fixed, split_scalars
 from metarun.runner.logging import RunLogger
 
 logger = logging.getLogger(__name__)
+
+# A step's metric: a float, or a 0-d tensor left on the device until a logged step reads it.
+Scalar = float | torch.Tensor
 
 
 @dataclass
@@ -115,23 +119,54 @@ def hypergrad_norms(model: nn.Module) -> dict[str, float]:
     return {"hypergrad/norm": total, **norms}
 
 
+def total_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``grads`` together, as ``torch.nn.utils.get_total_norm`` computes it
+    (the same two kernels, the same value), without its per-call grouping by device and dtype
+    when there is one group: the common case, and the only per-step cost of the divergence
+    check on a run without ``grad_clip``."""
+    if not grads:
+        return torch.tensor(0.0)
+    first = grads[0]
+    if any(g.device != first.device or g.dtype != first.dtype or g.is_sparse for g in grads):
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(list(grads), 2.0)), 2.0)
+
+
 class _Mean:
-    """Running mean of dicts of scalars over one logging interval."""
+    """Means of the steps' metrics over one logging interval.
+
+    Values may be 0-d tensors on the device (what the algorithms return): a step only appends
+    its dict, and :meth:`pop` reads all of the interval's tensors in one transfer, so steps that
+    do not log never wait for the device.
+    """
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
+        self.steps: list[Mapping[str, Scalar]] = []
 
-    def add(self, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
-            self.counts[key] = self.counts.get(key, 0) + 1
+    def add(self, values: Mapping[str, Scalar]) -> None:
+        if values:
+            self.steps.append(values)
 
     def pop(self) -> dict[str, float]:
-        means = {key: self.sums[key] / self.counts[key] for key in self.sums}
-        self.sums.clear()
-        self.counts.clear()
-        return means
+        tensors = [v for step in self.steps for v in step.values() if isinstance(v, torch.Tensor)]
+        read = iter(host_floats(tensors))
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for step in self.steps:
+            for key, value in step.items():
+                number = next(read) if isinstance(value, torch.Tensor) else float(value)
+                sums[key] = sums.get(key, 0.0) + number
+                counts[key] = counts.get(key, 0) + 1
+        self.steps.clear()
+        return {key: sums[key] / counts[key] for key in sums}
+
+
+def host_floats(values: Sequence[torch.Tensor]) -> list[float]:
+    """0-d tensors as Python floats, in one device-to-host transfer."""
+    if not values:
+        return []
+    device = values[0].device
+    return torch.stack([v.detach().reshape(()).to(device, torch.float64) for v in values]).tolist()
 
 
 class Trainer:
@@ -284,10 +319,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ loop
 
-    def train_step(self, *, logged: bool = False) -> dict[str, float]:
-        """One outer step. Returns the algorithm's metrics (``train/...``); on a ``logged`` step
-        also pre-adaptation metrics and the meta-gradient norms before clipping
-        (``hypergrad/...``)."""
+    def train_step(self, *, logged: bool = False) -> dict[str, Scalar]:
+        """One outer step. Returns the algorithm's metrics (``train/...``, floats or 0-d
+        tensors still on the device); on a ``logged`` step also pre-adaptation metrics, the
+        meta-gradient norms before clipping (``hypergrad/...``) and ``train/lr``.
+
+        The one host read on a step that does not log is the divergence check's single flag.
+        """
         cfg = self.config
         if self._prefetcher is not None:
             batch = self._prefetcher.next()
@@ -306,7 +344,7 @@ class Trainer:
         # Pre-adaptation query metrics cost a forward per task: only on steps that log them.
         self.algorithm.pre_adaptation_metrics = logged
         self.algorithm.set_step(self.step)
-        metrics = dict(self.algorithm.meta_train_step(batch))
+        metrics: dict[str, Scalar] = dict(self.algorithm.meta_train_step(batch))
         if self.dist.enabled:
             # Explicit all-reduce: DDP's hooks never see functional_call's fast weights.
             average_gradients(self.algorithm.meta_parameters(), self.dist)
@@ -325,8 +363,7 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, cfg.grad_clip)
         else:
             # with_grad holds no None; the filter tells the type checker so.
-            grads = [p.grad for p in with_grad if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads)
+            grad_norm = total_norm([p.grad for p in with_grad if p.grad is not None])
         if not self._finite(metrics, grad_norm):
             self.step += 1  # the batch is consumed: a skipped step keeps the data order
             return {}
@@ -336,17 +373,26 @@ class Trainer:
         self.step += 1
         return metrics
 
-    def _finite(self, metrics: dict[str, float], grad_norm: torch.Tensor) -> bool:
+    def _finite(self, metrics: Mapping[str, Scalar], grad_norm: torch.Tensor) -> bool:
         """Whether this step's meta-loss and meta-gradient are finite; on a non-finite step,
         counts it against ``max_nonfinite_steps`` or raises :class:`TrainingDiverged`.
 
-        One host read of the fused gradient norm per step (the losses are host floats already:
-        the algorithms return their metrics as floats). NaN and inf survive the gradient
-        all-reduce, so every rank sees the same answer; ``any_rank`` makes sure of it anyway
-        (a sum that overflows in one rank's reduction order only).
+        One host read per step: a single flag over the gradient norm and the losses, fused on
+        the device. NaN and inf survive the gradient all-reduce, so every rank sees the same
+        answer; ``any_rank`` makes sure of it anyway (a sum that overflows in one rank's
+        reduction order only).
         """
         losses = {k: v for k, v in metrics.items() if k.startswith("train/") and k.endswith("loss")}
-        finite = bool(torch.isfinite(grad_norm)) and all(map(math.isfinite, losses.values()))
+        on_device = [grad_norm]
+        seen = {id(grad_norm)}
+        for value in losses.values():
+            if isinstance(value, torch.Tensor) and id(value) not in seen:
+                seen.add(id(value))
+                on_device.append(value)
+        flags = torch.stack([torch.isfinite(v.detach()).all() for v in on_device])
+        finite = bool(flags.all()) and all(
+            math.isfinite(v) for v in losses.values() if not isinstance(v, torch.Tensor)
+        )
         if self.dist.enabled:
             finite = not any_rank(not finite, self.dist, self.experiment.device)
         if finite:
@@ -354,7 +400,7 @@ class Trainer:
         step = self.step + 1
         self.nonfinite_steps += 1
         detail = ", ".join(
-            [f"{k}={v:.4g}" for k, v in sorted(losses.items())]
+            [f"{k}={float(v):.4g}" for k, v in sorted(losses.items())]
             + [f"meta-gradient norm={float(grad_norm):.4g}"]
         )
         limit = self.config.max_nonfinite_steps
@@ -449,11 +495,13 @@ class Trainer:
                 steps_timed += 1
                 interval.add(metrics)
                 bar.update(1)
-                bar.set_postfix(_postfix(metrics), refresh=False)
 
                 scalars: dict[str, float] = {}
                 if log_due:
                     scalars.update(interval.pop())  # means over the interval; hypergrad: now
+                    # From the interval's means: formatting a step's own metrics would read
+                    # them from the device on every step.
+                    bar.set_postfix(_postfix(scalars), refresh=False)
                     scalars.update(self.algorithm.log_scalars())
                     scalars["time/sec_per_step"] = step_time / max(steps_timed, 1)
                     if self.nonfinite_steps:
@@ -524,7 +572,8 @@ def prefetch_depth(prefetch: int | None, device: torch.device) -> int:
 
 
 def _postfix(metrics: dict[str, float]) -> dict[str, str]:
-    """Progress-bar postfix: the last step's query loss and accuracy (post-adaptation)."""
+    """Progress-bar postfix: the last logging interval's query loss and accuracy
+    (post-adaptation)."""
     # MAML reports the query loss; example reweighting (l2rw/erm) its training loss.
     loss_key = "train/query_loss" if "train/query_loss" in metrics else "train/loss"
     shown = {"loss": loss_key, "acc": "train/accuracy"}
