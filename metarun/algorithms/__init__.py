@@ -15,4 +15,5 @@ from metarun.algorithms import metasgd  # noqa: F401
 from metarun.algorithms import anil  # noqa: F401
 from metarun.algorithms import reptile  # noqa: F401
 from metarun.algorithms import protonets  # noqa: F401
+from metarun.algorithms import imaml  # noqa: F401
 from metarun.algorithms import l2rw  # noqa: F401

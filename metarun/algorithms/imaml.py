@@ -1,0 +1,306 @@
+"""iMAML: MAML with implicit meta-gradients (the proximal inner problem, CG on its Hessian).
+
+Each task adapts the meta-parameters ``theta`` by a few steps of an inner optimizer on the
+support loss plus a proximal term, approximately solving
+
+    phi*(theta) = argmin_phi  L_support(phi) + lam / 2 ||phi - theta||^2 .
+
+At that solution ``grad L_support(phi*) + lam (phi* - theta) = 0``, and the implicit function
+theorem gives ``d phi* / d theta = (I + H / lam)^-1`` with ``H`` the support loss's Hessian at
+``phi*``. The meta-gradient of the query loss is therefore ``v = (I + H / lam)^-1 g``, ``g`` its
+gradient at ``phi``, found by ``algo.cg_steps`` of conjugate gradient on Hessian-vector products
+(:mod:`metarun.unroll.implicit`): nothing of the inner loop is kept for the backward pass, so
+memory does not grow with the inner steps (scripts/bench_implicit.py).
+
+``algo.cg_damping`` and ``algo.lam_damping`` (0 by default: the paper's system) damp the system
+as the authors' code does, ``((1 + cg_damping) I + H / (lam + lam_damping)) v = g``.
+BatchNorm layers normalise with each batch's statistics (MAML's ``bn_policy=batch_stats``).
+
+References:
+    Rajeswaran, Finn, Kakade & Levine, "Meta-Learning with Implicit Gradients", NeurIPS 2019
+    (Algorithms 1 and 2; the GD variant: the inner problem solved by gradient descent).
+
+Example::
+
+    algo = IMAML(Conv4(num_classes=5), task_type="classification", lam=2.0, inner_lr=0.1,
+                 inner_steps=16, eval_inner_steps=16, cg_steps=5)
+    meta_opt = torch.optim.Adam(algo.meta_parameters(), lr=1e-3)
+    meta_opt.zero_grad(); algo.meta_train_step(batch); meta_opt.step()
+    logits = algo.predict(algo.adapt(support_x, support_y), query_x)   # (Q, N)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from metarun.algorithms.base import MetaAlgorithm
+from metarun.algorithms.losses import task_loss, task_metrics
+from metarun.algorithms.maml import _with_meta_loss
+from metarun.algorithms.reptile import InnerOptimizer
+from metarun.registry import BuildContext, register
+from metarun.spec.bases import AlgoSchema
+from metarun.spec.checks import require
+from metarun.spec.errors import ConfigError
+from metarun.tasks import TaskBatch
+from metarun.unroll import SGD, Adam, functional_call, inner_loop
+from metarun.unroll.batched import batch_stats_buffers
+from metarun.unroll.implicit import CG, SolverInfo, hvp
+from metarun.unroll.optimizers import FunctionalOptimizer, Params
+
+
+@dataclass
+class IMAMLConfig(AlgoSchema):
+    """``algo=imaml``: Rajeswaran et al. 2019, the GD variant by default."""
+
+    # Strength of the proximal term lam/2 ||phi - theta||^2 of the inner problem.
+    lam: float = 2.0
+    inner_optimizer: InnerOptimizer = InnerOptimizer.sgd  # sgd: the paper's GD variant
+    inner_lr: float = 0.1
+    inner_steps: int = 16
+    eval_inner_steps: int = "${.inner_steps}"  # type: ignore[assignment]  # interpolation
+    # The proximal strength when adapting at evaluation (the authors test with 0: plain GD).
+    eval_lam: float = "${.lam}"  # type: ignore[assignment]  # interpolation
+    cg_steps: int = 5  # conjugate-gradient iterations (Hessian-vector products) per task
+    # CG stops early at this relative residual; 0: always cg_steps iterations (the paper).
+    cg_tol: float = 0.0
+    # ((1 + cg_damping) I + H / (lam + lam_damping)) v = g; 0 and 0: the paper's (I + H/lam).
+    cg_damping: float = 0.0
+    lam_damping: float = 0.0
+
+    def __post_init__(self) -> None:
+        require(self.lam > 0, "algo.lam", self.lam, "> 0", "algo.lam=2.0")
+        require(self.inner_lr > 0, "algo.inner_lr", self.inner_lr, "> 0", "algo.inner_lr=0.1")
+        require(
+            self.inner_steps >= 1, "algo.inner_steps", self.inner_steps, ">= 1",
+            "algo.inner_steps=16",
+        )  # fmt: skip
+        require(
+            self.eval_inner_steps >= 0, "algo.eval_inner_steps", self.eval_inner_steps, ">= 0",
+            "algo.eval_inner_steps=16",
+        )  # fmt: skip
+        require(self.eval_lam >= 0, "algo.eval_lam", self.eval_lam, ">= 0", "algo.eval_lam=0.0")
+        require(self.cg_steps >= 1, "algo.cg_steps", self.cg_steps, ">= 1", "algo.cg_steps=5")
+        for key, value, example in (
+            ("algo.cg_tol", self.cg_tol, "algo.cg_tol=0.0"),
+            ("algo.cg_damping", self.cg_damping, "algo.cg_damping=1.0"),
+            ("algo.lam_damping", self.lam_damping, "algo.lam_damping=0.0"),
+        ):
+            require(value >= 0 and math.isfinite(value), key, value, ">= 0", example)
+
+    def step_sizes(self) -> dict[str, float]:
+        return {"algo.inner_lr": self.inner_lr}
+
+    def check_run(self, run: Any) -> None:
+        train_ways, eval_ways = run.dataset.ways()
+        if train_ways != eval_ways:
+            raise ConfigError(
+                f"dataset.eval_n_way must equal dataset.n_way ({train_ways}) for algo=imaml, "
+                f"got {eval_ways} (its model's classifier has one output per training class; "
+                "leave dataset.eval_n_way unset)"
+            )
+
+
+@register("algo", "imaml", IMAMLConfig)
+class IMAML(MetaAlgorithm):
+    """Implicit MAML (Rajeswaran et al. 2019) on :mod:`metarun.unroll.implicit`.
+
+    Args:
+        model: the network whose weights ``theta`` are meta-learned.
+        task_type: ``"classification"`` (cross-entropy, accuracy) or ``"regression"`` (MSE).
+        lam: proximal strength ``lam`` of the inner problem in training (> 0).
+        inner_lr: inner optimizer learning rate.
+        inner_steps: inner optimizer steps in training (>= 1).
+        eval_inner_steps: inner steps when evaluating or adapting.
+        eval_lam: proximal strength when evaluating or adapting (>= 0; 0: plain fine-tuning).
+        inner_optimizer: ``"sgd"`` (the paper's GD variant) or ``"adam"`` (fresh per task).
+        cg_steps: conjugate-gradient iterations per task.
+        cg_tol: relative residual at which CG stops early (0: never).
+        cg_damping, lam_damping: the system solved is
+            ``((1 + cg_damping) I + H / (lam + lam_damping)) v = g``.
+
+    Attributes:
+        pre_adaptation_metrics: as MAML's (set by the runner on logged steps).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        task_type: str,
+        lam: float,
+        inner_lr: float,
+        inner_steps: int,
+        eval_inner_steps: int,
+        eval_lam: float | None = None,
+        inner_optimizer: str = "sgd",
+        cg_steps: int = 5,
+        cg_tol: float = 0.0,
+        cg_damping: float = 0.0,
+        lam_damping: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if task_type not in ("classification", "regression"):
+            raise ValueError(
+                f"task_type must be 'classification' or 'regression', got {task_type!r}"
+            )
+        if not lam > 0 or inner_steps < 1 or eval_inner_steps < 0:
+            raise ValueError(
+                f"lam must be > 0, inner_steps >= 1 and eval_inner_steps >= 0, got {lam}, "
+                f"{inner_steps} and {eval_inner_steps}"
+            )
+        self.model = model
+        self.task_type = task_type
+        self.lam = float(lam)
+        self.eval_lam = self.lam if eval_lam is None else float(eval_lam)
+        self.inner_lr = float(inner_lr)
+        self.inner_steps = inner_steps
+        self.eval_inner_steps = eval_inner_steps
+        self.inner_optimizer = InnerOptimizer(inner_optimizer)
+        self.solver = CG(tol=cg_tol, max_iter=cg_steps)
+        self.cg_damping = float(cg_damping)
+        self.lam_damping = float(lam_damping)
+        self._stats_off = batch_stats_buffers(model)
+        self.last_solver_info: SolverInfo | None = None
+
+    @classmethod
+    def from_config(cls, config: IMAMLConfig, model: nn.Module, context: BuildContext) -> IMAML:
+        return cls(
+            model,
+            task_type=context.task_type,
+            lam=config.lam,
+            inner_lr=config.inner_lr,
+            inner_steps=config.inner_steps,
+            eval_inner_steps=config.eval_inner_steps,
+            eval_lam=config.eval_lam,
+            inner_optimizer=config.inner_optimizer.value,
+            cg_steps=config.cg_steps,
+            cg_tol=config.cg_tol,
+            cg_damping=config.cg_damping,
+            lam_damping=config.lam_damping,
+        )
+
+    # -- the computation ---------------------------------------------------------------------
+    def _forward(self, params: Params, x: Tensor) -> Tensor:
+        """The model with the (trainable) weights in ``params``; batch statistics in norms."""
+        return functional_call(self.model, params, x, buffers=self._stats_off)
+
+    def _theta(self) -> Params:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _optimizer(self) -> FunctionalOptimizer:
+        if self.inner_optimizer is InnerOptimizer.adam:
+            return Adam(lr=self.inner_lr)
+        return SGD(lr=self.inner_lr)
+
+    def _solve_inner(self, sx: Tensor, sy: Tensor, steps: int, lam: float) -> Params:
+        """``phi``: ``steps`` inner steps from ``theta`` on the support loss plus the proximal
+        term, without a graph (detached tensors)."""
+        anchor = {n: p.detach() for n, p in self._theta().items()}
+        start = {n: t.clone().requires_grad_() for n, t in anchor.items()}
+
+        def objective(phi: Params) -> Tensor:
+            loss = task_loss(self.task_type, self._forward(phi, sx), sy)
+            if lam == 0:
+                return loss
+            prox = torch.stack([((phi[n] - anchor[n]) ** 2).sum() for n in phi]).sum()
+            return loss + 0.5 * lam * prox
+
+        result = inner_loop(objective, start, self._optimizer(), steps, track_higher_grads=False)
+        return {n: t.detach() for n, t in result.params.items()}
+
+    def meta_gradient(
+        self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+    ) -> tuple[Params, Tensor, SolverInfo]:
+        """One task's implicit meta-gradient ``v`` (keyed like the trainable parameters), its
+        query output at ``phi`` (detached) and the CG solve's info."""
+        phi = self._solve_inner(sx, sy, self.inner_steps, self.lam)
+        leaves = {n: t.clone().requires_grad_() for n, t in phi.items()}
+        with torch.enable_grad():
+            out = self._forward(leaves, qx)
+            query_loss = task_loss(self.task_type, out, qy)
+            names = list(leaves)
+            g = dict(zip(names, torch.autograd.grad(query_loss, [leaves[n] for n in names])))
+
+        def support_loss(p: Params) -> Tensor:
+            return task_loss(self.task_type, self._forward(p, sx), sy)
+
+        hessian = hvp(support_loss, phi)
+        identity = 1.0 + self.cg_damping
+        scale = 1.0 / (self.lam + self.lam_damping)
+
+        def matvec(v: Params) -> Params:
+            hv = hessian(v)
+            return {n: identity * v[n] + scale * hv[n] for n in v}
+
+        v, info = self.solver.solve(matvec, g)
+        return v, out.detach(), info
+
+    # -- protocol ----------------------------------------------------------------------------
+    def meta_train_step(self, batch: TaskBatch) -> dict[str, float]:
+        """The mean over tasks of the implicit meta-gradients, added to ``.grad`` of the
+        model's trainable parameters."""
+        n = len(batch)
+        theta = self._theta()
+        sums: dict[str, Tensor] = {}
+
+        def add(name: str, value: Tensor) -> None:
+            sums[name] = sums[name] + value if name in sums else value
+
+        residuals = []
+        for i in range(n):
+            sx, sy, qx, qy = (t[i] for t in batch.tensors())
+            v, out, info = self.meta_gradient(sx, sy, qx, qy)
+            for name, p in theta.items():
+                step = v[name] / n
+                p.grad = step if p.grad is None else p.grad + step
+            residuals.append(info.residual)
+            for key, value in task_metrics(self.task_type, out, qy).items():
+                add(f"train/post_{key}", value)
+            if self.pre_adaptation_metrics:
+                with torch.no_grad():
+                    pre = self._forward(theta, qx)
+                for key, value in task_metrics(self.task_type, pre, qy).items():
+                    add(f"train/pre_{key}", value)
+            self.last_solver_info = info
+        add("train/cg_residual", torch.stack(residuals).sum())
+        names = list(sums)
+        values = torch.stack([sums[k].detach() for k in names]).double().div(n).tolist()
+        return _with_meta_loss(dict(zip(names, values)))
+
+    def evaluate(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
+        steps = self.eval_inner_steps if inner_steps is None else inner_steps
+        rows: dict[str, list[Tensor]] = {}
+        theta = self._theta()
+        for i in range(len(batch)):
+            sx, sy, qx, qy = (t[i] for t in batch.tensors())
+            phi = self._solve_inner(sx, sy, steps, self.eval_lam)
+            with torch.no_grad():
+                outs = (("pre", self._forward(theta, qx)), ("post", self._forward(phi, qx)))
+            for prefix, out in outs:
+                for key, value in task_metrics(self.task_type, out, qy).items():
+                    rows.setdefault(f"{prefix}/{key}", []).append(value.float().cpu())
+        return {k: torch.stack(v) for k, v in rows.items()}
+
+    def adapt(
+        self, support_x: Tensor, support_y: Tensor, steps: int | None = None
+    ) -> dict[str, Tensor]:
+        """All of the model's weights for one task (no task dimension), without a meta-graph:
+        the trainable ones adapted with ``eval_lam``, the frozen ones as they are."""
+        steps = self.eval_inner_steps if steps is None else steps
+        params = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        params.update(self._solve_inner(support_x, support_y, steps, self.eval_lam))
+        return params
+
+    def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self._forward(params, x)
+
+    def log_scalars(self) -> dict[str, float]:
+        if self.last_solver_info is None:
+            return {}
+        return {"imaml/cg_iterations": float(self.last_solver_info.iterations)}
