@@ -139,6 +139,42 @@ PAPER = {
         n_way=20,
         k_shot=5,
     ),
+    "miniimagenet_5way_1shot": dict(
+        outer_steps=60000,
+        meta_batch_size=4,
+        inner_lr=0.01,
+        inner_steps=5,
+        eval_inner_steps=10,
+        n_way=5,
+        k_shot=1,
+    ),
+    "miniimagenet_5way_5shot": dict(
+        outer_steps=60000,
+        meta_batch_size=2,
+        inner_lr=0.01,
+        inner_steps=5,
+        eval_inner_steps=10,
+        n_way=5,
+        k_shot=5,
+    ),
+    "cifarfs_5way_1shot": dict(
+        outer_steps=60000,
+        meta_batch_size=4,
+        inner_lr=0.01,
+        inner_steps=5,
+        eval_inner_steps=10,
+        n_way=5,
+        k_shot=1,
+    ),
+    "fc100_5way_1shot": dict(
+        outer_steps=60000,
+        meta_batch_size=4,
+        inner_lr=0.01,
+        inner_steps=5,
+        eval_inner_steps=10,
+        n_way=5,
+        k_shot=1,
+    ),
 }
 
 

@@ -15,6 +15,7 @@ __all__ = ["FewShotTasks", "SinusoidTasks", "fixed_tasks", "load_omniglot"]
 # Learning to reweight (Ren et al. 2018): imbalanced MNIST and noisy-label CIFAR.
 from metarun.data.mnist import load_mnist_imbalance  # noqa: E402
 from metarun.data.cifar import background_flip, load_cifar_noisy, uniform_flip  # noqa: E402
+from metarun.data.cifar_lt import load_cifar_lt  # noqa: E402  (Meta-Weight-Net's long tail)
 from metarun.data.supervised import (  # noqa: E402
     ExampleSet,
     ReweightingTasks,
@@ -28,7 +29,14 @@ __all__ += [
     "random_crop_flip",
     "SplitData",
     "background_flip",
+    "load_cifar_lt",
     "load_cifar_noisy",
     "load_mnist_imbalance",
     "uniform_flip",
 ]
+
+# Few-shot image benchmarks: miniImageNet, tieredImageNet, CIFAR-FS and FC100 (uint8 class pools).
+from metarun.data.miniimagenet import load_miniimagenet  # noqa: E402
+from metarun.data.cifar_fs import load_cifar_fewshot  # noqa: E402
+
+__all__ += ["load_cifar_fewshot", "load_miniimagenet"]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from metarun.data.supervised import random_crop_flip
 from metarun.tasks import TaskBatch
 
 
@@ -32,14 +33,26 @@ class FewShotTasks:
     Each task relabels its classes ``0..n_way-1`` in a random order, and shuffles the order of its
     support and of its query examples (so no algorithm can rely on labels being grouped).
 
+    A float pool is indexed as it is. A uint8 pool ``(C, M, H, W, channels)`` (RGB images as
+    decoded: 84x84 miniImageNet takes 1.3 GB for 60,000 images instead of 5 GB in float32) is
+    converted only for the sampled images: to float in ``[0, 1]``, channels first, optionally
+    augmented (random crop with zero padding + horizontal flip, drawn from the task generator, so
+    a resumed run sees the same tasks), then normalised by ``mean`` and ``std``.
+
     Args:
-        pool: ``(C, M, *image_shape)`` ``M`` examples for each of ``C`` classes.
+        pool: ``(C, M, *image_shape)`` ``M`` examples for each of ``C`` classes; float, or uint8
+            channels-last ``(C, M, H, W, channels)``.
         n_way: classes per task.
         k_shot: support examples per class.
         k_query: query examples per class.
+        mean: per-channel mean subtracted from uint8 pools' images in ``[0, 1]`` (default 0).
+        std: per-channel standard deviation they are divided by (default 1).
+        augment_padding: pixels of zero padding of the random crop (with a random horizontal
+            flip); 0: no augmentation. Meant for training tasks only.
 
     Raises:
-        ValueError: ``n_way`` above ``C``, ``k_shot + k_query`` above ``M``, or a count below 1.
+        ValueError: ``n_way`` above ``C``, ``k_shot + k_query`` above ``M``, a count below 1, a
+            uint8 pool not of shape ``(C, M, H, W, channels)``, or a mean/std of the wrong length.
 
     Example:
         >>> pool = torch.rand(20, 20, 1, 28, 28)
@@ -51,7 +64,17 @@ class FewShotTasks:
 
     task_type = "classification"
 
-    def __init__(self, pool: Tensor, n_way: int, k_shot: int, k_query: int) -> None:
+    def __init__(
+        self,
+        pool: Tensor,
+        n_way: int,
+        k_shot: int,
+        k_query: int,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        augment_padding: int = 0,
+    ) -> None:
         if pool.dim() < 2:
             raise ValueError(
                 f"pool must be (classes, examples, *input_shape), got shape {tuple(pool.shape)}"
@@ -75,12 +98,53 @@ class FewShotTasks:
                 f"exceeds the {per_class} examples available per class "
                 f"(lower dataset.k_shot or dataset.k_query)"
             )
+        if augment_padding < 0:
+            raise ValueError(f"augment_padding must be >= 0, got {augment_padding}")
         self.pool = pool
         self.n_way = int(n_way)
         self.k_shot = int(k_shot)
         self.k_query = int(k_query)
         self.num_outputs = self.n_way
-        self.input_shape = tuple(int(d) for d in pool.shape[2:])
+        self.augment_padding = int(augment_padding)
+        self.is_uint8 = pool.dtype == torch.uint8
+        if self.is_uint8:
+            if pool.dim() != 5:
+                raise ValueError(
+                    f"a uint8 pool must be (classes, examples, H, W, channels), got shape "
+                    f"{tuple(pool.shape)}"
+                )
+            channels = int(pool.shape[-1])
+            self.input_shape: tuple[int, ...] = (channels, int(pool.shape[2]), int(pool.shape[3]))
+            self.mean = self._per_channel("mean", mean, 0.0, channels)
+            self.std = self._per_channel("std", std, 1.0, channels)
+            if bool((self.std <= 0).any()):
+                raise ValueError(f"std must be > 0 per channel, got {self.std.flatten().tolist()}")
+        else:
+            if mean is not None or std is not None:
+                raise ValueError("mean and std normalise uint8 pools only; this pool is float")
+            self.input_shape = tuple(int(d) for d in pool.shape[2:])
+
+    @staticmethod
+    def _per_channel(
+        name: str, value: Sequence[float] | None, default: float, channels: int
+    ) -> Tensor:
+        values = [default] * channels if value is None else [float(v) for v in value]
+        if len(values) != channels:
+            raise ValueError(
+                f"{name} needs one value per channel ({channels}), got {values} (set e.g. "
+                f"dataset.{name}=[{', '.join([str(default)] * channels)}])"
+            )
+        return torch.tensor(values).view(channels, 1, 1)
+
+    def _to_inputs(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """Sampled images ``(..., H, W, ch)`` uint8 -> normalised ``(..., ch, H, W)`` float32."""
+        x = x.movedim(-1, -3).float().div_(255.0)  # (..., ch, H, W) in [0, 1]
+        if self.augment_padding:
+            # Padding with 0 before normalising pads with black, as torchvision's RandomCrop does
+            # on the PIL images of the MetaOptNet and ProtoNets pipelines.
+            x = random_crop_flip(x, generator, self.augment_padding)
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return x.sub_(mean).div_(std)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> TaskBatch:
         """Draw ``batch_size`` tasks using only ``generator`` (a CPU generator) for randomness.
@@ -101,6 +165,10 @@ class FewShotTasks:
 
         device = self.pool.device
         x = self.pool[classes.unsqueeze(-1).to(device), examples.to(device)]  # (T, N, K+Q, *in)
+        if self.is_uint8:
+            x = self._to_inputs(x, generator)
+        elif self.augment_padding:
+            x = random_crop_flip(x, generator, self.augment_padding)
         y = torch.arange(n, device=device).view(1, n, 1).expand(t, n, k + q)  # (T, N, K+Q)
         rows = torch.arange(t, device=device).unsqueeze(-1)  # (T, 1)
 
@@ -118,7 +186,8 @@ class FewShotTasks:
     def __repr__(self) -> str:
         return (
             f"FewShotTasks(classes={self.pool.shape[0]}, per_class={self.pool.shape[1]}, "
-            f"n_way={self.n_way}, k_shot={self.k_shot}, k_query={self.k_query})"
+            f"n_way={self.n_way}, k_shot={self.k_shot}, k_query={self.k_query}, "
+            f"dtype={self.pool.dtype}, augment_padding={self.augment_padding})"
         )
 
 

@@ -12,3 +12,8 @@ from metarun.models.lenet import LeNet  # noqa: E402
 from metarun.models.resnet import CifarResNet, WideResNet, resnet32, wrn28_10  # noqa: E402
 
 __all__ += ["CifarResNet", "LeNet", "WideResNet", "resnet32", "wrn28_10"]
+
+# Few-shot image benchmarks: MetaOptNet's ResNet-12 (Lee et al. 2019).
+from metarun.models.resnet12 import ResNet12  # noqa: E402
+
+__all__ += ["ResNet12"]
