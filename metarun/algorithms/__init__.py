@@ -17,3 +17,4 @@ from metarun.algorithms import reptile  # noqa: F401
 from metarun.algorithms import protonets  # noqa: F401
 from metarun.algorithms import imaml  # noqa: F401
 from metarun.algorithms import l2rw  # noqa: F401
+from metarun.algorithms import mwn  # noqa: F401
