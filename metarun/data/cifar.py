@@ -43,7 +43,7 @@ from metarun.spec.enums import NoiseType
 from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskSources
 
-__all__ = ["background_flip", "load_cifar_noisy", "uniform_flip"]
+__all__ = ["background_flip", "check_cifar_batches", "load_cifar_noisy", "uniform_flip"]
 
 logger = logging.getLogger(__name__)
 
@@ -450,6 +450,33 @@ def load_cifar_noisy(
     )
 
 
+def check_cifar_batches(config: Any, clean_set: str) -> None:
+    """Checks of the batch and augmentation keys the CIFAR options share (``batch_size``,
+    ``clean_batch_size``, ``crop_padding``); ``clean_set`` names the clean set's size in the
+    message (``"dataset.n_clean=1000"``), its value in ``config.n_clean``."""
+    require(
+        config.batch_size >= 1,
+        "dataset.batch_size",
+        config.batch_size,
+        ">= 1",
+        "dataset.batch_size=100",
+    )
+    require(
+        config.clean_batch_size is None or 1 <= config.clean_batch_size <= config.n_clean,
+        "dataset.clean_batch_size",
+        config.clean_batch_size,
+        f"null or in [1, {clean_set}]",
+        "dataset.clean_batch_size=100",
+    )
+    require(
+        0 <= config.crop_padding <= 16,
+        "dataset.crop_padding",
+        config.crop_padding,
+        "in [0, 16] (pixels per side)",
+        "dataset.crop_padding=2",
+    )
+
+
 @dataclass
 class Cifar10NoisyConfig(DatasetSchema):
     """``dataset=cifar10_noisy``: CIFAR-10 with label noise on the training pool and a small
@@ -495,27 +522,7 @@ class Cifar10NoisyConfig(DatasetSchema):
             "dataset.background=null",
         )
         require(self.n_clean >= 1, "dataset.n_clean", self.n_clean, ">= 1", "dataset.n_clean=1000")
-        require(
-            self.batch_size >= 1,
-            "dataset.batch_size",
-            self.batch_size,
-            ">= 1",
-            "dataset.batch_size=100",
-        )
-        require(
-            self.clean_batch_size is None or 1 <= self.clean_batch_size <= self.n_clean,
-            "dataset.clean_batch_size",
-            self.clean_batch_size,
-            f"null or in [1, dataset.n_clean={self.n_clean}]",
-            "dataset.clean_batch_size=100",
-        )
-        require(
-            0 <= self.crop_padding <= 16,
-            "dataset.crop_padding",
-            self.crop_padding,
-            "in [0, 16] (pixels per side)",
-            "dataset.crop_padding=2",
-        )
+        check_cifar_batches(self, f"dataset.n_clean={self.n_clean}")
 
     def check_model(self, model: Any) -> None:
         require(
