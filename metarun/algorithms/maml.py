@@ -1,10 +1,13 @@
 """MAML and first-order MAML (one implementation; FOMAML is a flag), with optional learned inner
-learning rates (a scalar, or Meta-SGD's elementwise rates).
+learning rates (a scalar, or Meta-SGD's elementwise rates) and MAML++'s options, which mix
+freely: the multi-step loss (``multi_step_loss``), per-layer per-step learned inner rates
+(``learn_inner_lr=per_layer_per_step``), per-step BatchNorm weights and statistics
+(``per_step_bn``) and derivative-order annealing (``first_order_until``).
 
 References:
     Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks",
     ICML 2017. Li, Zhou, Chen & Li, "Meta-SGD: Learning to Learn Quickly for Few-Shot Learning",
-    2017.
+    2017. Antoniou, Edwards & Storkey, "How to train your MAML", ICLR 2019.
 
 Example::
 
@@ -29,13 +32,14 @@ from torch import Tensor, nn
 from metarun import registry
 from metarun.algorithms.base import MetaAlgorithm
 from metarun.algorithms.losses import task_loss, task_metrics
+from metarun.algorithms.mamlpp import PerStepBatchNorm, msl_weights
 from metarun.registry import BuildContext, register
 from metarun.spec.bases import AlgoSchema
 from metarun.spec.checks import require, require_optional_count
 from metarun.spec.enums import BNPolicy, InnerLR, TaskBatching
 from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
-from metarun.unroll import SGD, functional_call, get_params, inner_loop
+from metarun.unroll import SGD, GradBackend, functional_call, get_params, inner_loop
 from metarun.unroll.batched import batch_stats_buffers, decomposed_batch_norm, func_inner_loop
 
 log = logging.getLogger(__name__)
@@ -61,6 +65,16 @@ class MAMLConfig(AlgoSchema):
     memory_budget_mb: float | None = None  # task_batching=auto: skip faster but bigger choices
     # Recompute inner forwards in the meta-backward: less memory on long unrolls (loop only).
     checkpoint_inner: bool = False
+    # MAML++ (Antoniou et al. 2019, Sec. 4), each off by default; learn_inner_lr=
+    # per_layer_per_step is its LSLR. Multi-step loss: the query loss after every inner step,
+    # weighted, annealed over msl_anneal_steps outer steps to the final step's alone.
+    multi_step_loss: bool = False
+    msl_anneal_steps: int = 7500
+    # Per-step BatchNorm weights and running statistics (BNWB + BNRS); BN weights are then
+    # meta-learned per step and not adapted in the inner loop.
+    per_step_bn: bool = False
+    # Derivative-order annealing: first order for the first N outer steps, then second order.
+    first_order_until: int | None = None
 
     def __post_init__(self) -> None:
         require(self.inner_lr > 0, "algo.inner_lr", self.inner_lr, "> 0", "algo.inner_lr=0.01")
@@ -100,12 +114,62 @@ class MAMLConfig(AlgoSchema):
                 f"algo.bn_policy={self.bn_policy.value} (tasks computed at once cannot share "
                 "running statistics; set algo.task_batching=loop)"
             )
+        require(
+            self.msl_anneal_steps >= 1,
+            "algo.msl_anneal_steps",
+            self.msl_anneal_steps,
+            ">= 1",
+            "algo.msl_anneal_steps=7500",
+        )
+        require_optional_count(
+            "algo.first_order_until", self.first_order_until, "algo.first_order_until=25000"
+        )
+        if self.first_order and self.first_order_until is not None:
+            raise ConfigError(
+                f"algo.first_order_until={self.first_order_until} needs second-order MAML, got "
+                "algo.first_order=true (every step would be first order; set "
+                "algo.first_order=false to anneal, or algo.first_order_until=null)"
+            )
+        if self.per_step_bn and self.checkpoint_inner and self.bn_policy is BNPolicy.running_stats:
+            raise ConfigError(
+                "algo.per_step_bn=true with algo.bn_policy=running_stats cannot use "
+                "algo.checkpoint_inner=true (recomputing a support forward would update the "
+                "per-step running statistics twice; set algo.checkpoint_inner=false)"
+            )
 
+    def mamlpp_options(self) -> list[str]:
+        """The MAML++ options this config turns on, as ``key=value`` overrides."""
+        on = [f"algo.{k}=true" for k in ("multi_step_loss", "per_step_bn") if getattr(self, k)]
+        if self.learn_inner_lr is InnerLR.per_layer_per_step:
+            on.append("algo.learn_inner_lr=per_layer_per_step")
+        if self.first_order_until is not None:
+            on.append(f"algo.first_order_until={self.first_order_until}")
+        return on
 
     def step_sizes(self) -> dict[str, float]:
         return {"algo.inner_lr": self.inner_lr}
 
     def check_run(self, run: Any) -> None:
+        option = registry.option_of("algo", self)
+        builder = getattr(option.build, "__self__", None)
+        on = self.mamlpp_options()
+        own_step = (
+            isinstance(builder, type)
+            and issubclass(builder, MAML)
+            and builder.meta_train_step is not MAML.meta_train_step
+        )
+        if on and own_step:
+            # A subclass with its own training step (ANIL adapts a head on features) does not
+            # run MAML's unroll, where these options live.
+            raise ConfigError(
+                f"{', '.join(on)}: MAML++ options of algo=maml, not supported by "
+                f"algo={option.name} (remove them, or use algo=maml)"
+            )
+        if self.per_step_bn and not getattr(run.model, "batch_norm", True):
+            raise ConfigError(
+                "algo.per_step_bn=true needs BatchNorm layers, got model.batch_norm=false "
+                "(set model.batch_norm=true or algo.per_step_bn=false)"
+            )
         train_ways, eval_ways = run.dataset.ways()
         if train_ways != eval_ways:
             name = registry.option_of("algo", self).name
@@ -160,6 +224,26 @@ class MAML(MetaAlgorithm):
         checkpoint_inner: recompute each inner step's forward during the meta-backward instead
             of storing its activations (less memory on long unrolls, ~1 extra forward per step;
             task loop only).
+        multi_step_loss: MAML++'s MSL: the meta-loss is a weighted sum of the query losses
+            after every inner step, the weights annealed over ``msl_anneal_steps`` outer steps
+            towards the final step (:func:`metarun.algorithms.mamlpp.msl_weights`); from then
+            on the final step's loss alone.
+        msl_anneal_steps: outer steps of that annealing.
+        per_step_bn: MAML++'s BNWB + BNRS: inner step ``t`` normalises with its own BatchNorm
+            weights and running statistics (:class:`metarun.algorithms.mamlpp.PerStepBatchNorm`;
+            step 0's are the model's own). The weights are meta-learned per step and not adapted
+            in the inner loop; a query forward after ``t`` steps uses copy ``t`` (evaluation and
+            :meth:`predict`: the last copy). Under ``bn_policy=running_stats`` the per-step
+            statistics are updated from support batches only: query forwards in training
+            normalise with their batch and write no statistic, so nothing of a query batch
+            reaches a support step's normalisation. Under ``batch_stats`` no statistic is used.
+        first_order_until: derivative-order annealing: first order while fewer outer steps than
+            this are completed (the runner gives the step through :meth:`set_step`), then
+            second order. ``None``: ``first_order`` throughout.
+
+        ``learn_inner_lr="per_layer_per_step"`` is MAML++'s LSLR: one learned rate per
+        parameter tensor and inner step (evaluation steps beyond ``inner_steps`` use the last
+        step's rates).
 
     Attributes:
         pre_adaptation_metrics: when true (default), ``meta_train_step`` also reports query
@@ -183,6 +267,10 @@ class MAML(MetaAlgorithm):
         task_chunk_size: int | None = None,
         checkpoint_inner: bool = False,
         memory_budget_mb: float | None = None,
+        multi_step_loss: bool = False,
+        msl_anneal_steps: int = 7500,
+        per_step_bn: bool = False,
+        first_order_until: int | None = None,
     ) -> None:
         super().__init__()
         if task_type not in ("classification", "regression"):
@@ -228,9 +316,23 @@ class MAML(MetaAlgorithm):
         self._has_batch_norm = any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
         )
+        self.multi_step_loss = multi_step_loss
+        self.msl_anneal_steps = msl_anneal_steps
+        self.first_order_until = first_order_until
+        self.outer_step = 0  # set by the runner before each step (set_step)
+        self.per_step_bn = PerStepBatchNorm(model, inner_steps) if per_step_bn else None
+        # What the inner loop adapts: per-step BatchNorm weights are meta-learned, not adapted.
+        self._adapted_names = [
+            n
+            for n, p in model.named_parameters()
+            if p.requires_grad
+            and (self.per_step_bn is None or n not in self.per_step_bn.affine_names)
+        ]
+        self._adapted_set = set(self._adapted_names)
         self.base_inner_lr = float(inner_lr)
         self.inner_lr: nn.Parameter | None = None
         self.inner_lrs: nn.ParameterDict | None = None
+        self.step_lrs: nn.ParameterDict | None = None
         if self.learn_inner_lr is InnerLR.scalar:
             self.inner_lr = nn.Parameter(torch.tensor(float(inner_lr)))
         elif self.learn_inner_lr is InnerLR.per_param:
@@ -242,6 +344,25 @@ class MAML(MetaAlgorithm):
                     if p.requires_grad
                 }
             )
+        elif self.learn_inner_lr is InnerLR.per_layer_per_step:
+            named = dict(model.named_parameters())
+            self.step_lrs = nn.ParameterDict(
+                {
+                    _key(n): nn.Parameter(
+                        torch.full(
+                            (inner_steps,),
+                            float(inner_lr),
+                            dtype=named[n].dtype,
+                            device=named[n].device,
+                        )
+                    )
+                    for n in self._adapted_names
+                }
+            )
+        # The step-by-step unroll; with all of these off MAML runs its original loops.
+        self._stepwise = (
+            multi_step_loss or per_step_bn or self.learn_inner_lr is InnerLR.per_layer_per_step
+        )
         self._optimizer = SGD(lr=float(inner_lr))
         if copy_initial_weights:
             log.warning(
@@ -271,6 +392,10 @@ class MAML(MetaAlgorithm):
             task_chunk_size=config.task_chunk_size,
             checkpoint_inner=config.checkpoint_inner,
             memory_budget_mb=config.memory_budget_mb,
+            multi_step_loss=config.multi_step_loss,
+            msl_anneal_steps=config.msl_anneal_steps,
+            per_step_bn=config.per_step_bn,
+            first_order_until=config.first_order_until,
         )
 
     # -- runner hooks ------------------------------------------------------------------------
@@ -282,6 +407,11 @@ class MAML(MetaAlgorithm):
         from metarun.algorithms.autotune import choose_task_batching
 
         choose_task_batching(self, sample(), device, memory_budget_mb=self.memory_budget_mb)
+
+    def set_step(self, step: int) -> None:
+        """The completed outer steps: the multi-step loss weights and derivative-order annealing
+        follow it (the runner restores it on resume, so a resumed run computes as before)."""
+        self.outer_step = int(step)
 
     def extra_state(self) -> dict[str, Any]:
         """The task batching in use (what ``auto`` chose), so that a resumed run computes as
@@ -308,9 +438,161 @@ class MAML(MetaAlgorithm):
         return {}
 
     def _forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        if self.per_step_bn is not None:
+            # Adapted parameters: their BatchNorm weights are the last step's copy already.
+            return self._forward_at(params, x, self.inner_steps - 1, support=False)
         if self.bn_policy is BNPolicy.batch_stats:
             return functional_call(self.model, params, x, buffers=self._stats_off)
         return functional_call(self.model, params, x)
+
+    def _forward_at(
+        self,
+        params: dict[str, Tensor],
+        x: Tensor,
+        step: int,
+        *,
+        support: bool,
+        initial: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """The forward at inner step ``step`` under ``per_step_bn``: that step's BatchNorm
+        weights (from ``initial`` for step 0, when given) and running statistics. Only a
+        ``support`` forward in training mode writes statistics; a query forward in training
+        normalises with its own batch and writes nothing (no leakage into support steps)."""
+        bn = self.per_step_bn
+        if bn is None:
+            return self._forward(params, x)
+        if initial is not None:
+            params = {**params, **bn.params_at(step, initial)}
+        buffers: dict[str, Tensor | None]
+        if self.bn_policy is BNPolicy.batch_stats or (self.model.training and not support):
+            buffers = dict(self._stats_off)
+        else:
+            buffers = dict(bn.stats_at(self.model, step))
+        return functional_call(self.model, params, x, buffers=buffers)
+
+    def _pre_forward(self, x: Tensor) -> Tensor:
+        """The query forward before adaptation (step 0's BatchNorm copy, writing nothing)."""
+        params = get_params(self.model)
+        if self.per_step_bn is not None:
+            return self._forward_at(params, x, 0, support=False)
+        return self._forward(params, x)
+
+    def _first_order_now(self) -> bool:
+        """First order on this outer step: ``first_order``, or derivative-order annealing."""
+        if self.first_order_until is not None and self.outer_step < self.first_order_until:
+            return True
+        return self.first_order
+
+    def _hyper_at(self, step: int) -> dict[str, object]:
+        """Inner-loop hyperparameters of inner step ``step`` (the step-by-step unroll)."""
+        if self.step_lrs is not None:
+            t = min(step, self.inner_steps - 1)
+            return {"lr": {n: self.step_lrs[_key(n)][t] for n in self._adapted_names}}
+        hyper = self._hyper()
+        lr = hyper.get("lr")
+        if isinstance(lr, dict):
+            # Meta-SGD's rates of the per-step BatchNorm weights are not used: not adapted.
+            return {"lr": {n: lr[n] for n in self._adapted_names}}
+        return hyper
+
+    def _unroll(
+        self,
+        initial: dict[str, Tensor],
+        sx: Tensor,
+        sy: Tensor,
+        steps: int,
+        *,
+        track: bool,
+        grad: GradBackend = GradBackend.autograd,
+        query: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
+        """The step-by-step inner loop of the MAML++ options: per-step rates and BatchNorm
+        copies, and the query loss after every step when the multi-step loss weights it.
+
+        Args:
+            initial: the initial parameters (the model's own, or copies).
+            sx, sy: the support set of one task.
+            steps: inner steps.
+            track: build the meta-graph (training) or not (evaluation).
+            grad: the inner gradient engine (``func`` under ``vmap``).
+            query: ``(qx, qy)`` in training: the meta-loss is then returned.
+
+        Returns:
+            ``(adapted, meta_loss, out)``: the adapted parameters (with the BatchNorm weights
+            that query forwards use), and with ``query`` the meta-loss and the final query
+            output (else ``None``, ``None``).
+        """
+        bn = self.per_step_bn
+        params = {n: p for n, p in initial.items() if bn is None or n not in bn.affine_names}
+        first_order = self._first_order_now()
+        weights = msl_weights(steps, self.outer_step, self.msl_anneal_steps)
+        if not (self.multi_step_loss and query is not None):
+            weights = None
+        meta_loss: Tensor | None = None
+        for t in range(steps):
+            if grad is GradBackend.func:
+                params = self._func_step(
+                    self._support_loss(sx, sy, t, initial), params, t, first_order
+                )
+            else:
+                params = inner_loop(
+                    self._support_loss(sx, sy, t, initial),
+                    params,
+                    self._optimizer,
+                    1,
+                    hyper=self._hyper_at(t),
+                    first_order=first_order,
+                    track_higher_grads=track,
+                    checkpoint=self.checkpoint_inner and track,
+                ).params
+            if weights is not None and t < steps - 1:
+                qx, qy = query  # type: ignore[misc]  # weights imply a query
+                out_t = self._forward_at(params, qx, t, support=False, initial=initial)
+                term = weights[t] * self._loss(out_t, qy)
+                meta_loss = term if meta_loss is None else meta_loss + term
+        # Query forwards after adaptation use the last training step's BatchNorm copy, whatever
+        # the number of steps (as predict() does, which does not know it).
+        last = self.inner_steps - 1
+        adapted = params if bn is None else {**params, **bn.params_at(last, initial)}
+        if query is None:
+            return adapted, None, None
+        qx, qy = query
+        out = self._forward_at(adapted, qx, last, support=False)
+        final = self._loss(out, qy)
+        if weights is not None:
+            final = weights[-1] * final
+        meta_loss = final if meta_loss is None else meta_loss + final
+        return adapted, meta_loss, out
+
+    def _func_step(
+        self,
+        loss_fn: Callable[[dict[str, Tensor]], Tensor],
+        params: dict[str, Tensor],
+        step: int,
+        first_order: bool,
+    ) -> dict[str, Tensor]:
+        """One inner step under ``torch.func`` (inside ``vmap``). inner_loop(grad="func") picks
+        the parameters to differentiate by ``requires_grad``, which tensors inside ``vmap`` no
+        longer report after a first step; here the adapted names decide."""
+        frozen = {n: p for n, p in params.items() if n not in self._adapted_set}
+        trainable = {n: params[n] for n in self._adapted_names}
+
+        def loss_of_trainable(q: dict[str, Tensor]) -> Tensor:
+            return loss_fn({**frozen, **q})
+
+        grads = torch.func.grad(loss_of_trainable)(trainable)
+        if first_order:
+            grads = {n: g.detach() for n, g in grads.items()}
+        new, _ = self._optimizer.step(trainable, grads, None, self._hyper_at(step))
+        return {**frozen, **new}
+
+    def _support_loss(
+        self, sx: Tensor, sy: Tensor, step: int, initial: dict[str, Tensor]
+    ) -> Callable[[dict[str, Tensor]], Tensor]:
+        def inner_loss(p: dict[str, Tensor]) -> Tensor:
+            return self._loss(self._forward_at(p, sx, step, support=True, initial=initial), sy)
+
+        return inner_loss
 
     def _loss(self, out: Tensor, y: Tensor) -> Tensor:
         return task_loss(self.task_type, out, y)
@@ -331,6 +613,8 @@ class MAML(MetaAlgorithm):
 
     def _adapt(self, sx: Tensor, sy: Tensor, steps: int, *, track: bool) -> dict[str, Tensor]:
         params = get_params(self.model, copy=self.copy_initial_weights or not track)
+        if self._stepwise:
+            return self._unroll(params, sx, sy, steps, track=track)[0]
 
         def inner_loss(p: dict[str, Tensor]) -> Tensor:
             return self._loss(self._forward(p, sx), sy)
@@ -341,7 +625,7 @@ class MAML(MetaAlgorithm):
             self._optimizer,
             steps,
             hyper=self._hyper(),
-            first_order=self.first_order,
+            first_order=self._first_order_now(),
             track_higher_grads=track,
             checkpoint=self.checkpoint_inner and track,
         )
@@ -357,14 +641,23 @@ class MAML(MetaAlgorithm):
         totals = _Totals()
         for i in range(n):
             sx, sy, qx, qy = (t[i] for t in batch.tensors())
-            params = self._adapt(sx, sy, self.inner_steps, track=True)
-            out = self._forward(params, qx)
-            loss = self._loss(out, qy)
+            if self._stepwise:
+                initial = get_params(self.model, copy=self.copy_initial_weights)
+                _, meta_loss, query_out = self._unroll(
+                    initial, sx, sy, self.inner_steps, track=True, query=(qx, qy)
+                )
+                assert meta_loss is not None and query_out is not None  # given a query
+                loss, out = meta_loss, query_out
+                totals.add("meta", {"loss": loss.detach()[None]})
+            else:
+                params = self._adapt(sx, sy, self.inner_steps, track=True)
+                out = self._forward(params, qx)
+                loss = self._loss(out, qy)
             (loss / n).backward()
             with torch.no_grad():
                 totals.add("post", self._task_metrics(out[None], qy[None]))
                 if self.pre_adaptation_metrics:
-                    pre_out = self._forward(get_params(self.model), qx)
+                    pre_out = self._pre_forward(qx)
                     totals.add("pre", self._task_metrics(pre_out[None], qy[None]))
         return _with_meta_loss(totals.means(n))
 
@@ -372,10 +665,18 @@ class MAML(MetaAlgorithm):
         n = len(batch)
         params = get_params(self.model, copy=self.copy_initial_weights)
         hyper = self._hyper()
+        first_order = self._first_order_now()
 
         def task(
             p: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
         ) -> tuple[Tensor, Tensor]:
+            if self._stepwise:
+                _, meta_loss, query_out = self._unroll(
+                    p, sx, sy, self.inner_steps, track=True, grad=GradBackend.func, query=(qx, qy)
+                )
+                assert meta_loss is not None and query_out is not None  # given a query
+                return meta_loss, query_out
+
             def inner_loss(q: dict[str, Tensor]) -> Tensor:
                 return self._loss(self._forward(q, sx), sy)
 
@@ -385,7 +686,7 @@ class MAML(MetaAlgorithm):
                 self._optimizer,
                 self.inner_steps,
                 hyper=hyper,
-                first_order=self.first_order,
+                first_order=first_order,
             )
             out = self._forward(adapted, qx)
             return self._loss(out, qy), out
@@ -396,7 +697,7 @@ class MAML(MetaAlgorithm):
         # Without batch norm the mode would only tax every other op (it intercepts them all).
         bn_mode = (
             decomposed_batch_norm
-            if self._has_batch_norm and not self.first_order
+            if self._has_batch_norm and not first_order
             else contextlib.nullcontext
         )
         totals = _Totals()
@@ -406,10 +707,10 @@ class MAML(MetaAlgorithm):
             (losses.sum() / n).backward()
             with torch.no_grad():
                 totals.add("post", self._task_metrics(outs.detach(), chunk.query_y))
+                if self._stepwise:
+                    totals.add("meta", {"loss": losses.detach()})
                 if self.pre_adaptation_metrics:
-                    pre = torch.func.vmap(self._forward, in_dims=(None, 0))(
-                        get_params(self.model), chunk.query_x
-                    )
+                    pre = torch.func.vmap(self._pre_forward)(chunk.query_x)
                     totals.add("pre", self._task_metrics(pre, chunk.query_y))
         return _with_meta_loss(totals.means(n))
 
@@ -420,7 +721,7 @@ class MAML(MetaAlgorithm):
             for i in range(len(batch)):
                 sx, sy, qx, qy = (t[i] for t in batch.tensors())
                 with torch.no_grad():
-                    pre = self._metrics(self._forward(get_params(self.model), qx), qy)
+                    pre = self._metrics(self._pre_forward(qx), qy)
                 params = self._adapt(sx, sy, steps, track=False)
                 with torch.no_grad():
                     post = self._metrics(self._forward(params, qx), qy)
@@ -463,6 +764,13 @@ class MAML(MetaAlgorithm):
                 if p.grad is not None:
                     sq += float(p.grad.pow(2).sum())
             out["inner_lr/hypergrad_norm"] = sq**0.5
+        if self.step_lrs is not None:
+            rates = torch.stack([p.detach() for p in self.step_lrs.values()])  # (tensors, steps)
+            for t, value in enumerate(rates.mean(0).tolist()):
+                out[f"inner_lr/step{t}"] = value
+            grads = [p.grad for p in self.step_lrs.values() if p.grad is not None]
+            if grads:
+                out["inner_lr/hypergrad_norm"] = float(torch.stack(grads).norm())
         return out
 
 
@@ -491,6 +799,8 @@ class _Totals:
 
 def _with_meta_loss(totals: dict[str, float]) -> dict[str, float]:
     # The outer objective under the name a user looks for (train/meta_loss), and under the
-    # support/query vocabulary (train/query_loss): both are the post-adaptation query loss.
-    totals["train/meta_loss"] = totals["train/query_loss"] = totals["train/post_loss"]
+    # support/query vocabulary (train/query_loss): both are the post-adaptation query loss,
+    # unless the multi-step loss weighs in the earlier steps' query losses (then reported).
+    totals.setdefault("train/meta_loss", totals["train/post_loss"])
+    totals["train/query_loss"] = totals["train/post_loss"]
     return totals

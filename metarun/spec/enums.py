@@ -28,12 +28,14 @@ class ScheduleName(str, Enum):
 
 
 class InnerLR(str, Enum):
-    """Meta-learned inner learning rates: none, one scalar, or one per parameter tensor (Meta-SGD
-    style, Li et al. 2017)."""
+    """Meta-learned inner learning rates: none, one scalar, one per parameter element (Meta-SGD,
+    Li et al. 2017), or one per parameter tensor and inner step (MAML++'s LSLR, Antoniou et al.
+    2019)."""
 
     off = "off"
     scalar = "scalar"
     per_param = "per_param"
+    per_layer_per_step = "per_layer_per_step"
 
 
 class BNPolicy(str, Enum):
