@@ -13,9 +13,16 @@ Rows:
   step, Adam); the reference batches tasks with ``torch.func.vmap``, like the runner's choice.
 - ``omniglot_q1`` / ``omniglot_q15``: Conv4 with batch norm, 5-way 1-shot with 1 / 15 queries
   per class, meta-batch 32, task loop in both (the CPU's faster mode for 15 queries).
+- ``l2rw_mnist``: learning to reweight on class-imbalanced MNIST (LeNet, 100 training and the
+  10 clean examples per step, SGD with momentum; the MNIST test file's pool of 758); the
+  reference writes the look-ahead step of SGD with momentum by hand.
+- ``sinusoid_compiled`` (not run by default: compiling takes a minute on a CPU): the default job
+  with ``compile=true`` against the same eager hand-written loop; a ratio below 1 is what
+  compilation gains.
 
     python scripts/bench_runner.py                  # all rows
     python scripts/bench_runner.py --rows sinusoid --profile   # + where the runner's time goes
+    python scripts/bench_runner.py --rows sinusoid sinusoid_compiled   # what compile=true gains
 """
 
 from __future__ import annotations
@@ -60,7 +67,15 @@ ROWS: dict[str, list[str]] = {
         "dataset.k_query=15",
         "algo.task_batching=loop",
     ],
+    "l2rw_mnist": [
+        "algo=l2rw",
+        "dataset=mnist_imbalance",
+        "dataset.source_split=test",
+        "dataset.n_train=758",
+    ],
+    "sinusoid_compiled": ["compile=true"],
 }
+DEFAULT_ROWS = ["sinusoid", "omniglot_q1", "omniglot_q15", "l2rw_mnist"]
 
 
 def make_trainer(overrides: list[str], run_dir: Path, device: str) -> Trainer:
@@ -182,10 +197,56 @@ def reference_omniglot(trainer: Trainer, steps: int) -> Callable[[], None]:
     return run
 
 
+def reference_l2rw(trainer: Trainer, steps: int) -> Callable[[], None]:
+    """L2RW (Ren et al. 2018, Algorithm 1) with the look-ahead step of SGD with momentum
+    written out: eps-weighted loss, one differentiable step from detached weights, clean loss,
+    weights from its gradient at eps = 0, the weighted step of the real optimizer."""
+    exp = trainer.experiment
+    data = exp.tasks.train.data  # type: ignore[union-attr]
+    device = exp.device
+    torch.manual_seed(0)
+    model = type(exp.algorithm.model)(num_classes=data.num_classes).to(device)
+    cfg = trainer.config
+    lr, momentum = cfg.meta_optimizer.lr, cfg.meta_optimizer.momentum
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    names = [n for n, _ in model.named_parameters()]
+    batch = cfg.dataset.batch_size
+    gen = torch.Generator().manual_seed(0)
+    val_x, val_y = data.val_x.to(device), data.val_y.to(device)
+
+    def run() -> None:
+        for _ in range(steps):
+            idx = torch.randperm(len(data.train_y), generator=gen)[:batch]
+            x, y = data.train_x[idx].to(device), data.train_y[idx].to(device)
+            params = [p.detach().requires_grad_() for p in model.parameters()]
+            eps = torch.zeros(len(y), device=device, requires_grad=True)
+            losses = F.cross_entropy(
+                functional_call(model, dict(zip(names, params)), (x,)), y, reduction="none"
+            )
+            grads = torch.autograd.grad((eps * losses).sum(), params, create_graph=True)
+            ahead = {}
+            for name, p, g, real in zip(names, params, grads, model.parameters()):
+                buf = opt.state.get(real, {}).get("momentum_buffer")
+                step = g if buf is None else momentum * buf + g
+                ahead[name] = p - lr * step
+            clean = F.cross_entropy(functional_call(model, ahead, (val_x,)), val_y)
+            (grad_eps,) = torch.autograd.grad(clean, eps)
+            w = torch.clamp(-grad_eps, min=0.0)
+            total = w.sum()
+            w = w / total if total > 0 else torch.zeros_like(w)
+            opt.zero_grad(set_to_none=True)
+            (w * F.cross_entropy(model(x), y, reduction="none")).sum().backward()
+            opt.step()
+
+    return run
+
+
 REFERENCES = {
     "sinusoid": reference_sinusoid,
     "omniglot_q1": reference_omniglot,
     "omniglot_q15": reference_omniglot,
+    "l2rw_mnist": reference_l2rw,
+    "sinusoid_compiled": reference_sinusoid,
 }
 
 
@@ -211,7 +272,7 @@ def profile(fn: Callable[[], None], top: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=DEFAULT_ROWS)
     ap.add_argument("--steps", type=int, default=200, help="outer steps per timed run")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--device", default="cpu")
@@ -231,7 +292,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             trainer = make_trainer(ROWS[row], Path(tmp), args.device)
             device = trainer.experiment.device
-            steps = max(1, args.steps // (10 if row.startswith("omniglot") else 1))
+            slow = row.startswith(("omniglot", "l2rw"))
+            steps = max(1, args.steps // (10 if slow else 1))
             ours = runner_steps(trainer, steps)
             ref = REFERENCES[row](trainer, steps)
             ours(), ref()  # warm-up

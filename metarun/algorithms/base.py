@@ -48,6 +48,9 @@ class MetaAlgorithm(nn.Module):
     - ``before_training(sample, device)``: once before the first step of a fresh run, with a
       function drawing meta-batches (from its own generator: training tasks are unaffected);
       e.g. MAML measures its task batching there.
+    - ``use_compile(backend)``: ``compile=true``: put the meta-step's hot function through
+      ``torch.compile`` (see :mod:`metarun.algorithms.compiled`); returns whether the algorithm
+      has such a path (the runner warns when it has not).
     - ``extra_state()`` / ``load_extra_state(state)``: run state outside ``state_dict`` that a
       resumed run must reuse (MAML's measured task batching), saved in checkpoints.
     - ``set_step(step)``: the number of completed outer steps, given by the runner before each
@@ -105,6 +108,9 @@ class MetaAlgorithm(nn.Module):
 
     def set_step(self, step: int) -> None:
         return None
+
+    def use_compile(self, backend: str) -> bool:
+        return False
 
     def extra_state(self) -> dict[str, Any] | None:
         return None

@@ -167,6 +167,11 @@ class RunConfig:
     # null: 2 on CUDA (host work and copies overlap the GPU), 0 on the CPU, where the thread
     # would take cores from the step itself (1.35x the step time of the default job on 2 cores).
     prefetch: int | None = None
+    # The algorithm's batched meta-step through torch.compile (MAML and its relatives with
+    # task batching vmap/auto); a failed compilation warns and runs eagerly. compile_backend:
+    # inductor (generated kernels) or e.g. aot_eager (no code generation).
+    compile: bool = False
+    compile_backend: str = "inductor"
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
@@ -196,6 +201,13 @@ class RunConfig:
             self.prefetch,
             ">= 0",
             "prefetch=2, or prefetch=null for 2 on CUDA and 0 on the CPU",
+        )
+        require(
+            bool(self.compile_backend.strip()),
+            "compile_backend",
+            self.compile_backend,
+            "a torch.compile backend",
+            "compile_backend=inductor",
         )
         require(
             self.max_nonfinite_steps >= 0,

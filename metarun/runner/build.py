@@ -19,6 +19,7 @@ from torch import nn
 
 from metarun import registry
 from metarun.algorithms.base import MetaAlgorithm
+from metarun.algorithms.compiled import check_backend
 from metarun.config import (
     ConfigError,
     MetaOptimizerConfig,
@@ -182,6 +183,17 @@ def build_experiment(
     model = build_model(config.model)
     algorithm = build_algorithm(config.algo, model, BuildContext(kind, config.dataset))
     algorithm.to(device)
+    if config.compile:
+        try:
+            check_backend(config.compile_backend)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not algorithm.use_compile(config.compile_backend):
+            logger.warning(
+                "compile=true: algo=%s has no compiled path in this configuration; it runs "
+                "eagerly (set compile=false to silence this)",
+                registry.option_of("algo", config.algo).name,
+            )
     return Experiment(
         config=config, device=device, algorithm=algorithm, task_type=kind, tasks=tasks
     )
