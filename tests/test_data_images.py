@@ -6,6 +6,7 @@ CI-sized run that learns."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import pickle
@@ -29,6 +30,7 @@ from metarun.data.cifar_fs import (
 from metarun.data.fewshot import FewShotTasks, fixed_tasks
 from metarun.data.images import SPLITS
 from metarun.data.miniimagenet import MINIIMAGENET_CLASSES, load_miniimagenet
+from metarun.data.tieredimagenet import PUBLISHED, load_tieredimagenet
 from metarun.runner import api
 from metarun.runner.build import build_experiment
 
@@ -302,6 +304,101 @@ def test_pickles_that_would_run_code_are_refused(tmp_path):
     (root / "mini-imagenet-cache-train.pkl").write_bytes(evil)
     with pytest.raises(ValueError, match="refusing to load"):
         load_miniimagenet(root, cache_dir=str(tmp_path / "cache"))
+
+
+def write_tiered_pickles(root: Path, counts: dict[str, list[int]], side: int = 12) -> None:
+    """Ren et al.'s ``{split}_images_png.pkl`` (a list of uint8 arrays of PNG bytes) and
+    ``{split}_labels.pkl`` (label_specific/_str, label_general/_str), classes of unequal sizes,
+    images interleaved. Pixel (0, 0) of an image holds its class's global index."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    first = 0
+    for split, sizes in counts.items():
+        labels = np.concatenate([np.full(n, c) for c, n in enumerate(sizes)])
+        labels = labels[rng.permutation(len(labels))]
+        blobs = []
+        for label in labels:
+            image = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+            image[0, 0] = first + label
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format="PNG")
+            blobs.append(np.frombuffer(buffer.getvalue(), dtype=np.uint8))
+        names = [f"n{first + c:08d}" for c in range(len(sizes))]
+        payload = {
+            "label_specific": labels.astype(np.int32),
+            "label_specific_str": names,
+            "label_general": (labels // 2).astype(np.int32),  # two classes per superclass
+            "label_general_str": [f"super{c}" for c in range(len(sizes) // 2 + 1)],
+        }
+        (root / f"{split}_images_png.pkl").write_bytes(pickle.dumps(blobs, protocol=2))
+        (root / f"{split}_labels.pkl").write_bytes(pickle.dumps(payload, protocol=2))
+        first += len(sizes)
+
+
+def test_tieredimagenet_published_counts():
+    assert sum(PUBLISHED[s]["superclasses"] for s in SPLITS) == 34
+    assert [PUBLISHED[s]["classes"] for s in SPLITS] == [351, 97, 160]
+    assert sum(PUBLISHED[s]["classes"] for s in SPLITS) == 608
+
+
+def test_tieredimagenet_pickles_give_ragged_uint8_pools(tmp_path):
+    counts = {"train": [7, 3, 5, 4, 6], "val": [4, 5, 3], "test": [3, 6, 4]}
+    write_tiered_pickles(tmp_path / "tiered", counts)
+    pools = load_tieredimagenet(tmp_path / "tiered", image_size=12, cache_dir=str(tmp_path / "c"))
+    first = 0
+    for split in SPLITS:
+        pool = pools[split]
+        assert pool.images.dtype == torch.uint8 and pool.images.shape[1:] == (12, 12, 3)
+        assert pool.offsets.diff().tolist() == counts[split]
+        for c in range(len(counts[split])):
+            rows = pool.images[pool.offsets[c] : pool.offsets[c + 1], 0, 0]
+            assert (rows == first + c).all()  # every image of the class, and only those
+        first += len(counts[split])
+
+
+def test_ragged_tasks_draw_every_image_of_a_class_and_only_its_own(tmp_path):
+    counts = {"train": [9, 3, 5, 4, 6], "val": [4, 5, 3], "test": [3, 6, 4]}
+    write_tiered_pickles(tmp_path / "tiered", counts)
+    pool = load_tieredimagenet(tmp_path / "tiered", image_size=12, cache_dir=str(tmp_path / "c"))
+    train = pool["train"]
+    tasks = FewShotTasks(train.images, 5, 1, 2, offsets=train.offsets)
+    assert tasks.per_class == 3  # the smallest class bounds k_shot + k_query
+    seen: dict[int, set[int]] = {c: set() for c in range(5)}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        batch = tasks.sample(4, gen)
+        # Normalised with mean 0, std 1: pixel (0, 0) * 255 is the class index, and the whole
+        # image identifies which of the class's images was drawn.
+        x = torch.cat([batch.support_x, batch.query_x], 1).flatten(0, 1)
+        y = torch.cat([batch.support_y, batch.query_y], 1).flatten()
+        classes = (x[:, 0, 0, 0] * 255).round().long()
+        # Within a task, one label is one class.
+        per_task = classes.view(4, -1)
+        labels = y.view(4, -1)
+        for t in range(4):
+            for label in range(5):
+                assert per_task[t][labels[t] == label].unique().numel() == 1
+        flat = (train.images.flatten(1).float() / 255).unsqueeze(0)
+        drawn = (x.permute(0, 2, 3, 1).flatten(1).unsqueeze(1) - flat).abs().sum(-1).argmin(1)
+        for c, row in zip(classes.tolist(), drawn.tolist(), strict=True):
+            assert train.offsets[c] <= row < train.offsets[c + 1]
+            seen[c].add(row - int(train.offsets[c]))
+    assert {c: len(r) for c, r in seen.items()} == dict(enumerate(counts["train"]))
+    with pytest.raises(ValueError, match="exceeds the 3 examples available per class"):
+        FewShotTasks(train.images, 5, 2, 2, offsets=train.offsets)
+
+
+def test_tieredimagenet_missing_data_message(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        load_tieredimagenet(tmp_path / "nothing")
+    for part in (
+        "train_images_png.pkl",
+        "train_labels.pkl",
+        "448,695",
+        "351",
+        "There is no download",
+    ):
+        assert part in str(error.value), part
 
 
 # ----------------------------------------------------------------------- uint8 tasks

@@ -37,6 +37,7 @@ __all__ += [
 
 # Few-shot image benchmarks: miniImageNet, tieredImageNet, CIFAR-FS and FC100 (uint8 class pools).
 from metarun.data.miniimagenet import load_miniimagenet  # noqa: E402
+from metarun.data.tieredimagenet import load_tieredimagenet  # noqa: E402
 from metarun.data.cifar_fs import load_cifar_fewshot  # noqa: E402
 
-__all__ += ["load_cifar_fewshot", "load_miniimagenet"]
+__all__ += ["load_cifar_fewshot", "load_miniimagenet", "load_tieredimagenet"]

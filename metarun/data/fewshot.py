@@ -49,6 +49,9 @@ class FewShotTasks:
         std: per-channel standard deviation they are divided by (default 1).
         augment_padding: pixels of zero padding of the random crop (with a random horizontal
             flip); 0: no augmentation. Meant for training tasks only.
+        offsets: for classes with different numbers of examples (tieredImageNet: 732 to 1300
+            images): ``pool`` is then ``(N, *image_shape)`` with the examples of class ``c`` in
+            rows ``offsets[c]:offsets[c + 1]`` (``(C + 1,)`` int64, from 0 to N).
 
     Raises:
         ValueError: ``n_way`` above ``C``, ``k_shot + k_query`` above ``M``, a count below 1, a
@@ -74,12 +77,29 @@ class FewShotTasks:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         augment_padding: int = 0,
+        offsets: Tensor | None = None,
     ) -> None:
-        if pool.dim() < 2:
+        self.offsets = offsets
+        if offsets is not None:
+            counts = offsets.diff()
+            if offsets.dim() != 1 or len(offsets) < 2 or int(offsets[0]) != 0:
+                raise ValueError(f"offsets must be (C + 1,) from 0, got {offsets.tolist()[:5]}")
+            if int(offsets[-1]) != pool.shape[0] or bool((counts < 1).any()):
+                raise ValueError(
+                    f"offsets must rise from 0 to the {pool.shape[0]} examples of the pool, "
+                    f"every class holding at least one, got {offsets.tolist()[:5]}..."
+                )
+            num_classes, per_class = len(counts), int(counts.min())
+            self.counts = counts
+            # A zero-stride view of the shape a regular pool would have: the checks below.
+            shaped = pool[:1].expand(num_classes, per_class, *pool.shape[1:])
+        else:
+            shaped = pool
+        if shaped.dim() < 2:
             raise ValueError(
                 f"pool must be (classes, examples, *input_shape), got shape {tuple(pool.shape)}"
             )
-        num_classes, per_class = int(pool.shape[0]), int(pool.shape[1])
+        num_classes, per_class = int(shaped.shape[0]), int(shaped.shape[1])
         for key, value in (
             ("dataset.n_way", n_way),
             ("dataset.k_shot", k_shot),
@@ -108,13 +128,17 @@ class FewShotTasks:
         self.augment_padding = int(augment_padding)
         self.is_uint8 = pool.dtype == torch.uint8
         if self.is_uint8:
-            if pool.dim() != 5:
+            if shaped.dim() != 5:
                 raise ValueError(
                     f"a uint8 pool must be (classes, examples, H, W, channels), got shape "
-                    f"{tuple(pool.shape)}"
+                    f"{tuple(shaped.shape)}"
                 )
-            channels = int(pool.shape[-1])
-            self.input_shape: tuple[int, ...] = (channels, int(pool.shape[2]), int(pool.shape[3]))
+            channels = int(shaped.shape[-1])
+            self.input_shape: tuple[int, ...] = (
+                channels,
+                int(shaped.shape[2]),
+                int(shaped.shape[3]),
+            )
             self.mean = self._per_channel("mean", mean, 0.0, channels)
             self.std = self._per_channel("std", std, 1.0, channels)
             if bool((self.std <= 0).any()):
@@ -122,7 +146,8 @@ class FewShotTasks:
         else:
             if mean is not None or std is not None:
                 raise ValueError("mean and std normalise uint8 pools only; this pool is float")
-            self.input_shape = tuple(int(d) for d in pool.shape[2:])
+            self.input_shape = tuple(int(d) for d in shaped.shape[2:])
+        self.num_classes, self.per_class = num_classes, per_class
 
     @staticmethod
     def _per_channel(
@@ -156,15 +181,28 @@ class FewShotTasks:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         t, n, k, q = batch_size, self.n_way, self.k_shot, self.k_query
-        num_classes, per_class = self.pool.shape[:2]
         # The first n classes of a random permutation, in random order: label i <- classes[:, i].
-        classes = _random_permutations((t,), num_classes, generator)[:, :n]  # (T, N)
-        examples = _random_permutations((t, n), per_class, generator)[:, :, : k + q]  # (T, N, K+Q)
+        classes = _random_permutations((t,), self.num_classes, generator)[:, :n]  # (T, N)
+        if self.offsets is None:
+            examples = _random_permutations((t, n), self.per_class, generator)[:, :, : k + q]
+        else:
+            # Uniform keys, 2 (above any key) past a class's own count: the first k + q of the
+            # argsort are distinct examples drawn uniformly from that class.
+            counts = self.counts[classes]  # (T, N)
+            keys = torch.rand(
+                (t, n, int(self.counts.max())), generator=generator, dtype=torch.float64
+            )
+            keys[torch.arange(keys.shape[-1]) >= counts.unsqueeze(-1)] = 2.0
+            examples = keys.argsort(dim=-1)[:, :, : k + q]  # (T, N, K+Q)
         support_order = _random_permutations((t,), n * k, generator)  # (T, N*K)
         query_order = _random_permutations((t,), n * q, generator)  # (T, N*Q)
 
         device = self.pool.device
-        x = self.pool[classes.unsqueeze(-1).to(device), examples.to(device)]  # (T, N, K+Q, *in)
+        if self.offsets is None:
+            x = self.pool[classes.unsqueeze(-1).to(device), examples.to(device)]  # (T, N, K+Q, *in)
+        else:
+            rows_of = self.offsets[classes].unsqueeze(-1) + examples  # (T, N, K+Q)
+            x = self.pool[rows_of.to(device)]
         if self.is_uint8:
             x = self._to_inputs(x, generator)
         elif self.augment_padding:
@@ -185,7 +223,7 @@ class FewShotTasks:
 
     def __repr__(self) -> str:
         return (
-            f"FewShotTasks(classes={self.pool.shape[0]}, per_class={self.pool.shape[1]}, "
+            f"FewShotTasks(classes={self.num_classes}, per_class={self.per_class}, "
             f"n_way={self.n_way}, k_shot={self.k_shot}, k_query={self.k_query}, "
             f"dtype={self.pool.dtype}, augment_padding={self.augment_padding})"
         )

@@ -37,12 +37,28 @@ _CACHE_FORMAT = 1  # bump when the cached representation changes
 
 @dataclass(frozen=True)
 class ClassPool:
-    """One split: ``names[i]`` is the class of ``images[i]``, ``(C, M, S, S, 3)`` uint8."""
+    """One split: ``names[i]`` is the class of ``images[i]``, ``(C, M, S, S, 3)`` uint8.
+
+    Classes with different numbers of images (tieredImageNet) are stored flat instead:
+    ``images`` ``(N, S, S, 3)``, class ``i`` in rows ``offsets[i]:offsets[i + 1]``.
+    """
 
     names: tuple[str, ...]
     images: Tensor
+    offsets: Tensor | None = None
 
     def __post_init__(self) -> None:
+        if self.offsets is not None:
+            if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+                raise ValueError(
+                    f"a ragged class pool must be uint8 (N, S, S, 3), got {self.images.dtype} "
+                    f"{tuple(self.images.shape)}"
+                )
+            if len(self.offsets) != len(self.names) + 1:
+                raise ValueError(
+                    f"{len(self.names)} class names for {len(self.offsets) - 1} classes"
+                )
+            return
         if self.images.dtype != torch.uint8 or self.images.dim() != 5:
             raise ValueError(
                 f"a class pool must be uint8 (C, M, S, S, 3), got {self.images.dtype} "
@@ -170,7 +186,9 @@ def cached_pools(
             state = torch.load(path, map_location="cpu", weights_only=True)
             pools = {
                 split: ClassPool(
-                    tuple(str(n) for n in state[split]["names"]), state[split]["images"]
+                    tuple(str(n) for n in state[split]["names"]),
+                    state[split]["images"],
+                    state[split].get("offsets"),
                 )
                 for split in SPLITS
             }
@@ -182,7 +200,13 @@ def cached_pools(
             logger.info("loaded decoded %s from %s", dataset, path)
             return pools
     pools = decode()
-    _save(path, {s: {"names": list(p.names), "images": p.images} for s, p in pools.items()})
+    _save(
+        path,
+        {
+            s: {"names": list(p.names), "images": p.images, "offsets": p.offsets}
+            for s, p in pools.items()
+        },
+    )
     return pools
 
 
@@ -329,13 +353,20 @@ class FewShotImageConfig(DatasetSchema):
         )
 
 
+def _per_class(pool: ClassPool) -> str:
+    if pool.offsets is None:
+        return str(int(pool.images.shape[1]))
+    counts = pool.offsets.diff()
+    return f"{int(counts.min())}-{int(counts.max())}"
+
+
 def image_task_sources(config: FewShotImageConfig, pools: dict[str, ClassPool]) -> TaskSources:
     """Training tasks (augmented when ``dataset.augment``) and fixed-seed val/test sources."""
     logger.info(
         "%s: %s classes (train/val/test), %s images per class, %dpx",
         config.option,
         "/".join(str(len(pools[s].names)) for s in SPLITS),
-        "/".join(str(int(pools[s].images.shape[1])) for s in SPLITS),
+        "/".join(_per_class(pools[s]) for s in SPLITS),
         config.image_size,
     )
     n, eval_n = config.ways()
@@ -345,8 +376,17 @@ def image_task_sources(config: FewShotImageConfig, pools: dict[str, ClassPool]) 
     padding = config.augment_padding if config.augment else 0
 
     def tasks(split: str, ways: int, shots: int, queries: int, augment: int = 0) -> FewShotTasks:
-        pool = pools[split].images
-        return FewShotTasks(pool, ways, shots, queries, mean=mean, std=std, augment_padding=augment)
+        pool = pools[split]
+        return FewShotTasks(
+            pool.images,
+            ways,
+            shots,
+            queries,
+            mean=mean,
+            std=std,
+            augment_padding=augment,
+            offsets=pool.offsets,
+        )
 
     return TaskSources(
         train=tasks("train", n, shot, query, padding),
