@@ -5,14 +5,27 @@ run on the MNIST test split (MWN beats plain training at pos_ratio 0.995)."""
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+# Generators of official-format files, and the tiny MNIST run of the L2RW tests.
+from test_data_l2rw import _fake_cifar, _fake_mnist
+from test_runner_l2rw import MNIST_TINY
 from torch import nn
 
 from metarun.algorithms.l2rw import L2RW
 from metarun.algorithms.lookahead import LookAhead
 from metarun.algorithms.mwn import MWN, WeightNet, weight_net_optimizer
+from metarun.config import ConfigError
+from metarun.runner import api
+from metarun.runner import logging as run_logging
+from metarun.runner.checkpoint import load_checkpoint
 from metarun.tasks import TaskBatch
 from metarun.unroll import get_diff_optim, monkeypatch
 
@@ -243,3 +256,138 @@ def test_weight_net_optimizer_choices() -> None:
     assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["nesterov"] is True
     adam = weight_net_optimizer(list(net.parameters()), "adam", lr=0.01, weight_decay=0.0)
     assert isinstance(adam, torch.optim.Adam) and adam.defaults["lr"] == 0.01
+
+
+# ------------------------------------------------------------------------------- through the runner
+
+
+@pytest.fixture
+def mnist_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    _fake_mnist(root / "mnist" / "raw", "t10k", {4: 40, 9: 60, 1: 5}, marker=1, gz=True)
+    return root
+
+
+def _events(run_dir: Path) -> dict[str, set[str]]:
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    tags = acc.Tags()
+    return {kind: set(tags[kind]) for kind in ("scalars", "images", "tensors")}
+
+
+def test_mwn_run_logs_the_weighting_function_and_resumes_exactly(make_config, mnist_root, tmp_path):
+    def run(run_dir: Path, extra=()):
+        args = ["algo=mwn", *MNIST_TINY, f"dataset.root={mnist_root}", *extra]
+        return api.run(make_config(args), run_dir, overrides=args)
+
+    summary = run(tmp_path / "once")
+    assert summary.step == 4 and summary.results["test"]["num_examples"] == 10
+    # The learned weighting function: CSV always, PNG and a TensorBoard figure with matplotlib.
+    rows = (tmp_path / "once" / "curves" / "weights_function.csv").read_text().splitlines()
+    assert rows[0] == "loss,weight" and len(rows) == 102
+    assert all(0.0 < float(r.split(",")[1]) < 1.0 for r in rows[1:])
+    assert (tmp_path / "once" / "curves" / "weights_function.png").stat().st_size > 1000
+    events = _events(tmp_path / "once")
+    assert "weights/function" in events["images"]
+    assert {"weights/meta_grad_norm", "weights/lookahead_clean_loss", "train/meta_loss"} <= events[
+        "scalars"
+    ]
+    records = [
+        json.loads(x) for x in (tmp_path / "once" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert 0.0 <= records[0]["weights/minority_mass"] <= 1.0
+
+    # Resume: 2 steps, then on to 4, gives the classifier, the weight net and its optimizer
+    # state of 4 steps in one go.
+    run(tmp_path / "twice", ["outer_steps=2"])
+    run(tmp_path / "twice", ["resume=true"])
+    once = load_checkpoint(tmp_path / "once" / "checkpoints" / "last.pt")
+    twice = load_checkpoint(tmp_path / "twice" / "checkpoints" / "last.pt")
+    assert any(k.startswith("weight_net.") for k in once["algorithm"])
+    for key, value in once["algorithm"].items():
+        torch.testing.assert_close(value, twice["algorithm"][key], rtol=0, atol=1e-6)
+    a, b = (c["algorithm_extra"]["weight_optimizer"]["state"] for c in (once, twice))
+    assert a and a.keys() == b.keys()
+    for i in a:
+        torch.testing.assert_close(
+            a[i]["momentum_buffer"], b[i]["momentum_buffer"], rtol=0, atol=1e-6
+        )
+
+
+def test_curves_without_matplotlib_fall_back_to_text_and_csv(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(run_logging, "_pyplot", lambda: None)
+    curve = {"weights/function": (torch.linspace(0, 1, 5), torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5]))}
+    with caplog.at_level(logging.WARNING, logger="metarun.runner.logging"):
+        with run_logging.RunLogger(tmp_path) as out:
+            out.log_curves(1, curve)
+            out.log_curves(2, curve)
+    assert sum("matplotlib is not installed" in r.getMessage() for r in caplog.records) == 1
+    rows = (tmp_path / "curves" / "weights_function.csv").read_text().splitlines()
+    assert rows[0] == "loss,weight" and rows[-1] == "1.0,0.5"
+    assert not (tmp_path / "curves" / "weights_function.png").exists()
+    assert "weights/function/text_summary" in _events(tmp_path)["tensors"]  # the text table
+    # A process that does not log (rank > 0) writes nothing.
+    quiet = tmp_path / "quiet"
+    run_logging.RunLogger(quiet, active=False).log_curves(1, curve)
+    assert not quiet.exists()
+
+
+def test_mwn_on_long_tailed_cifar_with_resnet32_two_steps(make_config, tmp_path):
+    root = tmp_path / "data"
+    _fake_cifar(root, 10, per_class=12)
+    args = [
+        "algo=mwn",
+        "dataset=cifar10_lt",
+        f"dataset.root={root}",
+        "dataset.imbalance=10",
+        "dataset.n_clean_per_class=2",
+        "dataset.batch_size=8",
+        "dataset.clean_batch_size=5",
+        "outer_steps=2",
+        "log.every=1",
+        "eval.every=2",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "device=cpu",
+    ]
+    summary = api.run(make_config(args), tmp_path / "run", overrides=args)
+    assert summary.step == 2 and summary.results["test"]["num_examples"] == 20
+    assert (tmp_path / "run" / "curves" / "weights_function.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("algo.weight_net_lr=0", "algo.weight_net_lr must be > 0, got 0.0"),
+        ("algo.weight_net_hidden=0", "algo.weight_net_hidden must be >= 1, got 0"),
+        ("algo.weight_net_momentum=1.5", "algo.weight_net_momentum must be in [0, 1), got 1.5"),
+        ("algo.lookahead_lr=-1", "algo.lookahead_lr must be > 0 or null"),
+        ("meta_batch_size=2", "meta_batch_size must be 1 for algo=mwn"),
+    ],
+)
+def test_bad_values_name_their_key(make_config, override, message):
+    with pytest.raises(ConfigError) as error:
+        make_config(["algo=mwn", "dataset=mnist_imbalance", override])
+    assert message in str(error.value)
+
+
+def test_presets_hold_the_papers_settings(make_config):
+    lt = make_config(["experiment=cifar10_lt_mwn"])
+    assert (lt.dataset.imbalance, lt.dataset.n_clean_per_class, lt.algo.weight_net_lr) == (
+        100.0,
+        10,
+        1e-5,
+    )
+    assert type(lt.model).__name__ == "ResNet32Config" and lt.outer_steps == 12400
+    noisy = make_config(["experiment=cifar10_noisy_mwn"])
+    assert type(noisy.model).__name__ == "WRN28_10Config"
+    assert (noisy.dataset.noise, noisy.dataset.noise_type.value, noisy.dataset.n_clean) == (
+        0.4,
+        "uniform",
+        1000,
+    )
+    assert (noisy.outer_steps, noisy.meta_optimizer.milestones) == (20000, [18000, 19000])
+    assert (noisy.meta_optimizer.weight_decay, noisy.algo.weight_net_lr) == (0.0005, 0.001)
+    hundred = make_config(["experiment=cifar100_noisy_mwn"])
+    assert hundred.dataset.num_classes == 100 and hundred.outer_steps == 20000
+    assert make_config(["experiment=cifar100_lt_mwn"]).model.num_classes == 100
