@@ -391,3 +391,50 @@ def test_presets_hold_the_papers_settings(make_config):
     hundred = make_config(["experiment=cifar100_noisy_mwn"])
     assert hundred.dataset.num_classes == 100 and hundred.outer_steps == 20000
     assert make_config(["experiment=cifar100_lt_mwn"]).model.num_classes == 100
+
+
+def test_data_parallel_keeps_one_weight_net_and_global_weights() -> None:
+    """Two processes (threads with a summing all-reduce), each with half of the batch: the
+    weight nets get the mean of the two meta-gradients, so they stay identical; the real step's
+    weights sum to 1 over both halves; the model gradient is the local share (the runner
+    averages it)."""
+    import threading
+
+    from test_l2rw import _ThreadAllReduce
+
+    from metarun.parallel import Shards
+
+    x, y, vx, vy = _data()
+    batch = TaskBatch(x[None], y[None], vx[None], vy[None])
+    reduce = _ThreadAllReduce(2)
+    algos = [_mwn("sgd_nesterov_wd") for _ in range(2)]
+    results: list[dict] = [{}, {}]
+
+    def work(rank: int) -> None:
+        algo = algos[rank]
+        algo.set_shards(Shards(rank, 2, reduce.for_rank(rank)))
+        local = slice(rank * 4, rank * 4 + 4), slice(rank * 3, rank * 3 + 3)
+        results[rank]["grads"] = algo.meta_gradient(
+            x[local[0]], y[local[0]], vx[local[1]], vy[local[1]]
+        )[0]
+        results[rank]["metrics"] = algo.meta_train_step(batch)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # The mean of the two shares' meta-gradients, the same in both processes.
+    halves = [
+        _mwn("sgd_nesterov_wd").meta_gradient(
+            x[r * 4 : r * 4 + 4], y[r * 4 : r * 4 + 4], vx[r * 3 : r * 3 + 3], vy[r * 3 : r * 3 + 3]
+        )[0]
+        for r in range(2)
+    ]
+    for a, b, h0, h1 in zip(results[0]["grads"], results[1]["grads"], *halves):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, (h0 + h1) / 2, rtol=1e-12, atol=1e-15)
+    for a, b in zip(algos[0].weight_net.parameters(), algos[1].weight_net.parameters()):
+        assert torch.equal(a, b)
+    total = float(algos[0].last_weights.sum() + algos[1].last_weights.sum())
+    assert total == pytest.approx(1.0, rel=1e-12)
