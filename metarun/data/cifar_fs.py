@@ -7,7 +7,7 @@ Both read torchvision's CIFAR-100 "python version" (``cifar-100-python/`` holdin
 ``dataset.download=true`` fetches the official archive (MD5-checked, torchvision's URL).
 
 - CIFAR-FS: 64/16/20 classes, the class lists of Bertinetto et al.'s split files
-  (``data/cifar-fs/splits/bertinetto/{train,val,test}.txt`` in github.com/bertinetto/r2d2).
+  (``splits/bertinetto/{train,val,test}.txt``, distributed with github.com/bertinetto/r2d2).
 - FC100: 12/4/4 of CIFAR-100's 20 superclasses (60/20/20 classes), the superclass indices of
   Oreshkin et al. 2018 (TADAM), Sec. 4 and their supplementary material.
 """
