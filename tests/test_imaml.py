@@ -285,17 +285,17 @@ def test_bench_implicit_prints_memory_flat_in_the_inner_steps() -> None:
     reason="Omniglot archives not under $METARUN_DATA/omniglot",
 )
 def test_omniglot_minimal_splits_learn_beyond_chance(make_config, tmp_path, monkeypatch):
-    """40 iMAML steps (5-way 1-shot, meta-batch 4, 5 inner steps) through the runner on the
-    characters of the two minimal splits (split=random): test accuracy beyond chance (0.2) and
-    beyond what the same adaptation reaches from the initial weights (about 0.44; 0.59 after
-    the 40 steps)."""
+    """40 iMAML steps (5-way 1-shot, meta-batch 4, 5 inner steps, Conv4 with 32 filters) through
+    the runner on the characters of the two minimal splits (split=random): test accuracy beyond
+    chance (0.2) and beyond what the same adaptation reaches from the initial weights (0.38 +-
+    0.02 after one step; 0.54 +- 0.02 after the 40)."""
     monkeypatch.setenv("METARUN_DATA", str(OMNIGLOT_DATA.parent))
     args = [
         "algo=imaml", "dataset=omniglot", "dataset.split=random",
         f"dataset.cache_dir={tmp_path / 'cache'}",  # not next to the shared archives
-        "algo.inner_steps=5", "outer_steps=40", "meta_batch_size=4", "eval.every=0",
-        "eval.num_tasks=100", "eval.batch_size=25", "log.every=10", "log.progress=false",
-        "save.every=0", "device=cpu",
+        "model.hidden=32", "algo.inner_steps=5", "outer_steps=40", "meta_batch_size=4",
+        "eval.every=0", "eval.num_tasks=100", "eval.batch_size=25", "log.every=10",
+        "log.progress=false", "save.every=0", "device=cpu",
     ]  # fmt: skip
     config = make_config(args)
     initial = build_experiment(config)
