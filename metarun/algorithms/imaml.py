@@ -15,6 +15,8 @@ memory does not grow with the inner steps (scripts/bench_implicit.py).
 ``algo.cg_damping`` and ``algo.lam_damping`` (0 by default: the paper's system) damp the system
 as the authors' code does, ``((1 + cg_damping) I + H / (lam + lam_damping)) v = g``.
 BatchNorm layers normalise with each batch's statistics (MAML's ``bn_policy=batch_stats``).
+``algo.task_batching=vmap`` computes a meta-batch's tasks as one ``torch.func.vmap``
+computation (the same meta-gradient as the task loop, to rounding).
 
 References:
     Rajeswaran, Finn, Kakade & Levine, "Meta-Learning with Implicit Gradients", NeurIPS 2019
@@ -31,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -44,11 +47,12 @@ from metarun.algorithms.maml import _with_meta_loss
 from metarun.algorithms.reptile import InnerOptimizer
 from metarun.registry import BuildContext, register
 from metarun.spec.bases import AlgoSchema
-from metarun.spec.checks import require
+from metarun.spec.checks import require, require_optional_count
+from metarun.spec.enums import TaskBatching
 from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
 from metarun.unroll import SGD, Adam, functional_call, inner_loop
-from metarun.unroll.batched import batch_stats_buffers
+from metarun.unroll.batched import batch_stats_buffers, decomposed_batch_norm, func_inner_loop
 from metarun.unroll.implicit import CG, SolverInfo, hvp
 from metarun.unroll.optimizers import FunctionalOptimizer, Params
 
@@ -71,6 +75,10 @@ class IMAMLConfig(AlgoSchema):
     # ((1 + cg_damping) I + H / (lam + lam_damping)) v = g; 0 and 0: the paper's (I + H/lam).
     cg_damping: float = 0.0
     lam_damping: float = 0.0
+    # loop: one task after another; vmap: the meta-batch's tasks as one torch.func.vmap
+    # computation (inner steps, CG and all), task_chunk_size at a time. No auto here.
+    task_batching: TaskBatching = TaskBatching.loop
+    task_chunk_size: int | None = None  # tasks per vmapped chunk; null = the whole meta-batch
 
     def __post_init__(self) -> None:
         require(self.lam > 0, "algo.lam", self.lam, "> 0", "algo.lam=2.0")
@@ -91,6 +99,14 @@ class IMAMLConfig(AlgoSchema):
             ("algo.lam_damping", self.lam_damping, "algo.lam_damping=0.0"),
         ):
             require(value >= 0 and math.isfinite(value), key, value, ">= 0", example)
+        require(
+            self.task_batching is not TaskBatching.auto, "algo.task_batching",
+            self.task_batching.value, "loop or vmap for algo=imaml (auto is MAML's)",
+            "algo.task_batching=vmap",
+        )  # fmt: skip
+        require_optional_count(
+            "algo.task_chunk_size", self.task_chunk_size, "algo.task_chunk_size=8"
+        )
 
     def step_sizes(self) -> dict[str, float]:
         return {"algo.inner_lr": self.inner_lr}
@@ -122,6 +138,9 @@ class IMAML(MetaAlgorithm):
         cg_tol: relative residual at which CG stops early (0: never).
         cg_damping, lam_damping: the system solved is
             ``((1 + cg_damping) I + H / (lam + lam_damping)) v = g``.
+        task_batching: ``"loop"`` (task after task) or ``"vmap"`` (tasks at once with
+            ``torch.func.vmap``, ``task_chunk_size`` at a time; the same meta-gradient).
+        task_chunk_size: tasks per vmapped chunk (``None``: the whole meta-batch).
 
     Attributes:
         pre_adaptation_metrics: as MAML's (set by the runner on logged steps).
@@ -142,6 +161,8 @@ class IMAML(MetaAlgorithm):
         cg_tol: float = 0.0,
         cg_damping: float = 0.0,
         lam_damping: float = 0.0,
+        task_batching: str = "loop",
+        task_chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         if task_type not in ("classification", "regression"):
@@ -164,7 +185,14 @@ class IMAML(MetaAlgorithm):
         self.solver = CG(tol=cg_tol, max_iter=cg_steps)
         self.cg_damping = float(cg_damping)
         self.lam_damping = float(lam_damping)
+        self.task_batching = TaskBatching(task_batching)
+        if self.task_batching is TaskBatching.auto:
+            raise ValueError("task_batching must be 'loop' or 'vmap' for iMAML, got 'auto'")
+        self.task_chunk_size = task_chunk_size
         self._stats_off = batch_stats_buffers(model)
+        self._has_batch_norm = any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
+        )
         self.last_solver_info: SolverInfo | None = None
 
     @classmethod
@@ -182,6 +210,8 @@ class IMAML(MetaAlgorithm):
             cg_tol=config.cg_tol,
             cg_damping=config.cg_damping,
             lam_damping=config.lam_damping,
+            task_batching=config.task_batching.value,
+            task_chunk_size=config.task_chunk_size,
         )
 
     # -- the computation ---------------------------------------------------------------------
@@ -197,11 +227,17 @@ class IMAML(MetaAlgorithm):
             return Adam(lr=self.inner_lr)
         return SGD(lr=self.inner_lr)
 
-    def _solve_inner(self, sx: Tensor, sy: Tensor, steps: int, lam: float) -> Params:
+    def _solve_inner(
+        self, sx: Tensor, sy: Tensor, steps: int, lam: float, *, start: Params | None = None
+    ) -> Params:
         """``phi``: ``steps`` inner steps from ``theta`` on the support loss plus the proximal
-        term, without a graph (detached tensors)."""
+        term, without a graph (detached tensors). Under vmap, pass ``start`` (detached copies
+        of ``theta`` that require grad, made outside: vmap refuses ``requires_grad_``); the
+        gradients are then taken by ``torch.func``."""
         anchor = {n: p.detach() for n, p in self._theta().items()}
-        start = {n: t.clone().requires_grad_() for n, t in anchor.items()}
+        batched = start is not None
+        if start is None:
+            start = {n: t.clone().requires_grad_() for n, t in anchor.items()}
 
         def objective(phi: Params) -> Tensor:
             loss = task_loss(self.task_type, self._forward(phi, sx), sy)
@@ -210,21 +246,26 @@ class IMAML(MetaAlgorithm):
             prox = torch.stack([((phi[n] - anchor[n]) ** 2).sum() for n in phi]).sum()
             return loss + 0.5 * lam * prox
 
+        if batched:
+            # First order: inner gradients carry no graph, and phi is detached below.
+            phi = func_inner_loop(objective, start, self._optimizer(), steps, first_order=True)
+            return {n: t.detach() for n, t in phi.items()}
         result = inner_loop(objective, start, self._optimizer(), steps, track_higher_grads=False)
         return {n: t.detach() for n, t in result.params.items()}
 
     def meta_gradient(
-        self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
+        self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, *, start: Params | None = None
     ) -> tuple[Params, Tensor, SolverInfo]:
         """One task's implicit meta-gradient ``v`` (keyed like the trainable parameters), its
-        query output at ``phi`` (detached) and the CG solve's info."""
-        phi = self._solve_inner(sx, sy, self.inner_steps, self.lam)
-        leaves = {n: t.clone().requires_grad_() for n, t in phi.items()}
-        with torch.enable_grad():
-            out = self._forward(leaves, qx)
-            query_loss = task_loss(self.task_type, out, qy)
-            names = list(leaves)
-            g = dict(zip(names, torch.autograd.grad(query_loss, [leaves[n] for n in names])))
+        query output at ``phi`` (detached) and the CG solve's info. With ``start`` (see
+        :meth:`_solve_inner`) it runs under vmap."""
+        phi = self._solve_inner(sx, sy, self.inner_steps, self.lam, start=start)
+
+        def query_loss(p: Params) -> tuple[Tensor, Tensor]:
+            out = self._forward(p, qx)
+            return task_loss(self.task_type, out, qy), out
+
+        g, out = torch.func.grad(query_loss, has_aux=True)(phi)
 
         def support_loss(p: Params) -> Tensor:
             return task_loss(self.task_type, self._forward(p, sx), sy)
@@ -240,6 +281,26 @@ class IMAML(MetaAlgorithm):
         v, info = self.solver.solve(matvec, g)
         return v, out.detach(), info
 
+    def _meta_gradients_vmap(self, batch: TaskBatch) -> tuple[Params, Tensor, Tensor]:
+        """Every task's ``v``, query output and CG residual, stacked (T, ...), by vmap."""
+
+        start = {n: p.detach().clone().requires_grad_() for n, p in self._theta().items()}
+
+        def task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Params, Tensor, Tensor]:
+            v, out, info = self.meta_gradient(sx, sy, qx, qy, start=start)
+            return v, out, info.residual
+
+        batched = torch.func.vmap(task)
+        # The HVP is a double backward, whose native batch-norm vmap rule is wrong in torch
+        # 2.14 (metarun.unroll.batched): batch norm from elementary ops in the vmapped region.
+        bn_mode = decomposed_batch_norm if self._has_batch_norm else contextlib.nullcontext
+        parts = []
+        for chunk in batch.split(self.task_chunk_size or len(batch)):
+            with bn_mode(), torch.no_grad():
+                parts.append(batched(*chunk.tensors()))
+        vs = {n: torch.cat([p[0][n] for p in parts]) for n in parts[0][0]}
+        return vs, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+
     # -- protocol ----------------------------------------------------------------------------
     def meta_train_step(self, batch: TaskBatch) -> dict[str, float]:
         """The mean over tasks of the implicit meta-gradients, added to ``.grad`` of the
@@ -251,23 +312,31 @@ class IMAML(MetaAlgorithm):
         def add(name: str, value: Tensor) -> None:
             sums[name] = sums[name] + value if name in sums else value
 
-        residuals = []
-        for i in range(n):
-            sx, sy, qx, qy = (t[i] for t in batch.tensors())
-            v, out, info = self.meta_gradient(sx, sy, qx, qy)
+        if self.task_batching is TaskBatching.vmap:
+            vs, outs, residuals = self._meta_gradients_vmap(batch)
+            per_task = [({k: t[i] for k, t in vs.items()}, outs[i]) for i in range(n)]
+        else:
+            per_task, found = [], []
+            for i in range(n):
+                sx, sy, qx, qy = (t[i] for t in batch.tensors())
+                v, out, info = self.meta_gradient(sx, sy, qx, qy)
+                per_task.append((v, out))
+                found.append(info.residual)
+                self.last_solver_info = info
+            residuals = torch.stack(found)
+        for i, (v, out) in enumerate(per_task):
+            qy = batch.query_y[i]
             for name, p in theta.items():
                 step = v[name] / n
                 p.grad = step if p.grad is None else p.grad + step
-            residuals.append(info.residual)
             for key, value in task_metrics(self.task_type, out, qy).items():
                 add(f"train/post_{key}", value)
             if self.pre_adaptation_metrics:
                 with torch.no_grad():
-                    pre = self._forward(theta, qx)
+                    pre = self._forward(theta, batch.query_x[i])
                 for key, value in task_metrics(self.task_type, pre, qy).items():
                     add(f"train/pre_{key}", value)
-            self.last_solver_info = info
-        add("train/cg_residual", torch.stack(residuals).sum())
+        add("train/cg_residual", residuals.sum())
         names = list(sums)
         values = torch.stack([sums[k].detach() for k in names]).double().div(n).tolist()
         return _with_meta_loss(dict(zip(names, values)))
