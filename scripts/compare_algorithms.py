@@ -38,6 +38,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "fomaml": ("Finn et al. 2017: 98.3%", ["algo=fomaml", *MAML_LIKE]),
     "metasgd": ("Li et al. 2017: 99.5%", ["algo=metasgd", *MAML_LIKE]),
     "anil": ("Raghu et al. 2020 (miniImageNet 5-shot 61.5%)", ["algo=anil", *MAML_LIKE]),
+    # Tested without the proximal term (eval_lam=0), as the authors' code tests.
+    "imaml": ("Rajeswaran et al. 2019: 99.16%", ["algo=imaml", "algo.eval_lam=0", *MAML_LIKE]),
     "reptile": (
         "Nichol et al. 2018: 95.4% (97.7% transductive)",
         [
