@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from metarun import registry
 from metarun.algorithms.base import MetaAlgorithm
+from metarun.algorithms.compiled import CompiledOrEager
 from metarun.algorithms.losses import task_loss, task_metrics
 from metarun.algorithms.mamlpp import PerStepBatchNorm, msl_weights
 from metarun.registry import BuildContext, register
@@ -197,6 +198,22 @@ class FOMAMLConfig(MAMLConfig):
             )
 
 
+@dataclass
+class MAMLPPConfig(MAMLConfig):
+    """``algo=mamlpp``: MAML++ (Antoniou, Edwards & Storkey 2019), i.e. MAML with its options
+    on: the multi-step loss, per-layer per-step learned inner rates and per-step BatchNorm
+    weights and statistics, over 5 inner steps. Derivative-order annealing needs the run's
+    length (``algo.first_order_until``; the ``omniglot_mamlpp_*`` presets set it). Its own schema
+    so that checkpoints and results record ``algo=mamlpp``; every key is MAML's and each option
+    can be turned off."""
+
+    inner_steps: int = 5
+    learn_inner_lr: InnerLR = InnerLR.per_layer_per_step
+    multi_step_loss: bool = True
+    per_step_bn: bool = True
+
+
+@register("algo", "mamlpp", MAMLPPConfig)
 @register("algo", "fomaml", FOMAMLConfig)
 @register("algo", "maml", MAMLConfig)
 class MAML(MetaAlgorithm):
@@ -364,6 +381,7 @@ class MAML(MetaAlgorithm):
             multi_step_loss or per_step_bn or self.learn_inner_lr is InnerLR.per_layer_per_step
         )
         self._optimizer = SGD(lr=float(inner_lr))
+        self._compiled_step: CompiledOrEager | None = None  # compile=true: use_compile
         if copy_initial_weights:
             log.warning(
                 "algo.copy_initial_weights=true: the inner loop starts from detached copies, so "
@@ -632,7 +650,7 @@ class MAML(MetaAlgorithm):
         return result.params
 
     # -- protocol ----------------------------------------------------------------------------
-    def meta_train_step(self, batch: TaskBatch) -> dict[str, float]:
+    def meta_train_step(self, batch: TaskBatch) -> dict[str, Any]:
         """Meta-gradient of the mean query loss over the batch, accumulated task by task (each
         task's graph is freed before the next)."""
         if self.task_batching is TaskBatching.vmap:
@@ -661,37 +679,56 @@ class MAML(MetaAlgorithm):
                     totals.add("pre", self._task_metrics(pre_out[None], qy[None]))
         return _with_meta_loss(totals.means(n))
 
-    def _meta_train_vmap(self, batch: TaskBatch) -> dict[str, float]:
+    def _vmap_task(
+        self,
+        p: dict[str, Tensor],
+        hyper: dict[str, object],
+        first_order: bool,
+        sx: Tensor,
+        sy: Tensor,
+        qx: Tensor,
+        qy: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """One task's meta-loss and query outputs, for ``torch.func.vmap`` (a method, not a
+        closure made per step, so that ``compile=true`` compiles it once)."""
+        if self._stepwise:
+            _, meta_loss, query_out = self._unroll(
+                p, sx, sy, self.inner_steps, track=True, grad=GradBackend.func, query=(qx, qy)
+            )
+            assert meta_loss is not None and query_out is not None  # given a query
+            return meta_loss, query_out
+
+        def inner_loss(q: dict[str, Tensor]) -> Tensor:
+            return self._loss(self._forward(q, sx), sy)
+
+        adapted = func_inner_loop(
+            inner_loss,
+            p,
+            self._optimizer,
+            self.inner_steps,
+            hyper=hyper,
+            first_order=first_order,
+        )
+        out = self._forward(adapted, qx)
+        return self._loss(out, qy), out
+
+    def use_compile(self, backend: str) -> bool:
+        """``compile=true``: the vmapped meta-step through ``torch.compile`` (task batching
+        ``vmap``, or ``auto`` when it picks vmap; the loop stays eager)."""
+        if self.task_batching is TaskBatching.loop:
+            return False
+        batched = torch.func.vmap(self._vmap_task, in_dims=(None, None, None, 0, 0, 0, 0))
+        self._compiled_step = CompiledOrEager(batched, "MAML's vmapped meta-step", backend)
+        return True
+
+    def _meta_train_vmap(self, batch: TaskBatch) -> dict[str, Any]:
         n = len(batch)
         params = get_params(self.model, copy=self.copy_initial_weights)
         hyper = self._hyper()
         first_order = self._first_order_now()
-
-        def task(
-            p: dict[str, Tensor], sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor
-        ) -> tuple[Tensor, Tensor]:
-            if self._stepwise:
-                _, meta_loss, query_out = self._unroll(
-                    p, sx, sy, self.inner_steps, track=True, grad=GradBackend.func, query=(qx, qy)
-                )
-                assert meta_loss is not None and query_out is not None  # given a query
-                return meta_loss, query_out
-
-            def inner_loss(q: dict[str, Tensor]) -> Tensor:
-                return self._loss(self._forward(q, sx), sy)
-
-            adapted = func_inner_loop(
-                inner_loss,
-                p,
-                self._optimizer,
-                self.inner_steps,
-                hyper=hyper,
-                first_order=first_order,
-            )
-            out = self._forward(adapted, qx)
-            return self._loss(out, qy), out
-
-        batched = torch.func.vmap(task, in_dims=(None, 0, 0, 0, 0))
+        batched = self._compiled_step or torch.func.vmap(
+            self._vmap_task, in_dims=(None, None, None, 0, 0, 0, 0)
+        )
         # Only the double backward of the native batch norm has the wrong vmap rule; first order
         # never differentiates an inner gradient, and the native kernel is 15-30% faster there.
         # Without batch norm the mode would only tax every other op (it intercepts them all).
@@ -703,7 +740,7 @@ class MAML(MetaAlgorithm):
         totals = _Totals()
         for chunk in batch.split(self.task_chunk_size or n):
             with bn_mode():
-                losses, outs = batched(params, *chunk.tensors())
+                losses, outs = batched(params, hyper, first_order, *chunk.tensors())
             (losses.sum() / n).backward()
             with torch.no_grad():
                 totals.add("post", self._task_metrics(outs.detach(), chunk.query_y))
@@ -779,8 +816,8 @@ def _key(name: str) -> str:
 
 
 class _Totals:
-    """Sums of per-task metrics kept on the device; read once per step (one host transfer
-    instead of one per task and metric)."""
+    """Sums of per-task metrics kept on the device. :meth:`means` leaves them there: the runner
+    reads them only on the steps it logs (no host transfer per step, task or metric)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}
@@ -791,13 +828,13 @@ class _Totals:
             total = values.sum()
             self.sums[name] = self.sums[name] + total if name in self.sums else total
 
-    def means(self, n: int) -> dict[str, float]:
+    def means(self, n: int) -> dict[str, Tensor]:
         names = list(self.sums)
-        values = torch.stack([self.sums[k] for k in names]).double().div(n).tolist()
-        return dict(zip(names, values))
+        values = torch.stack([self.sums[k] for k in names]).detach().double().div(n)
+        return dict(zip(names, values.unbind()))
 
 
-def _with_meta_loss(totals: dict[str, float]) -> dict[str, float]:
+def _with_meta_loss(totals: dict[str, Any]) -> dict[str, Any]:
     # The outer objective under the name a user looks for (train/meta_loss), and under the
     # support/query vocabulary (train/query_loss): both are the post-adaptation query loss,
     # unless the multi-step loss weighs in the earlier steps' query losses (then reported).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from metarun.spec.errors import ConfigError
 from metarun.unroll.optimizers import Params
 
 # Antoniou et al.'s code keeps every non-final step at a small share of the loss while
@@ -69,7 +70,8 @@ class PerStepBatchNorm(nn.Module):
         steps: inner steps in training (copies ``0 .. steps-1``).
 
     Raises:
-        ValueError: the model has no BatchNorm layer.
+        ConfigError: the model has no BatchNorm layer (a ``ValueError`` the CLI reports as a
+            usage error).
     """
 
     def __init__(self, model: nn.Module, steps: int) -> None:
@@ -80,7 +82,7 @@ class PerStepBatchNorm(nn.Module):
             if isinstance(m, nn.modules.batchnorm._BatchNorm)
         ]
         if not norms:
-            raise ValueError(
+            raise ConfigError(
                 f"algo.per_step_bn=true needs a model with BatchNorm layers; "
                 f"{type(model).__name__} has none (set algo.per_step_bn=false, or "
                 "model.batch_norm=true)"
