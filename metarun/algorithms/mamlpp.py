@@ -84,8 +84,8 @@ class PerStepBatchNorm(nn.Module):
         if not norms:
             raise ConfigError(
                 f"algo.per_step_bn=true needs a model with BatchNorm layers; "
-                f"{type(model).__name__} has none (set algo.per_step_bn=false, or "
-                "model.batch_norm=true)"
+                f"{type(model).__name__} has none (set algo.per_step_bn=false, or use a model "
+                "with BatchNorm, e.g. model=conv4 with model.batch_norm=true)"
             )
         self.steps = steps
         self.affine_names = [
