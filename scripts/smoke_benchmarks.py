@@ -204,7 +204,7 @@ def main() -> None:
             write_tiered(roots["tiered"], args.per_class)
         print(
             f"FAKE data (faint colour patterns under noise), {args.steps} outer steps, 28x28 "
-            f"(ImageNet formats) or 32x32 (CIFAR) images,  {args.tasks} test tasks, "
+            f"(ImageNet formats) or 32x32 (CIFAR) images, {args.tasks} test tasks, "
             f"the presets' other settings; chance 20%. Smoke figures, not reproductions."
         )
         print("| benchmark / preset | paper | after 1 step | smoke (fake data) | time (s) |")
