@@ -228,7 +228,7 @@ def test_train_step_updates_the_weight_net_then_weights_the_real_step() -> None:
     expected = torch.autograd.grad((w * losses).sum(), list(model.parameters()))
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(p.grad, e, rtol=1e-12, atol=1e-15)
-    assert metrics["train/meta_loss"] == pytest.approx(float((w * losses).sum()))
+    assert metrics["train/meta_loss"] == pytest.approx(float((w * losses).sum().detach()))
     assert metrics["weights/meta_grad_norm"] > 0
 
 
@@ -333,7 +333,7 @@ def test_curves_without_matplotlib_fall_back_to_text_and_csv(monkeypatch, tmp_pa
     assert not quiet.exists()
 
 
-def test_mwn_on_long_tailed_cifar_with_resnet32_two_steps(make_config, tmp_path):
+def test_mwn_on_long_tailed_cifar_with_resnet32_one_step(make_config, tmp_path):
     root = tmp_path / "data"
     _fake_cifar(root, 10, per_class=12)
     args = [
@@ -342,17 +342,17 @@ def test_mwn_on_long_tailed_cifar_with_resnet32_two_steps(make_config, tmp_path)
         f"dataset.root={root}",
         "dataset.imbalance=10",
         "dataset.n_clean_per_class=2",
-        "dataset.batch_size=8",
-        "dataset.clean_batch_size=5",
-        "outer_steps=2",
-        "log.every=1",
-        "eval.every=2",
+        "dataset.batch_size=4",
+        "dataset.clean_batch_size=2",
+        "outer_steps=1",
+        "eval.every=0",
+        "save.every=0",
         "log.progress=false",
         "log.tensorboard=false",
         "device=cpu",
     ]
     summary = api.run(make_config(args), tmp_path / "run", overrides=args)
-    assert summary.step == 2 and summary.results["test"]["num_examples"] == 20
+    assert summary.step == 1 and summary.results["test"]["num_examples"] == 20
     assert (tmp_path / "run" / "curves" / "weights_function.csv").is_file()
 
 
