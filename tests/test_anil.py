@@ -152,7 +152,7 @@ def test_meta_gradient_matches_finite_differences() -> None:
         with torch.no_grad():
             for p, d in zip(params, dirs):
                 p.add_(sign * eps * d)
-        value = algo.meta_train_step(batch)["train/meta_loss"]
+        value = float(algo.meta_train_step(batch)["train/meta_loss"])
         with torch.no_grad():
             for p, d in zip(params, dirs):
                 p.sub_(sign * eps * d)

@@ -259,7 +259,7 @@ class ANIL(MAML):
                 totals[name] = totals[name] + value * weight if name in totals else value * weight
 
     # -- protocol ----------------------------------------------------------------------------
-    def meta_train_step(self, batch: TaskBatch) -> dict[str, float]:
+    def meta_train_step(self, batch: TaskBatch) -> dict[str, Any]:
         """Meta-gradient of the mean query loss over the batch (body features once per task,
         inner steps on the head only)."""
         n = len(batch)
@@ -282,7 +282,7 @@ class ANIL(MAML):
                 loss, out, pre = self._task(params, sx, sy, qx, qy)
                 (loss / n).backward()
                 self._add_metrics(totals, (out, pre), qy, 1 / n)
-        return _with_meta_loss({k: float(v) for k, v in totals.items()})
+        return _with_meta_loss({k: v.detach() for k, v in totals.items()})
 
     def evaluate(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
         steps = self.eval_inner_steps if inner_steps is None else inner_steps
