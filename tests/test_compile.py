@@ -62,3 +62,51 @@ def test_unknown_backend_names_the_key() -> None:
     check_backend("inductor")
     with pytest.raises(ValueError, match="compile_backend='nope'.*inductor"):
         check_backend("nope")
+
+
+# ------------------------------------------------------------------------------ through the run
+
+
+def _final_weights(run_dir) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    from metarun.runner.checkpoint import load_checkpoint
+
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["algorithm"]
+
+
+def test_compiled_run_trains_as_the_eager_run(make_config, tiny, tmp_path, caplog) -> None:
+    from metarun.runner import api
+
+    torch._dynamo.reset()
+    common = [*tiny, "algo.task_batching=vmap"]
+    eager_args = [*common, "compile=false"]
+    api.run(make_config(eager_args), tmp_path / "eager", overrides=eager_args)
+    compiled_args = [*common, "compile=true", "compile_backend=aot_eager"]
+    with caplog.at_level(logging.WARNING):
+        api.run(make_config(compiled_args), tmp_path / "compiled", overrides=compiled_args)
+    assert not [r for r in caplog.records if "compile" in r.getMessage()]
+    eager, compiled = _final_weights(tmp_path / "eager"), _final_weights(tmp_path / "compiled")
+    for name, value in eager.items():
+        torch.testing.assert_close(compiled[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_without_a_compiled_path_says_the_run_is_eager(make_config, tiny, caplog):
+    from metarun.runner.build import build_experiment
+
+    config = make_config([*tiny, "compile=true", "algo.task_batching=loop"])
+    with caplog.at_level(logging.WARNING, logger="metarun.runner.build"):
+        build_experiment(config, with_data=False)
+    assert any("no compiled path" in r.getMessage() for r in caplog.records)
+
+
+def test_cli_unknown_backend_is_a_usage_error(tmp_path, monkeypatch, capsys) -> None:
+    import sys
+
+    from metarun import cli
+
+    args = ["outer_steps=1", "compile=true", "compile_backend=nope", "log.progress=false"]
+    monkeypatch.setattr(sys, "argv", ["metarun", *args, f"hydra.run.dir={tmp_path}"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert "compile_backend='nope'" in err
