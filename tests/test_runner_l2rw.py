@@ -233,14 +233,14 @@ ERM_CIFAR = ["algo=erm", "dataset=cifar10_noisy"]
     [
         (
             ["algo=l2rw"],
+            # The lists grow with every option registered: their start is what is pinned.
             "algo=l2rw does not fit dataset=sinusoid (dataset=sinusoid takes algo=maml, "
-            "algo=fomaml, algo=metasgd, algo=anil or algo=reptile; algo=l2rw takes "
-            "dataset=mnist_imbalance, dataset=cifar10_noisy or dataset=cifar100_noisy)",
+            "algo=fomaml, ",
         ),
         (
             ["dataset=mnist_imbalance"],
             "algo=maml does not fit dataset=mnist_imbalance (dataset=mnist_imbalance takes "
-            "algo=l2rw or algo=erm;",
+            "algo=l2rw, algo=erm",
         ),
         (
             [*L2RW_MNIST, "meta_batch_size=4"],
