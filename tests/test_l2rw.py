@@ -223,7 +223,8 @@ def test_data_parallel_step_equals_the_whole_batch_step(kind: str) -> None:
     for p, a, b in zip(whole.model.parameters(), *(r.model.parameters() for r in ranks)):
         torch.testing.assert_close((a.grad + b.grad) / 2, p.grad, rtol=1e-10, atol=1e-14)
     for key, value in expected.items():  # equal shares: the mean of means is the mean
-        assert (results[0][key] + results[1][key]) / 2 == pytest.approx(value, rel=1e-10), key
+        mean = (float(results[0][key]) + float(results[1][key])) / 2
+        assert mean == pytest.approx(float(value), rel=1e-10), key
     torch.testing.assert_close(
         torch.cat([r.last_weights for r in ranks]), whole.last_weights, rtol=1e-10, atol=1e-14
     )

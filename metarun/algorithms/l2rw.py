@@ -55,9 +55,8 @@ def normalise_weights(grad_eps: Tensor, shards: Shards = SINGLE) -> Tensor:
     all zeros when nothing is positive."""
     w = torch.clamp(-grad_eps, min=0.0)
     total = shards.total(w.sum())
-    if total > 0:
-        return w / total
-    return torch.zeros_like(w)
+    # torch.where rather than `if total > 0`: the same values without reading total to the host.
+    return torch.where(total > 0, w / total, torch.zeros_like(w))
 
 
 @dataclass
@@ -135,9 +134,12 @@ class ReweightingBase(MetaAlgorithm):
     def example_weights(self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def meta_train_step(self, batch: TaskBatch) -> dict[str, float]:
+    def meta_train_step(self, batch: TaskBatch) -> dict[str, Any]:
         """One training step on task 0 of ``batch`` (support: training batch, query: clean
-        batch): example weights, then ``backward`` of the weighted loss (no optimizer step)."""
+        batch): example weights, then ``backward`` of the weighted loss (no optimizer step).
+
+        Metrics are 0-d tensors left on the device (the runner reads them on logged steps);
+        ``val/clean_loss``, which costs a forward of the clean batch, only on logged steps."""
         if self.clean_as_train:
             x, y, vx, vy = batch.tensors()
             info = batch.support_info
@@ -163,27 +165,29 @@ class ReweightingBase(MetaAlgorithm):
         (weighted * shards.world_size).backward()
         self.last_weights = w.detach()
         # Metrics are averaged over processes too: sums over examples are scaled likewise.
-        weighted_loss = float(weighted.detach()) * shards.world_size
-        metrics = {
-            "train/loss": float(losses.detach().mean()),
-            "val/clean_loss": self._clean_loss(val_x, val_y),
+        weighted_loss = weighted.detach() * shards.world_size
+        metrics: dict[str, Any] = {
+            "train/loss": losses.detach().mean(),
             "train/weighted_loss": weighted_loss,
             # What the runner's optimizer minimises, under the tag every algorithm uses.
             "train/meta_loss": weighted_loss,
-            "weights/zero_fraction": float((w == 0).float().mean()),
+            "weights/zero_fraction": (w == 0).float().mean(),
             **extra,
         }
+        # (The runner sets this flag on the steps it logs.)
+        if self.pre_adaptation_metrics:
+            metrics["val/clean_loss"] = self._clean_loss(val_x, val_y)
         if self.minority_class is not None:
-            mass = float(w[y == self.minority_class].sum())
+            mass = w[y == self.minority_class].sum().detach()
             metrics["weights/minority_mass"] = mass * shards.world_size
         if batch.support_info is not None:
             flipped = shards.take(batch.support_info[0], "dataset.batch_size") != y
-            metrics["weights/flipped_mass"] = float(w[flipped].sum()) * shards.world_size
+            metrics["weights/flipped_mass"] = w[flipped].sum().detach() * shards.world_size
         return metrics
 
     def _weights_and_stats(
         self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor
-    ) -> tuple[Tensor | None, dict[str, float]]:
+    ) -> tuple[Tensor | None, dict[str, Any]]:
         """The example weights ``(B,)`` of this process's share (summing to 1 over all
         processes) and metrics, before the real forward; ``None``: they depend on its losses
         (:meth:`_weights_of_losses`)."""
@@ -198,13 +202,13 @@ class ReweightingBase(MetaAlgorithm):
             )
         return w
 
-    def _clean_loss(self, val_x: Tensor, val_y: Tensor) -> float:
+    def _clean_loss(self, val_x: Tensor, val_y: Tensor) -> Tensor:
         # Eval mode: a logging forward must not move BatchNorm running statistics.
         was = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                return float(F.cross_entropy(self.model(val_x), val_y))
+                return F.cross_entropy(self.model(val_x), val_y)
         finally:
             self.model.train(was)
 
@@ -327,10 +331,10 @@ class L2RW(ReweightingBase):
 
     def _weights_and_stats(
         self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Any]]:
         grad = self.eps_gradient(x, y, val_x, val_y)
         w = normalise_weights(grad.detach(), self.shards)
-        norm = float(self.shards.total(grad.detach().pow(2).sum()).sqrt())
+        norm = self.shards.total(grad.detach().pow(2).sum()).sqrt()
         return w, {"weights/eps_grad_norm": norm}
 
 
@@ -354,6 +358,6 @@ class ERM(ReweightingBase):
 
     def _weights_and_stats(
         self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor
-    ) -> tuple[Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, dict[str, Any]]:
         n = x.shape[0] * self.shards.world_size
         return torch.full((x.shape[0],), 1.0 / n, device=x.device, dtype=x.dtype), {}

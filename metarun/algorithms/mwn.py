@@ -242,7 +242,7 @@ class MWN(ReweightingBase):
 
     def meta_gradient(
         self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor
-    ) -> tuple[list[Tensor], float]:
+    ) -> tuple[list[Tensor], Tensor]:
         """Steps 1-3 without the update: the gradient of the clean loss after the look-ahead
         step w.r.t. the weight net's parameters (averaged over processes), and that loss."""
         ahead = self.lookahead(self.weigh, x, y, val_x, val_y)
@@ -251,11 +251,11 @@ class MWN(ReweightingBase):
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(raw, params)]
         if self.shards.world_size > 1:
             grads = self.shards.mean(grads)
-        return grads, float(ahead.clean_loss.detach())
+        return grads, ahead.clean_loss.detach()
 
     def _weights_and_stats(
         self, x: Tensor, y: Tensor, val_x: Tensor, val_y: Tensor
-    ) -> tuple[Tensor | None, dict[str, float]]:
+    ) -> tuple[Tensor | None, dict[str, Any]]:
         """Steps 1-3: update the weight net. The weights come from the updated net and the real
         forward's losses (:meth:`_weights_of_losses`), as in the official code."""
         grads, clean_after = self.meta_gradient(x, y, val_x, val_y)
@@ -263,7 +263,7 @@ class MWN(ReweightingBase):
             p.grad = g
         self.weight_optimizer.step()
         self.weight_optimizer.zero_grad(set_to_none=True)
-        norm = float(torch.cat([g.reshape(-1) for g in grads]).norm())
+        norm = torch.cat([g.reshape(-1) for g in grads]).norm().detach()
         return None, {"weights/lookahead_clean_loss": clean_after, "weights/meta_grad_norm": norm}
 
     def _weights_of_losses(self, w: Tensor | None, losses: Tensor) -> Tensor:
