@@ -164,7 +164,7 @@ def test_vmap_gives_the_loops_meta_gradient_with_batch_norm() -> None:
             model, task_type="classification", lam=2.0, inner_lr=0.3, inner_steps=4,
             eval_inner_steps=4, cg_steps=5, task_batching=mode, task_chunk_size=2,
         )  # fmt: skip
-        metrics[mode] = algo.meta_train_step(batch)
+        metrics[mode] = {k: float(v) for k, v in algo.meta_train_step(batch).items()}
         grads[mode] = {n: p.grad for n, p in model.named_parameters()}
     for name, grad in grads["loop"].items():
         torch.testing.assert_close(grads["vmap"][name], grad, rtol=1e-9, atol=1e-12)

@@ -307,7 +307,7 @@ class IMAML(MetaAlgorithm):
         return vs, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
 
     # -- protocol ----------------------------------------------------------------------------
-    def meta_train_step(self, batch: TaskBatch) -> dict[str, float]:
+    def meta_train_step(self, batch: TaskBatch) -> dict[str, Any]:
         """The mean over tasks of the implicit meta-gradients, added to ``.grad`` of the
         model's trainable parameters."""
         n = len(batch)
@@ -343,7 +343,8 @@ class IMAML(MetaAlgorithm):
                     add(f"train/pre_{key}", value)
         add("train/cg_residual", residuals.sum())
         names = list(sums)
-        values = torch.stack([sums[k].detach() for k in names]).double().div(n).tolist()
+        # Left on the device: the runner reads them on logged steps only.
+        values = torch.stack([sums[k].detach() for k in names]).double().div(n).unbind()
         metrics = dict(zip(names, values))
         # The outer objective under both names the runner and users look for (as MAML's).
         metrics["train/meta_loss"] = metrics["train/query_loss"] = metrics["train/post_loss"]

@@ -141,11 +141,11 @@ class ProtoNets(MetaAlgorithm):
         }
 
     # -- protocol ----------------------------------------------------------------------------
-    def meta_train_step(self, batch: TaskBatch) -> dict[str, float]:
+    def meta_train_step(self, batch: TaskBatch) -> dict[str, Any]:
         """Gradient of the mean query loss over the batch's episodes (Snell et al.: one episode
         per step, i.e. ``meta_batch_size=1``), accumulated task by task."""
         n = len(batch)
-        totals: dict[str, float] = {}
+        totals: dict[str, Any] = {}
         for i in range(n):
             sx, sy, qx, qy = (t[i] for t in batch.tensors())
             logits = self._episode(sx, sy, qx)
@@ -153,7 +153,8 @@ class ProtoNets(MetaAlgorithm):
             with torch.no_grad():
                 for key, value in self._metrics(logits.detach(), qy).items():
                     name = f"train/post_{key}"
-                    totals[name] = totals.get(name, 0.0) + float(value) / n
+                    # Summed on the device: the runner reads them on logged steps only.
+                    totals[name] = totals.get(name, 0.0) + value.detach().double() / n
         # No adaptation before the prototypes, so no train/pre_* metrics.
         totals["train/meta_loss"] = totals["train/query_loss"] = totals["train/post_loss"]
         return totals

@@ -430,7 +430,7 @@ class Reptile(MetaAlgorithm):
             return torch.func.vmap(one, chunk_size=self.query_chunk_size)(x)
 
     # -- protocol ----------------------------------------------------------------------------
-    def meta_train_step(self, batch: TaskBatch) -> dict[str, float]:
+    def meta_train_step(self, batch: TaskBatch) -> dict[str, Any]:
         """Adapt every task, then leave ``a_t * (theta - mean_i phi_i)`` in ``.grad``.
 
         Metrics: ``train/meta_loss`` (= ``train/query_loss`` = ``train/post_loss``) is the query
@@ -445,7 +445,7 @@ class Reptile(MetaAlgorithm):
         n = len(batch)
         theta = {k: p for k, p in self.model.named_parameters() if p.requires_grad}
         mean_phi = {name: torch.zeros_like(p) for name, p in theta.items()}
-        totals: dict[str, float] = {}
+        totals: dict[str, Any] = {}
         for i in range(n):
             sx, sy, qx, qy = (t[i] for t in batch.tensors())
             phi = self._adapt(sx, sy, None if orders is None else orders[i], self.inner_steps)
@@ -459,7 +459,8 @@ class Reptile(MetaAlgorithm):
             for prefix, metrics in groups:
                 for key, value in metrics.items():
                     name = f"train/{prefix}_{key}"
-                    totals[name] = totals.get(name, 0.0) + float(value) / n
+                    # Summed on the device: the runner reads them on logged steps only.
+                    totals[name] = totals.get(name, 0.0) + value.detach().double() / n
         with torch.no_grad():
             for name, p in theta.items():
                 pseudo = (p.detach() - mean_phi[name]).mul_(factor)
