@@ -37,6 +37,17 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "maml": ("Finn et al. 2017: 98.7%", ["algo=maml", *MAML_LIKE]),
     "fomaml": ("Finn et al. 2017: 98.3%", ["algo=fomaml", *MAML_LIKE]),
     "metasgd": ("Li et al. 2017: 99.5%", ["algo=metasgd", *MAML_LIKE]),
+    # 5 inner steps (train and test); the two schedules shortened to the 150 steps.
+    "mamlpp": (
+        "Antoniou et al. 2019: 99.47%",
+        [
+            "algo=mamlpp",
+            "algo.inner_lr=0.1",
+            "algo.msl_anneal_steps=50",
+            "algo.first_order_until=50",
+            *MAML_LIKE,
+        ],
+    ),
     "anil": ("Raghu et al. 2020 (miniImageNet 5-shot 61.5%)", ["algo=anil", *MAML_LIKE]),
     # Tested without the proximal term (eval_lam=0), as the authors' code tests.
     "imaml": ("Rajeswaran et al. 2019: 99.16%", ["algo=imaml", "algo.eval_lam=0", *MAML_LIKE]),

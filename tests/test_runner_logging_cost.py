@@ -5,12 +5,18 @@ the device once per step)."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import metarun
 from metarun.runner import api
+from metarun.runner.build import build_experiment, build_meta_optimizer
 from metarun.runner.checkpoint import load_checkpoint
+from metarun.runner.logging import RunLogger
+from metarun.runner.trainer import Trainer
 
 # A fixed task batching: auto's measurement would be the only difference between the runs.
 COMMON = ["outer_steps=6", "eval.every=0", "save.every=0", "algo.task_batching=vmap"]
@@ -63,3 +69,67 @@ def test_prefetching_by_default_only_on_cuda():
     assert prefetch_depth(None, torch.device("cuda")) == 2
     assert prefetch_depth(None, torch.device("cpu")) == 0
     assert prefetch_depth(3, torch.device("cpu")) == 3  # an explicit value is kept
+
+
+# ------------------------------------------------------------------- host reads on unlogged steps
+
+_READS = ("item", "tolist", "__float__", "__bool__", "__int__", "cpu", "numpy")
+_PACKAGE = str(Path(metarun.__file__).parent)
+
+
+def _trainer(config, run_dir) -> Trainer:  # type: ignore[no-untyped-def]
+    experiment = build_experiment(config)
+    optimizer = build_meta_optimizer(config.meta_optimizer, experiment.algorithm.meta_parameters())
+    experiment.algorithm.attach_optimizer(optimizer)
+    return Trainer(
+        experiment,
+        optimizer,
+        RunLogger(run_dir, tensorboard=False),
+        run_dir,
+        config_yaml="",
+        options={},
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["algo.task_batching=vmap"],
+        ["algo.task_batching=loop"],
+        ["algo=reptile", "meta_batch_size=2"],
+        [
+            "algo=l2rw",
+            "meta_batch_size=1",
+            "dataset=mnist_imbalance",
+            "dataset.source_split=test",
+            "dataset.pos_ratio=0.9",
+            "dataset.n_train=50",
+            "dataset.n_val=4",
+            "dataset.n_test=10",
+            "dataset.batch_size=8",
+        ],
+    ],
+    ids=["maml-vmap", "maml-loop", "reptile", "l2rw"],
+)
+def test_a_step_that_does_not_log_reads_one_value_from_the_device(
+    make_config, tiny, tmp_path, monkeypatch, overrides
+):
+    """On a GPU every host read waits for the device: metarun's own code reads exactly one
+    value on a step that does not log (the divergence check's fused flag)."""
+    trainer = _trainer(make_config([*tiny, *overrides]), tmp_path)
+    trainer.train_step(logged=False)  # first-step work (optimizer state, lazy set-up)
+    reads: list[str] = []
+    for name in _READS:
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, __original=original, __name=name, **kwargs):  # type: ignore[no-untyped-def]
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(_PACKAGE):
+                reads.append(f"{__name} in {caller}:{sys._getframe(1).f_lineno}")
+            return __original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    metrics = trainer.train_step(logged=False)
+    monkeypatch.undo()
+    assert len(reads) == 1 and "trainer.py" in reads[0], reads
+    assert metrics and all(isinstance(v, (float, torch.Tensor)) for v in metrics.values())

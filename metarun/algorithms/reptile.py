@@ -289,6 +289,7 @@ class Reptile(MetaAlgorithm):
             isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules()
         )
         self.register_buffer("outer_step", torch.zeros((), dtype=torch.long))
+        self._clock: int | None = None  # set_step: the runner's completed outer steps
         seed = torch.randint(0, 2**62, (), dtype=torch.long)
         self.register_buffer("order_seed", seed)
 
@@ -344,6 +345,11 @@ class Reptile(MetaAlgorithm):
         return {"train/anneal_factor": self.anneal_factor(int(self.outer_step) - 1)}
 
     # -- pieces --------------------------------------------------------------------------------
+    def set_step(self, step: int) -> None:
+        """The runner's completed outer steps before the next :meth:`meta_train_step`: what
+        ``outer_step`` counts (both are checkpointed), known on the host."""
+        self._clock = step
+
     def anneal_factor(self, step: int) -> float:
         """The pseudo-gradient's factor at outer step ``step`` (0-based):
         ``1 - (1 - anneal_final) * min(step, anneal_steps) / anneal_steps``."""
@@ -439,7 +445,9 @@ class Reptile(MetaAlgorithm):
         ``train/post_accuracy``, and ``train/pre_*`` before adaptation on logged steps. The
         runner's ``hypergrad/norm`` is then the norm of the (annealed) pseudo-gradient.
         """
-        step = int(self.outer_step)
+        # The runner's count when it gave one (the same steps, without a read from the device).
+        step = int(self.outer_step) if self._clock is None else self._clock
+        self._clock = None
         factor = self.anneal_factor(step)
         orders = self.train_orders(batch, step)
         n = len(batch)
