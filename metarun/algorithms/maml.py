@@ -743,9 +743,16 @@ class MAML(MetaAlgorithm):
                 losses, outs = batched(params, hyper, first_order, *chunk.tensors())
             (losses.sum() / n).backward()
             with torch.no_grad():
-                totals.add("post", self._task_metrics(outs.detach(), chunk.query_y))
                 if self._stepwise:
+                    totals.add("post", self._task_metrics(outs.detach(), chunk.query_y))
                     totals.add("meta", {"loss": losses.detach()})
+                else:
+                    # Each task's meta-loss is its query loss after adaptation: only the
+                    # accuracy needs the outputs again (every kernel counts on small steps).
+                    post = {"loss": losses.detach()}
+                    if self.task_type == "classification":
+                        post["accuracy"] = (outs.argmax(-1) == chunk.query_y).float().mean(-1)
+                    totals.add("post", post)
                 if self.pre_adaptation_metrics:
                     pre = torch.func.vmap(self._pre_forward)(chunk.query_x)
                     totals.add("pre", self._task_metrics(pre, chunk.query_y))
@@ -829,6 +836,9 @@ class _Totals:
             self.sums[name] = self.sums[name] + total if name in self.sums else total
 
     def means(self, n: int) -> dict[str, Tensor]:
+        if len(self.sums) <= 2:
+            # Fewer kernels than stacking for the one or two metrics of an unlogged step.
+            return {k: v.detach().double() / n for k, v in self.sums.items()}
         names = list(self.sums)
         values = torch.stack([self.sums[k] for k in names]).detach().double().div(n)
         return dict(zip(names, values.unbind()))

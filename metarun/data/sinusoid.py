@@ -84,7 +84,8 @@ class SinusoidTasks:
 
         def uniform(shape: tuple[int, ...], bounds: tuple[float, float]) -> torch.Tensor:
             low, high = bounds
-            return torch.rand(shape, generator=generator) * (high - low) + low
+            # In place: the same two roundings as `rand * (high - low) + low`, two fewer tensors.
+            return torch.rand(shape, generator=generator).mul_(high - low).add_(low)
 
         amplitude = uniform((t, 1, 1), self.amplitude)  # (T, 1, 1)
         phase = uniform((t, 1, 1), self.phase)  # (T, 1, 1)
