@@ -13,14 +13,18 @@ of the formats distributed:
 
 The classes hold 732 to 1300 images, so a split is stored flat with class offsets
 (:class:`~metarun.data.images.ClassPool`); tasks draw uniformly from each class's own images.
-The split is the one of the files: Ren et al.'s class list (608 wnids) is not part of metarun,
-so the loader checks the published counts instead and warns when a split differs.
+The split is the one of the files. Where the files name their classes by WordNet id (Ren et al.'s
+``label_specific_str``, or ImageNet-style folder names), each split is checked against the
+published class list (:mod:`metarun.data.tiered_classes`) and a warning names the classes of
+another split, unknown classes and missing ones; other names are only counted. A class in two
+splits of the files is an error.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,6 +44,7 @@ from metarun.data.images import (
     text,
 )
 from metarun.data.miniimagenet import IMAGENET_MEAN, IMAGENET_STD, check_split
+from metarun.data.tiered_classes import SPLIT_OF, TIERED_CLASSES, WNID
 from metarun.registry import register
 from metarun.tasks import TaskSources
 
@@ -169,6 +174,48 @@ def _read_folders(folder: Path, split: str, image_size: int) -> tuple[ClassPool,
     return pool, 0  # the folders do not say the superclasses
 
 
+def _some(wnids: Sequence[str], shown: int = 3) -> str:
+    more = f", ... {len(wnids) - shown} more" if len(wnids) > shown else ""
+    return ", ".join(wnids[:shown]) + more
+
+
+def split_differences(names: Mapping[str, Sequence[str]]) -> dict[str, str]:
+    """How the classes of each split of the files differ from Ren et al.'s published split: one
+    phrase per split that differs (none when the files follow the published split).
+
+    Names are matched as WordNet ids; a split with none (e.g. folders named by class words) is
+    only compared by its number of classes, since its names cannot be matched.
+    """
+    differences = {}
+    for split in SPLITS:
+        found = list(names[split])
+        published = TIERED_CLASSES[split]
+        head = f"{split}: {len(found)} classes, the published split has {len(published)}"
+        if not any(WNID.fullmatch(name) for name in found):
+            if len(found) != len(published):
+                example = f"e.g. {found[0]!r}, " if found else ""
+                differences[split] = (
+                    f"{head} (the class names, {example}are not WordNet ids, so they cannot be "
+                    f"matched with the published list)"
+                )
+            continue
+        parts = []
+        for other in SPLITS:
+            moved = sorted(n for n in found if other != split and SPLIT_OF.get(n) == other)
+            if moved:
+                parts.append(f"{len(moved)} of them are published {other} classes ({_some(moved)})")
+        unknown = sorted(n for n in found if n not in SPLIT_OF)
+        if unknown:
+            parts.append(f"{len(unknown)} are in no published split ({_some(unknown)})")
+        present = set(found)
+        missing = [c for c in published if c not in present]
+        if missing:
+            parts.append(f"{len(missing)} published {split} classes are missing ({_some(missing)})")
+        if parts:
+            differences[split] = f"{head}; " + "; ".join(parts)
+    return differences
+
+
 def load_tieredimagenet(
     root: str | Path, *, image_size: int = SIDE, cache_dir: str | None = None
 ) -> dict[str, ClassPool]:
@@ -200,14 +247,14 @@ def load_tieredimagenet(
         key = fingerprint([folder / s for s in SPLITS])
     pools = cached_pools("tieredimagenet", f"{kind}|{key}|size{image_size}", cache_dir, decode)
     check_split(pools, {s: pools[s].names for s in SPLITS}, f"tieredImageNet in {folder}")
+    differences = split_differences({s: pools[s].names for s in SPLITS})
     for split in SPLITS:
-        classes = len(pools[split].names)
-        if classes != PUBLISHED[split]["classes"]:
+        if split in differences:
             logger.warning(
-                "tieredImageNet %s: %d classes, the published split has %d",
-                split,
-                classes,
-                PUBLISHED[split]["classes"],
+                "tieredImageNet in %s, %s. Results are not comparable with the published ones. "
+                "Fix: use Ren et al.'s split (metarun.data.tiered_classes lists it)",
+                folder,
+                differences[split],
             )
         if superclasses.get(split):
             logger.info("tieredImageNet %s: %d superclasses", split, superclasses[split])
