@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import io
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 
 from metarun.data.download import downloaded, replace_into
+from metarun.data.pickles import load_numpy_pickle
 from metarun.data.supervised import (
     SplitData,
     random_crop_flip,
@@ -186,40 +186,11 @@ def background_flip(
 # --------------------------------------------------------------------------- files
 
 
-class _BatchUnpickler(pickle.Unpickler):
-    """Unpickles only what the official CIFAR batches hold: dicts, lists, strings, numbers and
-    numpy arrays (``numpy.core`` in the official Python 2 files, ``numpy._core`` since NumPy 2)."""
-
-    _ALLOWED = {
-        ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "scalar"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(
-                f"refusing to load {module}.{name}: the official CIFAR batches hold only numpy "
-                f"arrays, lists and strings"
-            )
-        if module == "numpy.core.multiarray":
-            # NumPy 2 moved numpy.core to numpy._core (the old name still loads, with a warning).
-            try:
-                return super().find_class("numpy._core.multiarray", name)
-            except ModuleNotFoundError:  # NumPy 1
-                pass
-        return super().find_class(module, name)
-
-
 def _read_batch(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
     """One pickled batch -> ``(images (N, 3, 32, 32) uint8, labels (N,) int64)``."""
     try:
         # latin1: the official files were pickled by Python 2 (keys and names are byte strings).
-        entry = _BatchUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+        entry = load_numpy_pickle(io.BytesIO(path.read_bytes()))
         data, labels = entry["data"], entry[label_key]
     except Exception as error:  # corrupt bytes raise anything from EOFError to IndexError
         raise ValueError(

@@ -13,18 +13,18 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from metarun.data.fewshot import FewShotTasks
+from metarun.data.pickles import load_numpy_pickle
 from metarun.spec.bases import DatasetSchema
 from metarun.spec.checks import require, require_optional_count
 from metarun.tasks import TaskSources
@@ -101,54 +101,20 @@ def resize_images(images: Tensor, size: int, chunk: int = 1024) -> Tensor:
 # --------------------------------------------------------------------------- pickles
 
 
-class SafeUnpickler(pickle.Unpickler):
-    """Unpickles only numpy arrays, numpy scalars and plain containers: what the community's
-    miniImageNet and tieredImageNet pickles hold. A tampered pickle cannot run code."""
-
-    _ALLOWED = {
-        ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "scalar"),
-        ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(
-                f"refusing to load {module}.{name}: these data pickles hold only numpy arrays, "
-                f"dicts, lists and strings"
-            )
-        if module == "numpy.core.multiarray":
-            # NumPy 2 renamed numpy.core to numpy._core (the old name loads with a warning).
-            try:
-                return super().find_class("numpy._core.multiarray", name)
-            except ModuleNotFoundError:  # NumPy 1
-                pass
-        return super().find_class(module, name)
-
-
 def load_pickle(path: Path, fix: str) -> Any:
-    """Unpickle ``path`` with :class:`SafeUnpickler` (Python 2 pickles too).
+    """Unpickle ``path`` with :class:`~metarun.data.pickles.NumpyUnpickler` (Python 2 pickles
+    too).
 
     Raises:
         ValueError: the file is damaged or holds something else, naming it and ``fix``.
     """
     try:
         with open(path, "rb") as handle:
-            return _unpickle(handle)
+            return load_numpy_pickle(handle)
     except Exception as error:  # corrupt bytes raise anything from EOFError to IndexError
         raise ValueError(
             f"cannot read {path} ({type(error).__name__}: {error}). Fix: {fix}"
         ) from error
-
-
-def _unpickle(handle: IO[bytes]) -> Any:
-    # latin1: pickles written by Python 2 hold numpy buffers as str.
-    return SafeUnpickler(handle, encoding="latin1").load()
 
 
 def text(value: Any) -> str:
