@@ -26,7 +26,7 @@ from torch import Tensor
 from metarun.data.fewshot import FewShotTasks
 from metarun.data.pickles import load_numpy_pickle
 from metarun.spec.bases import DatasetSchema
-from metarun.spec.checks import require, require_optional_count
+from metarun.spec.checks import require, require_image_model, require_optional_count
 from metarun.tasks import TaskSources
 
 logger = logging.getLogger(__name__)
@@ -296,26 +296,12 @@ class FewShotImageConfig(DatasetSchema):
         )
 
     def check_model(self, model: Any) -> None:
-        require(
-            model.num_classes == self.n_way,
-            "model.num_classes",
-            model.num_classes,
-            f"equal to dataset.n_way ({self.n_way})",
-            "model.num_classes=${dataset.n_way}",
-        )
-        require(
-            model.image_size == self.image_size,
-            "model.image_size",
-            model.image_size,
-            f"equal to dataset.image_size ({self.image_size})",
-            "model.image_size=${dataset.image_size}",
-        )
-        require(
-            model.in_channels == 3,
-            "model.in_channels",
-            model.in_channels,
-            f"3 for dataset={self.option} (RGB)",
-            "model.in_channels=3",
+        require_image_model(
+            model,
+            n_way=self.n_way,
+            image_size=self.image_size,
+            channels=3,
+            colours=f"3 for dataset={self.option} (RGB)",
         )
 
 

@@ -35,7 +35,7 @@ from metarun.data.download import download_file
 from metarun.data.fewshot import FewShotTasks
 from metarun.registry import register
 from metarun.spec.bases import DatasetSchema
-from metarun.spec.checks import require, require_optional_count
+from metarun.spec.checks import require, require_image_model, require_optional_count
 from metarun.spec.enums import OmniglotSplit
 from metarun.tasks import TaskSources
 
@@ -513,26 +513,12 @@ class OmniglotConfig(DatasetSchema):
         )
 
     def check_model(self, model: Any) -> None:
-        require(
-            model.num_classes == self.n_way,
-            "model.num_classes",
-            model.num_classes,
-            f"equal to dataset.n_way ({self.n_way})",
-            "model.num_classes=${dataset.n_way}",
-        )
-        require(
-            model.image_size == self.image_size,
-            "model.image_size",
-            model.image_size,
-            f"equal to dataset.image_size ({self.image_size})",
-            "model.image_size=${dataset.image_size}",
-        )
-        require(
-            model.in_channels == 1,
-            "model.in_channels",
-            model.in_channels,
-            "1 for dataset=omniglot (grayscale)",
-            "model.in_channels=1",
+        require_image_model(
+            model,
+            n_way=self.n_way,
+            image_size=self.image_size,
+            channels=1,
+            colours="1 for dataset=omniglot (grayscale)",
         )
 
 

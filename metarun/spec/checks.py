@@ -27,3 +27,32 @@ def require_range(key: str, value: list[float], example: str) -> None:
 
 def require_optional_count(key: str, value: int | None, example: str) -> None:
     require(value is None or value >= 1, key, value, ">= 1 or null", example)
+
+
+def require_image_model(
+    model: Any, *, n_way: int, image_size: int, channels: int, colours: str
+) -> None:
+    """What a few-shot image dataset asks of its model: one output per way
+    (``dataset.n_way``), the dataset's image side and its channels (``colours`` says which:
+    e.g. ``"1 for dataset=omniglot (grayscale)"``)."""
+    require(
+        model.num_classes == n_way,
+        "model.num_classes",
+        model.num_classes,
+        f"equal to dataset.n_way ({n_way})",
+        "model.num_classes=${dataset.n_way}",
+    )
+    require(
+        model.image_size == image_size,
+        "model.image_size",
+        model.image_size,
+        f"equal to dataset.image_size ({image_size})",
+        "model.image_size=${dataset.image_size}",
+    )
+    require(
+        model.in_channels == channels,
+        "model.in_channels",
+        model.in_channels,
+        colours,
+        f"model.in_channels={channels}",
+    )
