@@ -92,10 +92,15 @@ def test_compiled_run_trains_as_the_eager_run(make_config, tiny, tmp_path, caplo
         torch.testing.assert_close(compiled[name], value, rtol=1e-5, atol=1e-6)
 
 
-def test_compile_without_a_compiled_path_says_the_run_is_eager(make_config, tiny, caplog):
+@pytest.mark.parametrize(
+    "overrides", [["algo.task_batching=loop"], ["algo=anil"]], ids=["maml-loop", "anil"]
+)
+def test_compile_without_a_compiled_path_says_the_run_is_eager(
+    make_config, tiny, caplog, overrides
+):
     from metarun.runner.build import build_experiment
 
-    config = make_config([*tiny, "compile=true", "algo.task_batching=loop"])
+    config = make_config([*tiny, "compile=true", *overrides])
     with caplog.at_level(logging.WARNING, logger="metarun.runner.build"):
         build_experiment(config, with_data=False)
     assert any("no compiled path" in r.getMessage() for r in caplog.records)

@@ -258,6 +258,10 @@ class ANIL(MAML):
                 name = f"train/{prefix}_{key}"
                 totals[name] = totals[name] + value * weight if name in totals else value * weight
 
+    def use_compile(self, backend: str) -> bool:
+        # MAML's compiled vmapped step is not the step ANIL runs: say the run is eager.
+        return False
+
     # -- protocol ----------------------------------------------------------------------------
     def meta_train_step(self, batch: TaskBatch) -> dict[str, Any]:
         """Meta-gradient of the mean query loss over the batch (body features once per task,
