@@ -2,20 +2,21 @@
 
 The suite lives outside the repository (``../shared/conformance``, higher's code under its own
 licence); a user's clone has no such folder and this test skips.
+
+Every test is seeded from its name (``conformance/seed_per_test.py``), so a run is reproducible.
+higher's finite-difference gradient checks still fail on some draws for higher itself (about
+one test in 100; ``scripts/conformance_seeds.py`` prints which, per seed): a metarun failure is
+accepted only when real higher fails the same test the same way on the same draw.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
 import sys
-from pathlib import Path
+import warnings
 
 import pytest
+from conformance.suite import SCRIPT, SUITE, counts_of, failures_of, run_suite, select
 
-REPO = Path(__file__).resolve().parents[1]
-SUITE = REPO / ".." / "shared" / "conformance"
 HIGHER_PASSES = 159  # real higher 0.2.1 on torch 2.14.1 (../shared/conformance/README.md)
 
 # Deliberate differences, explained in docs/unroll.md ("Conformance"):
@@ -29,48 +30,57 @@ DESELECTED = [
 ]
 
 
-def _counts(output: str) -> dict[str, int]:
-    """Counts from pytest's final summary line, e.g. ``1 failed, 173 passed in 75.5s``."""
-    summary = [line for line in output.splitlines() if re.search(r"\bin [\d.]+s\b", line)]
-    if not summary:
-        return {}
-    found = re.findall(r"(\d+) (passed|failed|errors?|deselected|skipped)", summary[-1])
-    return {kind.rstrip("s") if kind.startswith("error") else kind: int(n) for n, kind in found}
-
-
-def test_counts_parser() -> None:
-    assert _counts("x\n1 failed, 173 passed, 111 warnings in 75.55s (0:01:15)\n") == {
-        "failed": 1,
-        "passed": 173,
-    }
-    assert _counts("173 passed, 1 deselected, 2 errors in 9.1s") == {
+def test_summary_parsers() -> None:
+    out = (
+        "FAILED test_optim.py::TestOptim::testA_1_x - AssertionError: False is not true : 20%\n"
+        "ERROR test_patch.py::TestPatch::testB\n"
+        "1 failed, 173 passed, 111 warnings in 75.55s (0:01:15)\n"
+    )
+    assert counts_of(out) == {"failed": 1, "passed": 173}
+    assert counts_of("173 passed, 1 deselected, 2 errors in 9.1s") == {
         "passed": 173,
         "deselected": 1,
         "error": 2,
     }
+    assert failures_of(out) == {
+        "test_optim.py::TestOptim::testA_1_x": "AssertionError: False is not true : 20%",
+        "test_patch.py::TestPatch::testB": "",
+    }
+    picked = select(["a.py::T::testA_1_x", "a.py::T::testB_10_y"])
+    assert picked == ["-k", "testA_1_x or testB_10_y"]
+
+
+def _same_failure(ours: str, theirs: str) -> bool:
+    """Both the same exception type, e.g. the finite-difference threshold's AssertionError
+    (higher's "not supported" ValueError for AdamW excuses nothing)."""
+    return ours.split(":", 1)[0] == theirs.split(":", 1)[0] != ""
 
 
 @pytest.mark.slow
 def test_higher_suite_passes_against_metarun_unroll() -> None:
-    script = SUITE / "run_higher_suite.sh"
-    if not script.is_file():
+    if not SCRIPT.is_file():
         pytest.skip(
-            f"higher's conformance suite not found at {SUITE.resolve()} (it lives next to the "
+            f"higher's conformance suite not found at {SUITE} (it lives next to the "
             "metarun checkout in the development setup, not in the repository)"
         )
-    env = {k: v for k, v in os.environ.items() if k != "MODULE"}  # MODULE=higher tests higher
     args = [arg for test in DESELECTED for arg in ("--deselect", test)]
-    res = subprocess.run(
-        ["bash", str(script), sys.executable, *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=3600,
+    ours = run_suite(sys.executable, pytest_args=args)
+    assert ours.counts, f"no pytest summary line in the suite's output:\n{ours.tail()}"
+    assert ours.counts.get("error", 0) == 0, ours.tail()
+    unexplained = dict(ours.failures)
+    if ours.failures:
+        higher = pytest.importorskip("higher", reason="higher 0.2.1 (make install) judges failures")
+        del higher
+        theirs = run_suite(sys.executable, module="higher", pytest_args=select(list(ours.failures)))
+        unexplained = {
+            node: why
+            for node, why in ours.failures.items()
+            if not _same_failure(why, theirs.failures.get(node, ""))
+        }
+    for node in sorted(set(ours.failures) - set(unexplained)):
+        warnings.warn(f"{node} fails on this draw for real higher too", stacklevel=1)
+    assert not unexplained, (
+        f"failures that real higher does not share on the same draw: {unexplained}\n{ours.tail()}"
     )
-    output = res.stdout + res.stderr
-    counts = _counts(output)
-    tail = "\n".join(output.splitlines()[-40:])
-    assert counts, f"no pytest summary line in the suite's output:\n{tail}"
-    assert counts.get("failed", 0) == 0 and counts.get("error", 0) == 0, tail
-    assert counts.get("passed", 0) >= HIGHER_PASSES, tail
-    assert res.returncode == 0, tail
+    assert ours.counts.get("failed", 0) == len(ours.failures), ours.tail()
+    assert ours.counts.get("passed", 0) >= HIGHER_PASSES, ours.tail()
