@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -219,6 +220,21 @@ def test_task_batching_auto_is_measured_saved_and_restored(train, tmp_path, capl
     train(tmp_path, [*overrides, "outer_steps=6", "resume=true"])
     assert "task_batching=auto chose" not in caplog.text  # the checkpoint's choice is reused
     assert load_checkpoint(last)["algorithm_extra"]["task_batching"] == chosen
+
+
+def test_task_batching_auto_logs_overrides_that_repeat_the_run(train, tmp_path, caplog):
+    caplog.set_level("INFO", logger="metarun.algorithms.autotune")
+    overrides = ["outer_steps=4", "save.every=0", "eval.every=0"]
+    train(tmp_path / "auto", [*overrides, "algo.task_batching=auto"])
+    found = re.search(
+        r"bit for bit: (algo\.task_batching=\S+ algo\.task_chunk_size=\S+)", caplog.text
+    )
+    assert found is not None, caplog.text
+    train(tmp_path / "pinned", [*overrides, *found.group(1).split()])
+    _assert_same(
+        _params(tmp_path / "auto/checkpoints/last.pt"),
+        _params(tmp_path / "pinned/checkpoints/last.pt"),
+    )
 
 
 def test_loop_with_checkpointed_inner_steps_matches_vmap(train, tmp_path):

@@ -62,6 +62,12 @@ class Choice:
             f"(median of {self.rounds}), {self.bytes / 2**20:.1f} MiB"
         )
 
+    def overrides(self) -> str:
+        """The config overrides that make this choice without measuring (for repeating a run
+        bit for bit: loop and vmap agree only to float rounding)."""
+        chunk = "null" if self.mode == "loop" or self.chunk is None else str(self.chunk)
+        return f"algo.task_batching={self.mode} algo.task_chunk_size={chunk}"
+
 
 def _label(mode: str, chunk: int | None) -> str:
     return mode if mode == "loop" else f"vmap(chunk={chunk or 'all'})"
@@ -293,8 +299,10 @@ def choose_task_batching(
     timer.select(fastest)
     chosen = fastest.choice()
     log.info(
-        "task_batching=auto chose %s (measured in %.1f s)",
+        "task_batching=auto chose %s (measured in %.1f s); to make the same choice without "
+        "measuring, e.g. to repeat this run bit for bit: %s",
         chosen.describe(),
         time.perf_counter() - start,
+        chosen.overrides(),
     )
     return chosen
