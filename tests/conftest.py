@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -12,6 +13,8 @@ from omegaconf import DictConfig
 from metarun.cli import config_dir
 from metarun.config import RunConfig, validate
 from metarun.config.store import register_configs
+from metarun.runner import api
+from metarun.runner.api import RunSummary
 
 # A sinusoid run that takes a second or two on a laptop CPU.
 TINY = [
@@ -59,3 +62,15 @@ def make_config(compose_cfg: Compose) -> Callable[..., RunConfig]:
         return validate(compose_cfg(overrides))
 
     return _make
+
+
+@pytest.fixture
+def train(make_config: Callable[..., RunConfig], tiny: list[str]) -> Callable[..., RunSummary]:
+    """``train(run_dir, overrides)``: a tiny run (``tiny`` plus ``overrides``) as the CLI does
+    it. Test files that add their own settings to every run define their own ``train``."""
+
+    def _train(run_dir: Path, overrides: Sequence[str] = ()) -> RunSummary:
+        args = [*tiny, *overrides]
+        return api.run(make_config(args), run_dir, overrides=args)
+
+    return _train

@@ -364,15 +364,6 @@ def test_presets_turn_every_option_on(make_config, preset) -> None:
     assert run.name == preset.replace("omniglot_mamlpp", "mamlpp_omniglot")
 
 
-@pytest.fixture
-def train(make_config, tiny):
-    def _train(run_dir, overrides=()) -> api.RunSummary:
-        args = [*tiny, *overrides]
-        return api.run(make_config(args), run_dir, overrides=args)
-
-    return _train
-
-
 SINUSOID_MAMLPP = [
     "algo.inner_steps=3",
     "algo.multi_step_loss=true",

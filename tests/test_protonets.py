@@ -22,7 +22,6 @@ from metarun.algorithms.protonets import ProtoNets, ProtoNetsConfig
 from metarun.config import ConfigError
 from metarun.models.conv4 import Conv4
 from metarun.registry import BuildContext
-from metarun.runner import api
 from metarun.tasks import TaskBatch
 
 METARUN = str(Path(sys.executable).with_name("metarun"))
@@ -221,15 +220,6 @@ def fake_omniglot(monkeypatch):
     pools = {s: torch.rand(64, 4, 1, 28, 28, generator=gen) for s in ("train", "val", "test")}
     monkeypatch.setattr(metarun.data.omniglot, "load_omniglot", lambda root, **kw: pools)
     return pools
-
-
-@pytest.fixture
-def train(make_config, tiny):
-    def _train(run_dir, overrides=()) -> api.RunSummary:
-        args = [*tiny, *overrides]
-        return api.run(make_config(args), run_dir, overrides=args)
-
-    return _train
 
 
 def test_train_10_way_test_5_way_then_load_adapt_predict(train, tmp_path, fake_omniglot):

@@ -196,15 +196,6 @@ def test_pseudo_gradient_is_scaled_by_the_step_counters_factor():
     assert "outer_step" in annealed.state_dict() and "order_seed" in annealed.state_dict()
 
 
-@pytest.fixture
-def train(make_config, tiny):
-    def _train(run_dir, overrides=()) -> api.RunSummary:
-        args = [*tiny, *overrides]
-        return api.run(make_config(args), run_dir, overrides=args)
-
-    return _train
-
-
 REPTILE_SINUSOID = [
     "algo=reptile",
     "meta_optimizer.name=sgd",

@@ -40,17 +40,6 @@ OMNIGLOT_TINY = [
 ]
 
 
-@pytest.fixture
-def train(make_config, tiny):
-    """``train(run_dir, overrides)``: a tiny run (conftest's ``tiny``) as the CLI would do it."""
-
-    def _train(run_dir, overrides=()) -> api.RunSummary:
-        args = [*tiny, *overrides]
-        return api.run(make_config(args), run_dir, overrides=args)
-
-    return _train
-
-
 def _tags(run_dir) -> set[str]:
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
