@@ -11,6 +11,7 @@ accepted only when real higher fails the same test the same way on the same draw
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -53,10 +54,30 @@ def test_summary_parsers() -> None:
     assert picked == ["-k", "testA_1_x or testB_10_y"]
 
 
-def _same_failure(ours: str, theirs: str) -> bool:
-    """Both the same exception type, e.g. the finite-difference threshold's AssertionError
-    (higher's "not supported" ValueError for AdamW excuses nothing)."""
-    return ours.split(":", 1)[0] == theirs.split(":", 1)[0] != ""
+def _unexplained(ours: dict[str, str], theirs: dict[str, str]) -> dict[str, str]:
+    """metarun's failures that real higher does not fail with the same exception type on the
+    same draw (higher's "not supported" ValueError for AdamW excuses nothing)."""
+
+    def kind(why: str) -> str:
+        return why.split(":", 1)[0]
+
+    return {
+        node: why
+        for node, why in ours.items()
+        if not (kind(why) and kind(why) == kind(theirs.get(node, "")))
+    }
+
+
+def test_only_a_failure_higher_shares_is_excused() -> None:
+    threshold = "AssertionError: False is not true : Proportion ... below 60% threshold (20%)."
+    ours = {"t::adam": threshold, "t::sgd": threshold, "t::adamw": threshold, "t::x": ""}
+    theirs = {
+        "t::adam": threshold.replace("20%", "10%"),  # the same check missed
+        "t::adamw": "ValueError: Optimizer type AdamW not supported by higher yet.",
+        "t::x": "",
+    }
+    assert _unexplained(ours, theirs) == {"t::sgd": threshold, "t::adamw": threshold, "t::x": ""}
+    assert _unexplained({}, theirs) == {}
 
 
 @pytest.mark.slow
@@ -71,15 +92,10 @@ def test_higher_suite_passes_against_metarun_unroll() -> None:
     assert ours.counts, f"no pytest summary line in the suite's output:\n{ours.tail()}"
     assert ours.counts.get("error", 0) == 0, ours.tail()
     unexplained = dict(ours.failures)
-    if ours.failures:
-        higher = pytest.importorskip("higher", reason="higher 0.2.1 (make install) judges failures")
-        del higher
+    # Without higher installed (make install has it) no failure can be excused.
+    if ours.failures and importlib.util.find_spec("higher") is not None:
         theirs = run_suite(sys.executable, module="higher", pytest_args=select(list(ours.failures)))
-        unexplained = {
-            node: why
-            for node, why in ours.failures.items()
-            if not _same_failure(why, theirs.failures.get(node, ""))
-        }
+        unexplained = _unexplained(ours.failures, theirs.failures)
     for node in sorted(set(ours.failures) - set(unexplained)):
         warnings.warn(f"{node} fails on this draw for real higher too", stacklevel=1)
     assert not unexplained, (
