@@ -14,6 +14,7 @@ Needs ``../shared/conformance`` (the development setup) and higher 0.2.1 (``make
 
     python scripts/conformance_seeds.py                 # gradient checks, bases 0-9
     python scripts/conformance_seeds.py --bases 20 --all
+    python scripts/conformance_seeds.py --bases 3 -k share_weight_seq_model
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ def main() -> int:
     ap.add_argument(
         "--all", action="store_true", help="the whole suite, not only the gradient checks"
     )
+    ap.add_argument(
+        "-k",
+        dest="select",
+        default="testGradientCorrectness",
+        help="pytest -k expression for the tests to run (default: the gradient checks)",
+    )
     args = ap.parse_args()
     if args.bases < 1:
         ap.error(f"--bases must be at least 1, got {args.bases}")
@@ -42,7 +49,7 @@ def main() -> int:
         where = SCRIPT.parent
         print(f"higher's suite not found at {where} (development setup only)", file=sys.stderr)
         return 2
-    pick = DESELECT if args.all else [*DESELECT, "-k", "testGradientCorrectness"]
+    pick = DESELECT if args.all else [*DESELECT, "-k", args.select]
     head = f"{'base':>4}  {'metarun':>14}  {'higher':>14}"
     print(f"{head}  metarun-only failures (higher has no AdamW)")
     only_total = 0

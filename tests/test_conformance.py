@@ -111,12 +111,17 @@ def test_conformance_seeds_script_compares_both_libraries() -> None:
         pytest.skip(f"higher's conformance suite not found at {SUITE}")
     pytest.importorskip("higher", reason="the script runs real higher 0.2.1 (make install)")
     script = Path(__file__).resolve().parents[1] / "scripts" / "conformance_seeds.py"
+    # On seed base 0 the first check misses for both libraries; higher has no AdamW.
+    pick = "GradientCorrectness_10_share_weight_seq_model_adam or GradientCorrectness_15_"
     done = subprocess.run(
-        [sys.executable, str(script), "--bases", "1"], capture_output=True, text=True, timeout=900
+        [sys.executable, str(script), "--bases", "1", "-k", pick],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     row = re.search(r"^ +0 +(\d+) failed/(\d+) +(\d+) failed/(\d+) +-$", done.stdout, re.M)
     assert row is not None, done.stdout
-    # higher fails at least its five AdamW gradient checks ("not supported yet").
-    assert int(row.group(3)) >= 5 and int(row.group(2)) == int(row.group(4)) > 30, done.stdout
+    assert row.groups() == ("1", "2", "2", "2"), done.stdout
+    assert "both fail: testGradientCorrectness_10_share_weight_seq_model_adam" in done.stdout
     assert "higher passes on the same draw: 0 in 1 bases" in done.stdout, done.stdout
