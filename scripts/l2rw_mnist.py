@@ -38,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +120,16 @@ def seconds_per_step(run_dir: Path) -> float:
     return statistics.fmean(values[1:] if len(values) > 1 else values)
 
 
-def run_one(args: argparse.Namespace, method: str, ratio: float, seed: int, root: Path) -> dict:
-    args_list = overrides(args, method, ratio, seed)
+def run_one(
+    args: argparse.Namespace,
+    method: str,
+    ratio: float,
+    seed: int,
+    root: Path,
+    extra: list[str] | tuple[str, ...] = (),
+) -> dict:
+    """One run through the CLI's code path; ``extra`` overrides are appended (mwn_mnist.py)."""
+    args_list = [*overrides(args, method, ratio, seed), *extra]
     cfg = compose("config", overrides=args_list, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # ${hydra:...} in the run name
     run_dir = root / f"{method}_p{ratio}_s{seed}"
@@ -138,6 +147,36 @@ def run_one(args: argparse.Namespace, method: str, ratio: float, seed: int, root
         "wall_s": time.perf_counter() - start,
         "overrides": [o for o in args_list if not o.startswith("dataset.root=")],
     }
+
+
+def run_grid(
+    args: argparse.Namespace,
+    methods: list[str] | tuple[str, ...],
+    root: Path,
+    one: Callable[[argparse.Namespace, str, float, int, Path], dict] = run_one,
+) -> list[dict]:
+    """Every (pos_ratio, seed, method) run, printing a line per run as it ends."""
+    runs: list[dict] = []
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        for ratio in args.ratios:
+            for seed in range(args.seeds):
+                for method in methods:
+                    run = one(args, method, ratio, seed, root)
+                    runs.append(run)
+                    print(
+                        f"pos_ratio {ratio} seed {seed} {method:4s}: test error "
+                        f"{run['error']:.3f}, {run['sec_per_step'] * 1e3:.1f} ms/step, "
+                        f"{run['wall_s']:.0f} s",
+                        flush=True,
+                    )
+    return runs
+
+
+def save_runs(out: Path, command: str, took: float, runs: list[dict]) -> None:
+    (out / "results.json").write_text(
+        json.dumps({"command": command, "minutes": took / 60, "runs": runs}, indent=2) + "\n",
+        encoding="utf-8",
+    )
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -286,27 +325,12 @@ def main(argv: list[str] | None = None) -> None:
         saved = json.loads(args.from_json.read_text(encoding="utf-8"))
         render(saved["runs"], args, saved["command"], saved["minutes"] * 60)
         return
-    runs: list[dict] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="l2rw_mnist_") as tmp:
         root = args.keep_runs if args.keep_runs is not None else Path(tmp)
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            for ratio in args.ratios:
-                for seed in range(args.seeds):
-                    for method in METHODS:
-                        run = run_one(args, method, ratio, seed, root)
-                        runs.append(run)
-                        print(
-                            f"pos_ratio {ratio} seed {seed} {method:4s}: test error "
-                            f"{run['error']:.3f}, {run['sec_per_step'] * 1e3:.1f} ms/step, "
-                            f"{run['wall_s']:.0f} s",
-                            flush=True,
-                        )
+        runs = run_grid(args, METHODS, root)
     took = time.perf_counter() - start
-    (args.out / "results.json").write_text(
-        json.dumps({"command": command, "minutes": took / 60, "runs": runs}, indent=2) + "\n",
-        encoding="utf-8",
-    )
+    save_runs(args.out, command, took, runs)
     render(runs, args, command, took)
 
 

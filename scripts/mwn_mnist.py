@@ -23,22 +23,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-
-from metarun.cli import config_dir
-from metarun.config import validate
 from metarun.config.store import register_configs
-from metarun.runner import api
 
 # The L2RW script's settings (data, schedule) and helpers, so both scripts measure the same runs.
 _spec = importlib.util.spec_from_file_location(
@@ -73,33 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_one(args: argparse.Namespace, method: str, ratio: float, seed: int, root: Path) -> dict:
-    args_list = l2rw_mnist.overrides(args, method, ratio, seed)
-    if method == "mwn":
-        args_list += list(args.mwn)
-    cfg = compose("config", overrides=args_list, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    run_dir = root / f"{method}_p{ratio}_s{seed}"
-    start = time.perf_counter()
-    summary = api.run(validate(cfg), run_dir, overrides=args_list)
-    metrics = summary.results["test"]["metrics"]
-    out: dict[str, Any] = {
-        "method": method,
-        "pos_ratio": ratio,
-        "seed": seed,
-        "error": metrics["error"]["mean"],
-        "sec_per_step": l2rw_mnist.seconds_per_step(run_dir),
-        "wall_s": time.perf_counter() - start,
-        "overrides": [o for o in args_list if not o.startswith("dataset.root=")],
-    }
-    curve = run_dir / "curves" / "weights_function.csv"
+    """l2rw_mnist's run, with ``--mwn`` overrides for MWN and its learned weighting curve."""
+    out = l2rw_mnist.run_one(
+        args, method, ratio, seed, root, extra=list(args.mwn) if method == "mwn" else ()
+    )
+    curve = root / f"{method}_p{ratio}_s{seed}" / "curves" / "weights_function.csv"
     if curve.is_file():
         rows = [line.split(",") for line in curve.read_text().splitlines()[1:]]
         out["curve"] = [[float(a), float(b)] for a, b in rows]
     return out
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+mean_std = l2rw_mnist.mean_std
 
 
 def markdown(runs: list[dict], args: argparse.Namespace, command: str, took: float) -> str:
@@ -191,26 +167,11 @@ def main(argv: list[str] | None = None) -> None:
     register_configs()
     args.out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python scripts/mwn_mnist.py", *raw])
-    runs: list[dict] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mwn_mnist_") as tmp:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            for ratio in args.ratios:
-                for seed in range(args.seeds):
-                    for method in args.methods:
-                        run = run_one(args, method, ratio, seed, Path(tmp))
-                        runs.append(run)
-                        print(
-                            f"pos_ratio {ratio} seed {seed} {method:4s}: test error "
-                            f"{run['error']:.3f}, {run['sec_per_step'] * 1e3:.1f} ms/step, "
-                            f"{run['wall_s']:.0f} s",
-                            flush=True,
-                        )
+        runs = l2rw_mnist.run_grid(args, args.methods, Path(tmp), run_one)
     took = time.perf_counter() - start
-    (args.out / "results.json").write_text(
-        json.dumps({"command": command, "minutes": took / 60, "runs": runs}, indent=2) + "\n",
-        encoding="utf-8",
-    )
+    l2rw_mnist.save_runs(args.out, command, took, runs)
     text = markdown(runs, args, command, took)
     (args.out / "results.md").write_text(text, encoding="utf-8")
     if any("curve" in r for r in runs):
