@@ -28,7 +28,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from metarun.config import ConfigError, validate
+from metarun.config import ConfigError, Mode, validate
+from metarun.config.provenance import adaptation_report, log_report
 from metarun.config.store import register_configs
 from metarun.sweep.callback import UnusableDirError, forget_sweep, jobs_started
 
@@ -68,6 +69,12 @@ def _app(cfg: DictConfig) -> float:
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         config = validate(cfg)
+        if config.mode is Mode.train and int(os.environ.get("RANK", "0") or 0) == 0:
+            log_report(
+                adaptation_report(
+                    cfg, hydra_cfg.runtime.choices, list(hydra_cfg.overrides.task), config_dir()
+                )
+            )
         # Submitit's preemption signal saves a checkpoint before the job is requeued; a sweep
         # job continues from a checkpoint in its own run dir (a requeued or re-run job).
         with Preemption() as preemption:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +59,15 @@ from metarun.unroll.optimizers import FunctionalOptimizer, Params
 @dataclass
 class IMAMLConfig(AlgoSchema):
     """``algo=imaml``: Rajeswaran et al. 2019, the GD variant by default."""
+
+    adaptation_keys: ClassVar[tuple[str, ...]] = (
+        "inner_lr", "inner_steps", "eval_inner_steps", "lam", "eval_lam",
+    )  # fmt: skip
+    chosen_defaults: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("inner_lr", "inner_steps", "eval_inner_steps", "lam", "eval_lam"),
+        "Rajeswaran et al. 2019, Omniglot (GD variant)",
+    )
+    chosen_for: ClassVar[tuple[str, ...]] = ("omniglot",)
 
     # Strength of the proximal term lam/2 ||phi - theta||^2 of the inner problem.
     lam: float = 2.0

@@ -23,7 +23,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +50,14 @@ log = logging.getLogger(__name__)
 class MAMLConfig(AlgoSchema):
     """``algo=maml``: Finn et al. 2017, second-order unless ``first_order``."""
 
-    inner_lr: float = 0.01
-    inner_steps: int = 1
+    adaptation_keys: ClassVar[tuple[str, ...]] = ("inner_lr", "inner_steps", "eval_inner_steps")
+
+    # The inner loop as chosen for the run's data: the dataset file's `adapt` block (MAML's
+    # settings for that data; generic defaults, reported at start-up, where it has none).
+    inner_lr: float = "${adapt.inner_lr}"  # type: ignore[assignment]  # interpolation
+    inner_steps: int = "${adapt.inner_steps}"  # type: ignore[assignment]
     # Adaptation steps at validation/test time; the paper uses more than in training on Omniglot.
-    eval_inner_steps: int = "${.inner_steps}"  # type: ignore[assignment]  # interpolation
+    eval_inner_steps: int = "${adapt.eval_inner_steps}"  # type: ignore[assignment]
     first_order: bool = False
     # True: the model's weights get no meta-gradient (only e.g. learned inner lrs are meta-learned).
     copy_initial_weights: bool = False
@@ -207,7 +211,12 @@ class MAMLPPConfig(MAMLConfig):
     so that checkpoints and results record ``algo=mamlpp``; every key is MAML's and each option
     can be turned off."""
 
+    chosen_defaults: ClassVar[dict[str, str]] = {
+        "inner_steps": "Antoniou et al. 2019: 5 inner steps in training and at test"
+    }
+
     inner_steps: int = 5
+    eval_inner_steps: int = "${.inner_steps}"  # type: ignore[assignment]  # interpolation
     learn_inner_lr: InnerLR = InnerLR.per_layer_per_step
     multi_step_loss: bool = True
     per_step_bn: bool = True

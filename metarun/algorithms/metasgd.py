@@ -10,6 +10,7 @@ References:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from metarun.algorithms.maml import MAML, MAMLConfig
 from metarun.registry import register
@@ -21,6 +22,14 @@ from metarun.spec.errors import ConfigError
 class MetaSGDConfig(MAMLConfig):
     """``algo=metasgd``: MAML's keys; the inner rates are learned per parameter element."""
 
+    chosen_defaults: ClassVar[dict[str, str]] = {
+        "inner_steps": "Li et al. 2017 adapt with one step",
+        "eval_inner_steps": "Li et al. 2017 adapt with one step",
+    }
+
+    # The inner rate's initial value is the data's (adapt.inner_lr); the steps are Meta-SGD's.
+    inner_steps: int = 1
+    eval_inner_steps: int = 1
     learn_inner_lr: InnerLR = InnerLR.per_param
 
     def __post_init__(self) -> None:

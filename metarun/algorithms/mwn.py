@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +74,12 @@ class MWNConfig(ERMConfig):
     each training loss to a weight; it is trained by the clean-set loss after a look-ahead step
     of the training optimizer (``meta_optimizer``) weighted by it. Defaults: the paper's code on
     noisy CIFAR (WRN-28-10 script): SGD, lr 1e-3, momentum 0.9 (Nesterov), weight decay 5e-4."""
+
+    adaptation_keys: ClassVar[tuple[str, ...]] = ("weight_net_lr",)
+    chosen_defaults: ClassVar[dict[str, str]] = {
+        "weight_net_lr": "Shu et al. 2019's code for noisy CIFAR (MW-Net.py)"
+    }
+    chosen_for: ClassVar[tuple[str, ...]] = ("cifar10_noisy", "cifar100_noisy")
 
     weight_net_hidden: int = 100  # hidden units of the weight net (the paper: 100)
     weight_net_optimizer: OptimizerName = OptimizerName.sgd

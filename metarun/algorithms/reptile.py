@@ -55,7 +55,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -93,6 +93,17 @@ class InnerOptimizer(str, Enum):
 class ReptileConfig(AlgoSchema):
     """``algo=reptile``: Nichol et al. 2018. The outer step size is ``meta_optimizer.lr`` (use
     ``meta_optimizer.name=sgd``); ``anneal_steps`` anneals it linearly."""
+
+    adaptation_keys: ClassVar[tuple[str, ...]] = (
+        "inner_lr", "inner_steps", "inner_batch_size", "eval_inner_steps",
+        "eval_inner_batch_size",
+    )  # fmt: skip
+    # openai/supervised-reptile's Omniglot commands; their batch sizes and test steps are in the
+    # experiment=omniglot_reptile_* presets.
+    chosen_defaults: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("inner_lr", "inner_steps"), "Nichol et al. 2018 (openai/supervised-reptile, Omniglot)"
+    )
+    chosen_for: ClassVar[tuple[str, ...]] = ("omniglot",)
 
     inner_optimizer: InnerOptimizer = InnerOptimizer.adam
     inner_lr: float = 0.001

@@ -142,6 +142,24 @@ class SaveConfig:
         require(self.every >= 0, "save.every", self.every, ">= 0", "save.every=1000")
 
 
+@dataclass
+class AdaptConfig:
+    """``adapt``: how gradient-based algorithms adapt to a task of this run's data, as MAML
+    chose it (Finn et al. 2017). MAML, first-order MAML, ANIL, Meta-SGD and MAML++ read their
+    ``algo.inner_lr`` / ``inner_steps`` / ``eval_inner_steps`` from here unless their own paper
+    chose otherwise (their schemas say which); an algorithm with its own recipe (iMAML,
+    Reptile) ignores it.
+
+    Each dataset file (``conf/dataset/<name>.yaml``) writes the values chosen for it. These
+    defaults are generic: a run that adapts with them says so at start-up, naming the presets
+    that hold a paper's settings (:mod:`metarun.config.provenance`)."""
+
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    # null where the algorithm has no inner_steps (e.g. protonets): then nothing reads it.
+    eval_inner_steps: int | None = "${oc.select:algo.inner_steps,null}"  # type: ignore[assignment]
+
+
 _DEVICE = re.compile(r"auto|cpu|cuda|cuda:\d+")
 
 
@@ -159,6 +177,7 @@ class RunConfig:
     outer_steps: int = 20000  # the default run (README: its measured time on a 2-core CPU)
     meta_batch_size: int = 25
     meta_optimizer: MetaOptimizerConfig = field(default_factory=MetaOptimizerConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
     grad_clip: float | None = None  # max global norm of the meta-gradient; null = no clipping
     # Outer steps with a non-finite meta-loss or meta-gradient skipped (no meta-optimizer step)
     # before training stops as diverged; 0 = stop at the first.

@@ -28,6 +28,14 @@ class AlgoSchema:
     task_kinds: ClassVar[tuple[str, ...]] = (EPISODIC,)
     #: The dataset task types it handles ("classification", "regression").
     task_types: ClassVar[tuple[str, ...]] = ("classification", "regression")
+    #: The keys that set how it adapts to a task or weights examples: the start-up report says
+    #: where each value came from (:mod:`metarun.config.provenance`).
+    adaptation_keys: ClassVar[tuple[str, ...]] = ()
+    #: Schema defaults of those keys that the algorithm's paper chose, with the source; any
+    #: other schema default is generic and reported as such.
+    chosen_defaults: ClassVar[dict[str, str]] = {}
+    #: The datasets ``chosen_defaults`` were chosen for (empty: any data).
+    chosen_for: ClassVar[tuple[str, ...]] = ()
 
     def check_run(self, run: Any) -> None:
         """Checks of run-level keys this algorithm needs (``run``: the whole RunConfig)."""
