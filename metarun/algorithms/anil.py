@@ -35,8 +35,9 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from metarun.algorithms.episodic import with_meta_loss
 from metarun.algorithms.heads import find_head
-from metarun.algorithms.maml import MAML, MAMLConfig, _key, _with_meta_loss
+from metarun.algorithms.maml import MAML, MAMLConfig, _key
 from metarun.registry import BuildContext, register
 from metarun.spec.enums import BNPolicy, TaskBatching
 from metarun.spec.errors import ConfigError
@@ -286,27 +287,18 @@ class ANIL(MAML):
                 loss, out, pre = self._task(params, sx, sy, qx, qy)
                 (loss / n).backward()
                 self._add_metrics(totals, (out, pre), qy, 1 / n)
-        return _with_meta_loss({k: v.detach() for k, v in totals.items()})
+        return with_meta_loss({k: v.detach() for k, v in totals.items()})
 
-    def evaluate(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
-        steps = self.eval_inner_steps if inner_steps is None else inner_steps
-        rows: dict[str, list[Tensor]] = {}
+    def evaluate_task(
+        self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int
+    ) -> tuple[Tensor | None, Tensor]:
         params = get_params(self.model)
-        with self._eval_mode():
-            for i in range(len(batch)):
-                sx, sy, qx, qy = (t[i] for t in batch.tensors())
-                with torch.no_grad():
-                    support_features, _ = self._features(params, sx)
-                    query_features, pre = self._features(params, qx)
-                head = self._adapt_head(
-                    self._head_of(params), support_features, sy, steps, track=False
-                )
-                with torch.no_grad():
-                    post = self._head_forward(head, query_features)
-                for prefix, out in (("pre", pre), ("post", post)):
-                    for key, value in self._metrics(out, qy).items():
-                        rows.setdefault(f"{prefix}/{key}", []).append(value.float().cpu())
-        return {k: torch.stack(v) for k, v in rows.items()}
+        with torch.no_grad():
+            support_features, _ = self._features(params, sx)
+            query_features, pre = self._features(params, qx)
+        head = self._adapt_head(self._head_of(params), support_features, sy, steps, track=False)
+        with torch.no_grad():
+            return pre, self._head_forward(head, query_features)
 
     def adapt(
         self, support_x: Tensor, support_y: Tensor, steps: int | None = None
@@ -315,7 +307,7 @@ class ANIL(MAML):
         the body's as they are, the head's adapted; :meth:`predict` takes them."""
         steps = self.eval_inner_steps if steps is None else steps
         params = get_params(self.model, copy=True)
-        with self._eval_mode():
+        with self.eval_mode():
             with torch.no_grad():
                 features, _ = self._features(params, support_x)
             head = self._adapt_head(self._head_of(params), features, support_y, steps, track=False)

@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from metarun.algorithms.base import MetaAlgorithm
+from metarun.algorithms.episodic import EpisodicAlgorithm
 from metarun.algorithms.losses import task_loss, task_metrics
 from metarun.algorithms.reptile import InnerOptimizer
 from metarun.registry import BuildContext, register
@@ -130,7 +130,7 @@ class IMAMLConfig(AlgoSchema):
 
 
 @register("algo", "imaml", IMAMLConfig)
-class IMAML(MetaAlgorithm):
+class IMAML(EpisodicAlgorithm):
     """Implicit MAML (Rajeswaran et al. 2019) on :mod:`metarun.unroll.implicit`.
 
     Args:
@@ -359,19 +359,12 @@ class IMAML(MetaAlgorithm):
         metrics["train/meta_loss"] = metrics["train/query_loss"] = metrics["train/post_loss"]
         return metrics
 
-    def evaluate(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
-        steps = self.eval_inner_steps if inner_steps is None else inner_steps
-        rows: dict[str, list[Tensor]] = {}
-        theta = self._theta()
-        for i in range(len(batch)):
-            sx, sy, qx, qy = (t[i] for t in batch.tensors())
-            phi = self._solve_inner(sx, sy, steps, self.eval_lam)
-            with torch.no_grad():
-                outs = (("pre", self._forward(theta, qx)), ("post", self._forward(phi, qx)))
-            for prefix, out in outs:
-                for key, value in task_metrics(self.task_type, out, qy).items():
-                    rows.setdefault(f"{prefix}/{key}", []).append(value.float().cpu())
-        return {k: torch.stack(v) for k, v in rows.items()}
+    def evaluate_task(
+        self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int
+    ) -> tuple[Tensor | None, Tensor]:
+        phi = self._solve_inner(sx, sy, steps, self.eval_lam)
+        with torch.no_grad():
+            return self._forward(self._theta(), qx), self._forward(phi, qx)
 
     def adapt(
         self, support_x: Tensor, support_y: Tensor, steps: int | None = None

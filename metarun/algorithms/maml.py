@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun import registry
-from metarun.algorithms.base import MetaAlgorithm
 from metarun.algorithms.compiled import CompiledOrEager
+from metarun.algorithms.episodic import EpisodicAlgorithm, MetricTotals, with_meta_loss
 from metarun.algorithms.losses import task_loss, task_metrics
 from metarun.algorithms.mamlpp import PerStepBatchNorm, msl_weights
 from metarun.registry import BuildContext, register
@@ -225,7 +225,7 @@ class MAMLPPConfig(MAMLConfig):
 @register("algo", "mamlpp", MAMLPPConfig)
 @register("algo", "fomaml", FOMAMLConfig)
 @register("algo", "maml", MAMLConfig)
-class MAML(MetaAlgorithm):
+class MAML(EpisodicAlgorithm):
     """Model-agnostic meta-learning on :mod:`metarun.unroll`'s functional layer.
 
     Args:
@@ -665,7 +665,7 @@ class MAML(MetaAlgorithm):
         if self.task_batching is TaskBatching.vmap:
             return self._meta_train_vmap(batch)
         n = len(batch)
-        totals = _Totals()
+        totals = MetricTotals()
         for i in range(n):
             sx, sy, qx, qy = (t[i] for t in batch.tensors())
             if self._stepwise:
@@ -686,7 +686,7 @@ class MAML(MetaAlgorithm):
                 if self.pre_adaptation_metrics:
                     pre_out = self._pre_forward(qx)
                     totals.add("pre", self._task_metrics(pre_out[None], qy[None]))
-        return _with_meta_loss(totals.means(n))
+        return with_meta_loss(totals.means(n))
 
     def _vmap_task(
         self,
@@ -746,7 +746,7 @@ class MAML(MetaAlgorithm):
             if self._has_batch_norm and not first_order
             else contextlib.nullcontext
         )
-        totals = _Totals()
+        totals = MetricTotals()
         for chunk in batch.split(self.task_chunk_size or n):
             with bn_mode():
                 losses, outs = batched(params, hyper, first_order, *chunk.tensors())
@@ -765,26 +765,19 @@ class MAML(MetaAlgorithm):
                 if self.pre_adaptation_metrics:
                     pre = torch.func.vmap(self._pre_forward)(chunk.query_x)
                     totals.add("pre", self._task_metrics(pre, chunk.query_y))
-        return _with_meta_loss(totals.means(n))
+        return with_meta_loss(totals.means(n))
 
-    def evaluate(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
-        steps = self.eval_inner_steps if inner_steps is None else inner_steps
-        rows: dict[str, list[Tensor]] = {}
-        with self._eval_mode():
-            for i in range(len(batch)):
-                sx, sy, qx, qy = (t[i] for t in batch.tensors())
-                with torch.no_grad():
-                    pre = self._metrics(self._pre_forward(qx), qy)
-                params = self._adapt(sx, sy, steps, track=False)
-                with torch.no_grad():
-                    post = self._metrics(self._forward(params, qx), qy)
-                for prefix, metrics in (("pre", pre), ("post", post)):
-                    for key, value in metrics.items():
-                        rows.setdefault(f"{prefix}/{key}", []).append(value.float().cpu())
-        return {k: torch.stack(v) for k, v in rows.items()}
+    def evaluate_task(
+        self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int
+    ) -> tuple[Tensor | None, Tensor]:
+        with torch.no_grad():
+            pre = self._pre_forward(qx)
+        params = self._adapt(sx, sy, steps, track=False)
+        with torch.no_grad():
+            return pre, self._forward(params, qx)
 
     @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
+    def eval_mode(self) -> Iterator[None]:
         was = self.model.training
         self.model.train(self.bn_policy is BNPolicy.batch_stats)
         try:
@@ -797,11 +790,11 @@ class MAML(MetaAlgorithm):
     ) -> dict[str, Tensor]:
         """Fast weights for one task (no task dimension), without a meta-graph."""
         steps = self.eval_inner_steps if steps is None else steps
-        with self._eval_mode():
+        with self.eval_mode():
             return self._adapt(support_x, support_y, steps, track=False)
 
     def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        with self._eval_mode(), torch.no_grad():
+        with self.eval_mode(), torch.no_grad():
             return self._forward(params, x)
 
     def log_scalars(self) -> dict[str, float]:
@@ -829,34 +822,3 @@ class MAML(MetaAlgorithm):
 
 def _key(name: str) -> str:
     return name.replace(".", "__")
-
-
-class _Totals:
-    """Sums of per-task metrics kept on the device. :meth:`means` leaves them there: the runner
-    reads them only on the steps it logs (no host transfer per step, task or metric)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
-
-    def add(self, prefix: str, per_task: dict[str, Tensor]) -> None:
-        for key, values in per_task.items():
-            name = f"train/{prefix}_{key}"
-            total = values.sum()
-            self.sums[name] = self.sums[name] + total if name in self.sums else total
-
-    def means(self, n: int) -> dict[str, Tensor]:
-        if len(self.sums) <= 2:
-            # Fewer kernels than stacking for the one or two metrics of an unlogged step.
-            return {k: v.detach().double() / n for k, v in self.sums.items()}
-        names = list(self.sums)
-        values = torch.stack([self.sums[k] for k in names]).detach().double().div(n)
-        return dict(zip(names, values.unbind()))
-
-
-def _with_meta_loss(totals: dict[str, Any]) -> dict[str, Any]:
-    # The outer objective under the name a user looks for (train/meta_loss), and under the
-    # support/query vocabulary (train/query_loss): both are the post-adaptation query loss,
-    # unless the multi-step loss weighs in the earlier steps' query losses (then reported).
-    totals.setdefault("train/meta_loss", totals["train/post_loss"])
-    totals["train/query_loss"] = totals["train/post_loss"]
-    return totals

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun import registry
-from metarun.algorithms.base import MetaAlgorithm
+from metarun.algorithms.episodic import EpisodicAlgorithm
 from metarun.algorithms.heads import find_head
 from metarun.registry import BuildContext, register
 from metarun.spec.bases import AlgoSchema
@@ -74,7 +74,7 @@ class ProtoNetsConfig(AlgoSchema):
 
 
 @register("algo", "protonets", ProtoNetsConfig)
-class ProtoNets(MetaAlgorithm):
+class ProtoNets(EpisodicAlgorithm):
     """Prototypical Networks (Snell et al. 2017) with squared Euclidean distance.
 
     Training embeds each task's support and query sets in one forward (normalisation layers in
@@ -92,6 +92,8 @@ class ProtoNets(MetaAlgorithm):
         ConfigError: no module of that name, or (``None``) the model has no ``nn.Linear``; the
             message names ``algo.embedding_head`` and the modules there are.
     """
+
+    task_type = "classification"  # distances to class prototypes
 
     def __init__(self, model: nn.Module, *, embedding_head: str | None = None) -> None:
         super().__init__()
@@ -159,18 +161,14 @@ class ProtoNets(MetaAlgorithm):
         totals["train/meta_loss"] = totals["train/query_loss"] = totals["train/post_loss"]
         return totals
 
-    def evaluate(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
-        """Per-task ``post/loss`` and ``post/accuracy`` (1-D, ``len(batch)``). There is no
-        ``pre/``: before its prototypes a task has no classifier (chance by construction)."""
-        _check_steps(inner_steps)
-        rows: dict[str, list[Tensor]] = {}
-        with self._eval_mode(), torch.no_grad():
-            for i in range(len(batch)):
-                sx, sy, qx, qy = (t[i] for t in batch.tensors())
-                logits = self.logits(self.embed(qx), self._adapt(sx, sy))
-                for key, value in self._metrics(logits, qy).items():
-                    rows.setdefault(f"post/{key}", []).append(value.float().cpu())
-        return {k: torch.stack(v) for k, v in rows.items()}
+    def evaluate_task(
+        self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int
+    ) -> tuple[Tensor | None, Tensor]:
+        """No ``pre/`` output: before its prototypes a task has no classifier (chance by
+        construction)."""
+        _check_steps(steps)
+        with torch.no_grad():
+            return None, self.logits(self.embed(qx), self._adapt(sx, sy))
 
     def adapt(
         self, support_x: Tensor, support_y: Tensor, steps: int | None = None
@@ -182,20 +180,20 @@ class ProtoNets(MetaAlgorithm):
                 support examples.
         """
         _check_steps(steps)
-        with self._eval_mode(), torch.no_grad():
+        with self.eval_mode(), torch.no_grad():
             return {"prototypes": self._adapt(support_x, support_y)}
 
     def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         """Logits ``(Q, N)``: negative squared distances of ``x``'s embeddings to the
         prototypes of :meth:`adapt`."""
-        with self._eval_mode(), torch.no_grad():
+        with self.eval_mode(), torch.no_grad():
             return self.logits(self.embed(x), params["prototypes"])
 
     def _adapt(self, sx: Tensor, sy: Tensor) -> Tensor:
         return self.prototypes(self.embed(sx), sy, _n_way(sy))
 
     @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
+    def eval_mode(self) -> Iterator[None]:
         was = self.model.training
         self.model.eval()
         try:

@@ -61,7 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from metarun import registry
-from metarun.algorithms.base import MetaAlgorithm
+from metarun.algorithms.episodic import EpisodicAlgorithm
 from metarun.algorithms.losses import task_loss, task_metrics
 from metarun.registry import BuildContext, register
 from metarun.spec.bases import AlgoSchema
@@ -210,7 +210,7 @@ def minibatch_indices(
 
 
 @register("algo", "reptile", ReptileConfig)
-class Reptile(MetaAlgorithm):
+class Reptile(EpisodicAlgorithm):
     """Reptile (Nichol et al. 2018), batched over a meta-batch of tasks.
 
     Args:
@@ -491,22 +491,14 @@ class Reptile(MetaAlgorithm):
         totals["train/meta_loss"] = totals["train/query_loss"] = totals["train/post_loss"]
         return totals
 
-    def evaluate(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
-        """Per-task ``pre/`` and ``post/`` query metrics (``(T,)`` each) around ``inner_steps``
-        (default ``eval_inner_steps``) steps on mini-batches of ``eval_inner_batch_size``, with
-        predictions transductive or not as configured."""
-        steps = self.eval_inner_steps if inner_steps is None else inner_steps
-        order = self._eval_order(batch.support_x.shape[1], steps)
-        rows: dict[str, list[Tensor]] = {}
-        for i in range(len(batch)):
-            sx, sy, qx, qy = (t[i] for t in batch.tensors())
-            pre = self._metrics(self._predict(get_params(self.model), qx, sx), qy)
-            params = self._adapt(sx, sy, order, steps)
-            post = self._metrics(self._predict(params, qx, sx), qy)
-            for prefix, metrics in (("pre", pre), ("post", post)):
-                for key, value in metrics.items():
-                    rows.setdefault(f"{prefix}/{key}", []).append(value.float().cpu())
-        return {k: torch.stack(v) for k, v in rows.items()}
+    def evaluate_task(
+        self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int
+    ) -> tuple[Tensor | None, Tensor]:
+        """Query outputs around ``steps`` steps on mini-batches of ``eval_inner_batch_size``,
+        predicted transductively or not as configured."""
+        pre = self._predict(get_params(self.model), qx, sx)
+        params = self._adapt(sx, sy, self._eval_order(sx.shape[0], steps), steps)
+        return pre, self._predict(params, qx, sx)
 
     def adapt(
         self, support_x: Tensor, support_y: Tensor, steps: int | None = None

@@ -1,0 +1,102 @@
+"""What every few-shot algorithm shares: evaluation from one per-task hook, and training metrics
+summed on the device.
+
+An algorithm that adapts to tasks (MAML and its relatives, iMAML, Reptile, ProtoNets) extends
+:class:`EpisodicAlgorithm` and writes how it handles one task; the loop over a batch, the metrics
+(loss, and accuracy for classification, before and after adaptation) and their layout are
+written here once::
+
+    class MyAlgorithm(EpisodicAlgorithm):
+        def evaluate_task(self, sx, sy, qx, steps):
+            adapted = self.adapt(sx, sy, steps)
+            return self.predict(self.initial(), qx), self.predict(adapted, qx)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from metarun.algorithms.base import MetaAlgorithm
+from metarun.algorithms.losses import task_metrics
+from metarun.tasks import TaskBatch
+
+
+class EpisodicAlgorithm(MetaAlgorithm):
+    """Base of the few-shot algorithms: :meth:`evaluate` from :meth:`evaluate_task`.
+
+    Subclasses set ``task_type`` (``"classification"`` or ``"regression"``) and
+    ``eval_inner_steps`` (the default adaptation steps at evaluation).
+    """
+
+    task_type: str
+    eval_inner_steps: int = 0
+
+    def evaluate_task(
+        self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int
+    ) -> tuple[Tensor | None, Tensor]:
+        """One task's query outputs before adaptation (``None``: the algorithm has no
+        classifier before adapting, e.g. ProtoNets) and after ``steps`` adaptation steps,
+        without a meta-graph."""
+        raise NotImplementedError
+
+    def eval_steps(self, inner_steps: int | None) -> int:
+        """The adaptation steps of an evaluation asked for ``inner_steps`` (None: default)."""
+        return self.eval_inner_steps if inner_steps is None else inner_steps
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """The model's mode while evaluating (default: as it is)."""
+        yield
+
+    def evaluate(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
+        """Per-task ``pre/`` and ``post/`` query metrics, each a 1-D tensor of ``len(batch)``."""
+        steps = self.eval_steps(inner_steps)
+        rows: dict[str, list[Tensor]] = {}
+        with self.eval_mode():
+            for i in range(len(batch)):
+                sx, sy, qx, qy = (t[i] for t in batch.tensors())
+                pre, post = self.evaluate_task(sx, sy, qx, steps)
+                for prefix, out in (("pre", pre), ("post", post)):
+                    if out is None:
+                        continue
+                    for key, value in task_metrics(self.task_type, out, qy).items():
+                        rows.setdefault(f"{prefix}/{key}", []).append(value.float().cpu())
+        return {k: torch.stack(v) for k, v in rows.items()}
+
+
+class MetricTotals:
+    """Sums of per-task training metrics kept on the device. :meth:`means` leaves them there:
+    the runner reads them only on the steps it logs (no host transfer per step, task or
+    metric)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+
+    def add(self, prefix: str, per_task: dict[str, Tensor]) -> None:
+        """Adds metrics ``train/<prefix>_<key>`` of one or more tasks (summed over tasks)."""
+        for key, values in per_task.items():
+            name = f"train/{prefix}_{key}"
+            total = values.sum()
+            self.sums[name] = self.sums[name] + total if name in self.sums else total
+
+    def means(self, n: int) -> dict[str, Tensor]:
+        """The means over ``n`` tasks, as float64 0-d tensors."""
+        if len(self.sums) <= 2:
+            # Fewer kernels than stacking for the one or two metrics of an unlogged step.
+            return {k: v.detach().double() / n for k, v in self.sums.items()}
+        names = list(self.sums)
+        values = torch.stack([self.sums[k] for k in names]).detach().double().div(n)
+        return dict(zip(names, values.unbind()))
+
+
+def with_meta_loss(totals: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The outer objective under the name a user looks for (``train/meta_loss``), and under the
+    support/query vocabulary (``train/query_loss``): both are the post-adaptation query loss,
+    unless the algorithm reported its own meta-loss (MAML++'s multi-step loss)."""
+    totals.setdefault("train/meta_loss", totals["train/post_loss"])
+    totals["train/query_loss"] = totals["train/post_loss"]
+    return totals
