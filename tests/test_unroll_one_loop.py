@@ -223,3 +223,44 @@ def test_optim_module_keeps_higher_names(name) -> None:
 
     assert getattr(mu.optim, name) is getattr(optim, name) is getattr(diffopt, name)
     assert name in optim.__all__
+
+
+def test_func_loop_takes_the_trainable_names_explicitly_under_vmap():
+    """Stepping a vmapped loop one step at a time: after the first step the tensors no longer
+    report requires_grad inside vmap, so the caller names what the loop updates; the result is
+    the two-step loop's, and a frozen tensor stays as it was."""
+    from metarun.unroll import SGD
+    from metarun.unroll.batched import func_inner_loop
+
+    torch.manual_seed(0)
+    w = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64)  # frozen
+    xs = torch.randn(4, 5, 3, dtype=torch.float64)
+    ys = torch.randn(4, 5, 2, dtype=torch.float64)
+
+    def task(x, y, stepwise):
+        def loss(p):
+            return ((x @ p["w"] + p["b"] - y) ** 2).mean()
+
+        params = {"w": w, "b": b}
+        if not stepwise:
+            return func_inner_loop(loss, params, SGD(lr=0.1), 2)["w"]
+        for _ in range(2):
+            params = func_inner_loop(loss, params, SGD(lr=0.1), 1, trainable=["w"])
+        assert params["b"] is b
+        return params["w"]
+
+    whole = torch.func.vmap(lambda x, y: task(x, y, False))(xs, ys)
+    stepped = torch.func.vmap(lambda x, y: task(x, y, True))(xs, ys)
+    assert torch.equal(whole, stepped)
+    (g_whole,) = torch.autograd.grad(whole.sum(), w)
+    (g_stepped,) = torch.autograd.grad(stepped.sum(), w)
+    assert torch.allclose(g_whole, g_stepped, rtol=1e-12, atol=0)
+
+
+def test_trainable_names_are_for_the_func_backend():
+    from metarun.unroll import SGD, inner_loop
+
+    w = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="trainable is for grad='func'"):
+        inner_loop(lambda p: p["w"].sum(), {"w": w}, SGD(lr=0.1), 1, trainable=["w"])

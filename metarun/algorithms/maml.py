@@ -354,7 +354,6 @@ class MAML(EpisodicAlgorithm):
             if p.requires_grad
             and (self.per_step_bn is None or n not in self.per_step_bn.affine_names)
         ]
-        self._adapted_set = set(self._adapted_names)
         self.base_inner_lr = float(inner_lr)
         self.inner_lr: nn.Parameter | None = None
         self.inner_lrs: nn.ParameterDict | None = None
@@ -558,8 +557,14 @@ class MAML(EpisodicAlgorithm):
         meta_loss: Tensor | None = None
         for t in range(steps):
             if grad is GradBackend.func:
-                params = self._func_step(
-                    self._support_loss(sx, sy, t, initial), params, t, first_order
+                params = func_inner_loop(
+                    self._support_loss(sx, sy, t, initial),
+                    params,
+                    self._optimizer,
+                    1,
+                    hyper=self._hyper_at(t),
+                    first_order=first_order,
+                    trainable=self._adapted_names,
                 )
             else:
                 params = inner_loop(
@@ -590,28 +595,6 @@ class MAML(EpisodicAlgorithm):
             final = weights[-1] * final
         meta_loss = final if meta_loss is None else meta_loss + final
         return adapted, meta_loss, out
-
-    def _func_step(
-        self,
-        loss_fn: Callable[[dict[str, Tensor]], Tensor],
-        params: dict[str, Tensor],
-        step: int,
-        first_order: bool,
-    ) -> dict[str, Tensor]:
-        """One inner step under ``torch.func`` (inside ``vmap``). inner_loop(grad="func") picks
-        the parameters to differentiate by ``requires_grad``, which tensors inside ``vmap`` no
-        longer report after a first step; here the adapted names decide."""
-        frozen = {n: p for n, p in params.items() if n not in self._adapted_set}
-        trainable = {n: params[n] for n in self._adapted_names}
-
-        def loss_of_trainable(q: dict[str, Tensor]) -> Tensor:
-            return loss_fn({**frozen, **q})
-
-        grads = torch.func.grad(loss_of_trainable)(trainable)
-        if first_order:
-            grads = {n: g.detach() for n, g in grads.items()}
-        new, _ = self._optimizer.step(trainable, grads, None, self._hyper_at(step))
-        return {**frozen, **new}
 
     def _support_loss(
         self, sx: Tensor, sy: Tensor, step: int, initial: dict[str, Tensor]

@@ -28,7 +28,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -113,6 +113,7 @@ def func_inner_loop(
     state: State | None = None,
     hyper: Hyper | None = None,
     first_order: bool = False,
+    trainable: Sequence[str] | None = None,
 ) -> Params:
     """``steps`` differentiable optimizer steps using ``torch.func`` (vmap-compatible).
 
@@ -129,6 +130,8 @@ def func_inner_loop(
         state: initial optimizer state (``None``: fresh).
         hyper: hyperparameter overrides.
         first_order: first-order MAML.
+        trainable: the names of the parameters to update (default: those that require grad;
+            see :func:`metarun.unroll.inner_loop`).
 
     Returns:
         The adapted parameters.
@@ -142,4 +145,5 @@ def func_inner_loop(
         hyper=hyper,
         first_order=first_order,
         grad=GradBackend.func,
+        trainable=trainable,
     ).params

@@ -20,7 +20,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -194,11 +194,14 @@ def _autograd_grads(loss_fn: LossFn) -> GradFn:
     return grads
 
 
-def _func_grads(loss_fn: LossFn, params: Params) -> GradFn:
+def _func_grads(loss_fn: LossFn, params: Params, names: Sequence[str] | None = None) -> GradFn:
     # torch.func differentiates every input regardless of requires_grad: split the frozen
-    # parameters off once, so they get no gradient (and no update), as under autograd.
-    frozen = {n: p for n, p in params.items() if not p.requires_grad}
-    names = [n for n, p in params.items() if p.requires_grad]
+    # parameters off once, so they get no gradient (and no update), as under autograd. Inside
+    # vmap, tensors no longer report requires_grad after a first step: callers that loop step
+    # by step there name the trainable ones (``names``).
+    if names is None:
+        names = [n for n, p in params.items() if p.requires_grad]
+    frozen = {n: p for n, p in params.items() if n not in set(names)}
 
     def loss_of_trainable(trainable: Params) -> Tensor:
         return loss_fn({**frozen, **trainable})
@@ -335,6 +338,7 @@ def inner_loop(
     checkpoint: bool = False,
     keep_history: bool = False,
     grad: GradBackend | str = GradBackend.autograd,
+    trainable: Sequence[str] | None = None,
 ) -> InnerLoopResult:
     """Runs ``steps`` differentiable optimizer steps on ``loss_fn`` from ``params``.
 
@@ -361,6 +365,9 @@ def inner_loop(
             :func:`metarun.unroll.batched.func_inner_loop`). Both give the same values and the
             same meta-gradients; ``"func"`` refuses ``truncate``, ``checkpoint``,
             ``keep_history`` and ``track_higher_grads=False``.
+        trainable: with ``grad="func"``, the names of the parameters the loop updates (default:
+            those that require grad). Inside ``vmap`` tensors stop reporting ``requires_grad``
+            after a first step, so a loop run one step at a time there names them.
 
     Returns:
         An :class:`InnerLoopResult`; with ``grad="func"`` its ``history`` is ``None``, and under
@@ -384,13 +391,26 @@ def inner_loop(
             keep_history=keep_history,
             track_higher_grads=track_higher_grads,
         )
-        grad_fn = _func_grads(loss_fn, params)
+        grad_fn = _func_grads(loss_fn, params, trainable)
+    if trainable is not None and backend is GradBackend.autograd:
+        raise ValueError(
+            "inner_loop: trainable is for grad='func' (autograd follows requires_grad); got "
+            f"trainable={list(trainable)!r} with grad='autograd'"
+        )
     history = [params] if keep_history else None
     losses: list[Tensor] = []
     if state is None:
         # Fresh state for the parameters the loop updates: a frozen one has none (and may have
         # no entry in a per-parameter ``hyper``, e.g. Meta-SGD rates of trainable ones only).
-        state = optimizer.init({n: p for n, p in params.items() if p.requires_grad}, hyper)
+        updated = set(trainable) if trainable is not None else None
+        state = optimizer.init(
+            {
+                n: p
+                for n, p in params.items()
+                if (p.requires_grad if updated is None else n in updated)
+            },
+            hyper,
+        )
     for t in range(steps):
         fo = first_order or (truncate is not None and t < steps - truncate)
         params, state, loss = _step(
