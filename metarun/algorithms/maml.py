@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun import registry
-from metarun.algorithms.compiled import CompiledOrEager
+from metarun.algorithms.batching import TaskBatchingMixin
 from metarun.algorithms.episodic import EpisodicAlgorithm, MetricTotals, with_meta_loss
 from metarun.algorithms.losses import task_loss, task_metrics
 from metarun.algorithms.mamlpp import PerStepBatchNorm, msl_weights
@@ -225,7 +225,7 @@ class MAMLPPConfig(MAMLConfig):
 @register("algo", "mamlpp", MAMLPPConfig)
 @register("algo", "fomaml", FOMAMLConfig)
 @register("algo", "maml", MAMLConfig)
-class MAML(EpisodicAlgorithm):
+class MAML(TaskBatchingMixin, EpisodicAlgorithm):
     """Model-agnostic meta-learning on :mod:`metarun.unroll`'s functional layer.
 
     Args:
@@ -316,15 +316,8 @@ class MAML(EpisodicAlgorithm):
         self.copy_initial_weights = copy_initial_weights
         self.learn_inner_lr = InnerLR(learn_inner_lr)
         self.bn_policy = BNPolicy(bn_policy)
-        self.task_batching = TaskBatching(task_batching)
-        if task_chunk_size is not None and task_chunk_size < 1:
-            raise ValueError(
-                f"task_chunk_size must be >= 1 or None, got {task_chunk_size} "
-                "(set e.g. algo.task_chunk_size=8)"
-            )
-        self.task_chunk_size = task_chunk_size
+        self.init_task_batching(task_batching, task_chunk_size, memory_budget_mb)
         self.checkpoint_inner = checkpoint_inner
-        self.memory_budget_mb = memory_budget_mb
         if checkpoint_inner and self.task_batching is TaskBatching.vmap:
             raise ValueError(
                 "algo.checkpoint_inner=true works with task_batching=loop only "
@@ -389,7 +382,6 @@ class MAML(EpisodicAlgorithm):
             multi_step_loss or per_step_bn or self.learn_inner_lr is InnerLR.per_layer_per_step
         )
         self._optimizer = SGD(lr=float(inner_lr))
-        self._compiled_step: CompiledOrEager | None = None  # compile=true: use_compile
         if copy_initial_weights:
             log.warning(
                 "algo.copy_initial_weights=true: the inner loop starts from detached copies, so "
@@ -425,30 +417,10 @@ class MAML(EpisodicAlgorithm):
         )
 
     # -- runner hooks ------------------------------------------------------------------------
-    def before_training(self, sample: Callable[[], TaskBatch], device: torch.device) -> None:
-        """``task_batching=auto``: time loop / vmap / vmap chunks on one meta-batch and keep the
-        fastest within ``memory_budget_mb`` (:mod:`metarun.algorithms.autotune`)."""
-        if self.task_batching is not TaskBatching.auto:
-            return
-        from metarun.algorithms.autotune import choose_task_batching
-
-        choose_task_batching(self, sample(), device, memory_budget_mb=self.memory_budget_mb)
-
     def set_step(self, step: int) -> None:
         """The completed outer steps: the multi-step loss weights and derivative-order annealing
         follow it (the runner restores it on resume, so a resumed run computes as before)."""
         self.outer_step = int(step)
-
-    def extra_state(self) -> dict[str, Any]:
-        """The task batching in use (what ``auto`` chose), so that a resumed run computes as
-        before."""
-        return {"task_batching": {"mode": self.task_batching.value, "chunk": self.task_chunk_size}}
-
-    def load_extra_state(self, state: dict[str, Any] | None) -> None:
-        chosen = (state or {}).get("task_batching")
-        if chosen is not None:
-            self.task_batching = TaskBatching(chosen["mode"])
-            self.task_chunk_size = chosen["chunk"]
 
     def _hyper(self) -> dict[str, object]:
         if self.inner_lr is not None:
@@ -551,9 +523,10 @@ class MAML(EpisodicAlgorithm):
         bn = self.per_step_bn
         params = {n: p for n, p in initial.items() if bn is None or n not in bn.affine_names}
         first_order = self._first_order_now()
-        weights = msl_weights(steps, self.outer_step, self.msl_anneal_steps)
-        if not (self.multi_step_loss and query is not None):
-            weights = None
+        # Evaluation (no query) may run any number of steps, 0 included: no weights there.
+        weights = None
+        if self.multi_step_loss and query is not None:
+            weights = msl_weights(steps, self.outer_step, self.msl_anneal_steps)
         meta_loss: Tensor | None = None
         for t in range(steps):
             if grad is GradBackend.func:
@@ -643,33 +616,66 @@ class MAML(EpisodicAlgorithm):
 
     # -- protocol ----------------------------------------------------------------------------
     def meta_train_step(self, batch: TaskBatch) -> dict[str, Any]:
-        """Meta-gradient of the mean query loss over the batch, accumulated task by task (each
-        task's graph is freed before the next)."""
-        if self.task_batching is TaskBatching.vmap:
-            return self._meta_train_vmap(batch)
-        n = len(batch)
+        """Meta-gradient of the mean query loss over the batch, task by task (each task's graph
+        freed before the next) or vmapped chunk by chunk (:mod:`metarun.algorithms.batching`)."""
         totals = MetricTotals()
-        for i in range(n):
-            sx, sy, qx, qy = (t[i] for t in batch.tensors())
-            if self._stepwise:
-                initial = get_params(self.model, copy=self.copy_initial_weights)
-                _, meta_loss, query_out = self._unroll(
-                    initial, sx, sy, self.inner_steps, track=True, query=(qx, qy)
-                )
-                assert meta_loss is not None and query_out is not None  # given a query
-                loss, out = meta_loss, query_out
-                totals.add("meta", {"loss": loss.detach()[None]})
+
+        def on_tasks(tasks: TaskBatch, losses: Tensor, outs: Tensor, batched: bool) -> None:
+            if self._stepwise or not batched:
+                totals.add("post", self._task_metrics(outs, tasks.query_y))
+                if self._stepwise:
+                    totals.add("meta", {"loss": losses})
             else:
-                params = self._adapt(sx, sy, self.inner_steps, track=True)
-                out = self._forward(params, qx)
-                loss = self._loss(out, qy)
-            (loss / n).backward()
-            with torch.no_grad():
-                totals.add("post", self._task_metrics(out[None], qy[None]))
-                if self.pre_adaptation_metrics:
-                    pre_out = self._pre_forward(qx)
-                    totals.add("pre", self._task_metrics(pre_out[None], qy[None]))
-        return with_meta_loss(totals.means(n))
+                # Each task's meta-loss is its query loss after adaptation: only the accuracy
+                # needs the outputs again (every kernel counts on small steps).
+                post = {"loss": losses}
+                if self.task_type == "classification":
+                    post["accuracy"] = (outs.argmax(-1) == tasks.query_y).float().mean(-1)
+                totals.add("post", post)
+            if self.pre_adaptation_metrics:
+                if batched:
+                    pre = torch.func.vmap(self._pre_forward)(tasks.query_x)
+                else:
+                    pre = self._pre_forward(tasks.query_x[0])[None]
+                totals.add("pre", self._task_metrics(pre, tasks.query_y))
+
+        self.run_tasks(batch, self._one_task, self._batched_tasks, on_tasks)
+        return with_meta_loss(totals.means(len(batch)))
+
+    def _one_task(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
+        if self._stepwise:
+            initial = get_params(self.model, copy=self.copy_initial_weights)
+            _, meta_loss, out = self._unroll(
+                initial, sx, sy, self.inner_steps, track=True, query=(qx, qy)
+            )
+            assert meta_loss is not None and out is not None  # given a query
+            return meta_loss, out
+        params = self._adapt(sx, sy, self.inner_steps, track=True)
+        out = self._forward(params, qx)
+        return self._loss(out, qy), out
+
+    def _batched_tasks(self) -> Callable[[TaskBatch], tuple[Tensor, Tensor]]:
+        """The vmapped meta-loss of a chunk of tasks, with this step's shared arguments."""
+        params = get_params(self.model, copy=self.copy_initial_weights)
+        hyper = self._hyper()
+        first_order = self._first_order_now()
+        batched = self._compiled_step or torch.func.vmap(
+            self._vmap_task, in_dims=(None, None, None, 0, 0, 0, 0)
+        )
+        # Only the double backward of the native batch norm has the wrong vmap rule; first order
+        # never differentiates an inner gradient, and the native kernel is 15-30% faster there.
+        # Without batch norm the mode would only tax every other op (it intercepts them all).
+        bn_mode = (
+            decomposed_batch_norm
+            if self._has_batch_norm and not first_order
+            else contextlib.nullcontext
+        )
+
+        def run(chunk: TaskBatch) -> tuple[Tensor, Tensor]:
+            with bn_mode():
+                return batched(params, hyper, first_order, *chunk.tensors())  # type: ignore[no-any-return]
+
+        return run
 
     def _vmap_task(
         self,
@@ -707,48 +713,8 @@ class MAML(EpisodicAlgorithm):
     def use_compile(self, backend: str) -> bool:
         """``compile=true``: the vmapped meta-step through ``torch.compile`` (task batching
         ``vmap``, or ``auto`` when it picks vmap; the loop stays eager)."""
-        if self.task_batching is TaskBatching.loop:
-            return False
         batched = torch.func.vmap(self._vmap_task, in_dims=(None, None, None, 0, 0, 0, 0))
-        self._compiled_step = CompiledOrEager(batched, "MAML's vmapped meta-step", backend)
-        return True
-
-    def _meta_train_vmap(self, batch: TaskBatch) -> dict[str, Any]:
-        n = len(batch)
-        params = get_params(self.model, copy=self.copy_initial_weights)
-        hyper = self._hyper()
-        first_order = self._first_order_now()
-        batched = self._compiled_step or torch.func.vmap(
-            self._vmap_task, in_dims=(None, None, None, 0, 0, 0, 0)
-        )
-        # Only the double backward of the native batch norm has the wrong vmap rule; first order
-        # never differentiates an inner gradient, and the native kernel is 15-30% faster there.
-        # Without batch norm the mode would only tax every other op (it intercepts them all).
-        bn_mode = (
-            decomposed_batch_norm
-            if self._has_batch_norm and not first_order
-            else contextlib.nullcontext
-        )
-        totals = MetricTotals()
-        for chunk in batch.split(self.task_chunk_size or n):
-            with bn_mode():
-                losses, outs = batched(params, hyper, first_order, *chunk.tensors())
-            (losses.sum() / n).backward()
-            with torch.no_grad():
-                if self._stepwise:
-                    totals.add("post", self._task_metrics(outs.detach(), chunk.query_y))
-                    totals.add("meta", {"loss": losses.detach()})
-                else:
-                    # Each task's meta-loss is its query loss after adaptation: only the
-                    # accuracy needs the outputs again (every kernel counts on small steps).
-                    post = {"loss": losses.detach()}
-                    if self.task_type == "classification":
-                        post["accuracy"] = (outs.argmax(-1) == chunk.query_y).float().mean(-1)
-                    totals.add("post", post)
-                if self.pre_adaptation_metrics:
-                    pre = torch.func.vmap(self._pre_forward)(chunk.query_x)
-                    totals.add("pre", self._task_metrics(pre, chunk.query_y))
-        return with_meta_loss(totals.means(n))
+        return self.compile_batched(batched, "MAML's vmapped meta-step", backend)
 
     def evaluate_task(
         self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int
