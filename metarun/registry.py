@@ -32,6 +32,7 @@ its option modules: adding an option is its module plus one import line there).
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -97,10 +98,28 @@ def register(group: str, name: str, schema: type) -> Callable[[T], T]:
     return decorate
 
 
+#: Environment variable naming a user's own option modules (comma-separated, importable from
+#: ``PYTHONPATH``): an algorithm, dataset or model outside this package (docs/extending.md).
+PLUGINS_ENV = "METARUN_PLUGINS"
+
+
 def load_options() -> None:
-    """Import every module that registers a built-in option (idempotent)."""
+    """Import every module that registers a built-in option, then the modules named in
+    ``$METARUN_PLUGINS`` (idempotent).
+
+    Raises:
+        ConfigError: a module named in ``$METARUN_PLUGINS`` cannot be imported.
+    """
     for package in OPTION_PACKAGES:
         importlib.import_module(package)
+    for name in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise ConfigError(
+                f"{PLUGINS_ENV}: cannot import {name!r} ({error}); put the folder holding it "
+                f"on PYTHONPATH, or remove it from {PLUGINS_ENV}"
+            ) from None
 
 
 def options(group: str) -> dict[str, Option]:
