@@ -8,9 +8,11 @@ the meta-gradient still reaches the body through those features (second order: t
 head's inner gradients too). With one inner step on Omniglot's Conv4 this is several times
 faster than MAML (scripts/bench_anil.py), and the more inner steps, the larger the gain.
 
-Everything else is MAML's: first order (``algo.first_order``), learned inner learning rates
-(only the head's: a scalar, or Meta-SGD's elementwise rates), BatchNorm policies and task
-batching (``loop``, ``vmap``, ``auto``).
+Its keys are MAML's (first order, learned inner rates of the head: a scalar or Meta-SGD's
+elementwise rates, BatchNorm policies), on the same shared parts: task batching
+(:mod:`metarun.algorithms.batching`: ``loop``, ``vmap``, ``auto``), evaluation and metrics
+(:mod:`metarun.algorithms.episodic`) and the inner rates (:mod:`metarun.algorithms.inner_rates`).
+MAML++'s options are MAML's unroll and are refused here.
 
 References:
     Raghu, Raghu, Bengio & Vinyals, "Rapid Learning or Feature Reuse? Towards Understanding the
@@ -29,20 +31,24 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from metarun.algorithms.episodic import with_meta_loss
+from metarun.algorithms.batching import TaskBatchingMixin
+from metarun.algorithms.episodic import EpisodicAlgorithm, MetricTotals, with_meta_loss
 from metarun.algorithms.heads import find_head
-from metarun.algorithms.maml import MAML, MAMLConfig, _key
+from metarun.algorithms.inner_rates import InnerRates
+from metarun.algorithms.losses import task_loss, task_metrics_per_task
+from metarun.algorithms.maml import MAMLConfig
 from metarun.registry import BuildContext, register
-from metarun.spec.enums import BNPolicy, TaskBatching
+from metarun.spec.enums import BNPolicy
 from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
-from metarun.unroll import functional_call, get_params, inner_loop
+from metarun.unroll import SGD, functional_call, get_params, inner_loop
 from metarun.unroll.batched import batch_stats_buffers, func_inner_loop
 from metarun.unroll.optimizers import Params
 
@@ -57,19 +63,21 @@ class ANILConfig(MAMLConfig):
     # classifier, mlp: layers.4); null = the model's last nn.Linear.
     head: str | None = None
 
+    takes_mamlpp_options: ClassVar[bool] = False  # its own step, not MAML's unroll
+
 
 @register("algo", "anil", ANILConfig)
-class ANIL(MAML):
-    """ANIL on MAML's machinery: MAML's arguments, plus the head.
+class ANIL(TaskBatchingMixin, EpisodicAlgorithm):
+    """ANIL: MAML's arguments, plus the head.
 
     Args:
         model: the network; its module ``head`` must compute the model's output (the last
             module its forward calls), from one input: the body's features.
         head: dotted name in ``model.named_modules()``; ``None``: the last ``nn.Linear``.
-        **kwargs: as :class:`~metarun.algorithms.maml.MAML`. ``learn_inner_lr`` learns rates of
-            the head's parameters only; ``copy_initial_weights=True`` starts each task's head
-            from a detached copy (the head's initial weights are then not meta-learned, the
-            body still is).
+        copy_initial_weights: start each task's head from a detached copy (the head's initial
+            weights are then not meta-learned; the body still is).
+        Other arguments: as :class:`~metarun.algorithms.maml.MAML`; ``learn_inner_lr`` learns
+        rates of the head's parameters only.
 
     Raises:
         ConfigError: ``head`` names no module of ``model`` (the message lists them), or one
@@ -77,12 +85,50 @@ class ANIL(MAML):
             the model's output.
     """
 
-    def __init__(self, model: nn.Module, *, head: str | None = None, **kwargs: Any) -> None:
-        # MAML warns that copies leave the whole model without a meta-gradient; here only the
-        # head's initial weights are copied (warned about below).
-        copy_initial_weights = bool(kwargs.pop("copy_initial_weights", False))
-        super().__init__(model, copy_initial_weights=False, **kwargs)
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        task_type: str,
+        inner_lr: float,
+        inner_steps: int,
+        eval_inner_steps: int,
+        head: str | None = None,
+        first_order: bool = False,
+        copy_initial_weights: bool = False,
+        learn_inner_lr: str = "off",
+        bn_policy: str = "batch_stats",
+        task_batching: str = "loop",
+        task_chunk_size: int | None = None,
+        checkpoint_inner: bool = False,
+        memory_budget_mb: float | None = None,
+    ) -> None:
+        super().__init__()
+        if task_type not in ("classification", "regression"):
+            raise ValueError(
+                f"task_type must be 'classification' or 'regression', got {task_type!r}"
+            )
+        if inner_steps < 1 or eval_inner_steps < 0:
+            raise ValueError(
+                f"inner_steps must be >= 1 and eval_inner_steps >= 0, got {inner_steps} and "
+                f"{eval_inner_steps}"
+            )
+        self.model = model
+        self.task_type = task_type
+        self.inner_steps = inner_steps
+        self.eval_inner_steps = eval_inner_steps
+        self.first_order = first_order
         self.copy_initial_weights = copy_initial_weights
+        self.bn_policy = BNPolicy(bn_policy)
+        self.checkpoint_inner = checkpoint_inner
+        self.init_task_batching(
+            task_batching,
+            task_chunk_size,
+            memory_budget_mb,
+            running_stats=self.bn_policy is not BNPolicy.batch_stats,
+            checkpoint_inner=checkpoint_inner,
+        )
+        self._stats_off = batch_stats_buffers(model)
         self.head = find_head(model, head, key="algo.head", role="adapts")
         module = self._head_module
         # Head parameters by their names inside the head, e.g. "weight" for "classifier.weight".
@@ -94,16 +140,17 @@ class ANIL(MAML):
                 "last nn.Linear)"
             )
         self._head_stats_off = batch_stats_buffers(module)
-        if self.inner_lrs is not None:  # Meta-SGD rates for the head only
-            self.inner_lrs = nn.ParameterDict(
-                {
-                    _key(f"{self.head}.{n}"): nn.Parameter(
-                        torch.full_like(p.detach(), self.base_inner_lr)
-                    )
-                    for n, p in module.named_parameters()
-                    if p.requires_grad
-                }
-            )
+        # Rates stored under the weights' full names, looked up by their names in the head.
+        self._rate_names = {n: f"{self.head}.{n}" for n in self._head_names}
+        head_params = dict(module.named_parameters())
+        self.rates = InnerRates(
+            learn_inner_lr,
+            inner_lr,
+            {full: head_params[n] for n, full in self._rate_names.items()},
+            inner_steps,
+        )
+        self.rates.attach(self)
+        self._optimizer = SGD(lr=float(inner_lr))
         if copy_initial_weights:
             log.warning(
                 "algo.copy_initial_weights=true: each task's head starts from a detached copy, "
@@ -113,9 +160,34 @@ class ANIL(MAML):
             )
 
     @classmethod
-    def init_kwargs(cls, config: MAMLConfig, context: BuildContext) -> dict[str, Any]:
-        head = cast(ANILConfig, config).head  # ANIL is registered with ANILConfig only
-        return {**super().init_kwargs(config, context), "head": head}
+    def from_config(cls, config: ANILConfig, model: nn.Module, context: BuildContext) -> ANIL:
+        return cls(
+            model,
+            task_type=context.task_type,
+            inner_lr=config.inner_lr,
+            inner_steps=config.inner_steps,
+            eval_inner_steps=config.eval_inner_steps,
+            head=config.head,
+            first_order=config.first_order,
+            copy_initial_weights=config.copy_initial_weights,
+            learn_inner_lr=config.learn_inner_lr.value,
+            bn_policy=config.bn_policy.value,
+            task_batching=config.task_batching.value,
+            task_chunk_size=config.task_chunk_size,
+            checkpoint_inner=config.checkpoint_inner,
+            memory_budget_mb=config.memory_budget_mb,
+        )
+
+    def eval_training_mode(self) -> bool:
+        return self.bn_policy is BNPolicy.batch_stats
+
+    def _forward(self, params: Params, x: Tensor) -> Tensor:
+        if self.bn_policy is BNPolicy.batch_stats:
+            return functional_call(self.model, params, x, buffers=self._stats_off)
+        return functional_call(self.model, params, x)
+
+    def _loss(self, out: Tensor, y: Tensor) -> Tensor:
+        return task_loss(self.task_type, out, y)
 
     @property
     def _head_module(self) -> nn.Module:
@@ -188,9 +260,7 @@ class ANIL(MAML):
         return {n[len(prefix) :]: p for n, p in params.items() if n.startswith(prefix)}
 
     def _hyper(self) -> dict[str, object]:
-        if self.inner_lrs is not None:
-            return {"lr": {n: self.inner_lrs[_key(f"{self.head}.{n}")] for n in self._head_names}}
-        return super()._hyper()
+        return self.rates.hyper(self._rate_names)
 
     def _adapt_head(
         self,
@@ -249,45 +319,34 @@ class ANIL(MAML):
         out = self._head_forward(head, query_features)
         return self._loss(out, qy), out, pre.detach()
 
-    def _add_metrics(
-        self, totals: dict[str, Tensor], outs: tuple[Tensor, Tensor], y: Tensor, weight: float
-    ) -> None:
-        """Adds ``weight`` x the metrics of the post- and pre-adaptation outputs ``outs`` for
-        targets ``y``. Kept as tensors: one device sync per step, not one per task."""
-        for prefix, out in zip(("post", "pre"), outs):
-            for key, value in self._metrics(out.detach(), y).items():
-                name = f"train/{prefix}_{key}"
-                totals[name] = totals[name] + value * weight if name in totals else value * weight
-
-    def use_compile(self, backend: str) -> bool:
-        # MAML's compiled vmapped step is not the step ANIL runs: say the run is eager.
-        return False
-
     # -- protocol ----------------------------------------------------------------------------
     def meta_train_step(self, batch: TaskBatch) -> dict[str, Any]:
         """Meta-gradient of the mean query loss over the batch (body features once per task,
         inner steps on the head only)."""
-        n = len(batch)
         params = self._initial_params()
-        totals: dict[str, Tensor] = {}
-        if self.task_batching is TaskBatching.vmap:
+        totals = MetricTotals()
+
+        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
+            loss, out, pre = self._task(params, sx, sy, qx, qy)
+            return loss, torch.stack((out, pre))
+
+        def make_batched() -> Callable[[TaskBatch], tuple[Tensor, Tensor]]:
             batched = torch.func.vmap(
                 functools.partial(self._task, batched=True), in_dims=(None, 0, 0, 0, 0)
             )
-            for chunk in batch.split(self.task_chunk_size or n):
+
+            def run(chunk: TaskBatch) -> tuple[Tensor, Tensor]:
                 losses, outs, pres = batched(params, *chunk.tensors())
-                (losses.sum() / n).backward()
-                # Tasks of a batch have equally many queries: the mean over all of a chunk's
-                # queries is the mean of its task means.
-                flat = (outs.flatten(0, 1), pres.flatten(0, 1))
-                self._add_metrics(totals, flat, chunk.query_y.flatten(0, 1), len(chunk) / n)
-        else:
-            for i in range(n):
-                sx, sy, qx, qy = (t[i] for t in batch.tensors())
-                loss, out, pre = self._task(params, sx, sy, qx, qy)
-                (loss / n).backward()
-                self._add_metrics(totals, (out, pre), qy, 1 / n)
-        return with_meta_loss({k: v.detach() for k, v in totals.items()})
+                return losses, torch.stack((outs, pres), 1)
+
+            return run
+
+        def on_tasks(tasks: TaskBatch, losses: Tensor, outs: Tensor, batched: bool) -> None:
+            totals.add("post", task_metrics_per_task(self.task_type, outs[:, 0], tasks.query_y))
+            totals.add("pre", task_metrics_per_task(self.task_type, outs[:, 1], tasks.query_y))
+
+        self.run_tasks(batch, one_task, make_batched, on_tasks)
+        return with_meta_loss(totals.means(len(batch)))
 
     def evaluate_task(
         self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int
@@ -313,3 +372,10 @@ class ANIL(MAML):
             head = self._adapt_head(self._head_of(params), features, support_y, steps, track=False)
         params.update({f"{self.head}.{n}": p for n, p in head.items()})
         return params
+
+    def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        with self.eval_mode(), torch.no_grad():
+            return self._forward(params, x)
+
+    def log_scalars(self) -> dict[str, float]:
+        return self.rates.log_scalars()

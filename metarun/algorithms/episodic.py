@@ -47,10 +47,24 @@ class EpisodicAlgorithm(MetaAlgorithm):
         """The adaptation steps of an evaluation asked for ``inner_steps`` (None: default)."""
         return self.eval_inner_steps if inner_steps is None else inner_steps
 
+    def eval_training_mode(self) -> bool | None:
+        """The mode the model evaluates in: ``True`` (batch statistics in normalisation
+        layers), ``False`` (``model.eval()``) or ``None`` (as it is)."""
+        return None
+
     @contextlib.contextmanager
     def eval_mode(self) -> Iterator[None]:
-        """The model's mode while evaluating (default: as it is)."""
-        yield
+        """The model in :meth:`eval_training_mode` for the block, then as it was."""
+        training = self.eval_training_mode()
+        if training is None:
+            yield
+            return
+        was = self.model.training
+        self.model.train(training)
+        try:
+            yield
+        finally:
+            self.model.train(was)
 
     def evaluate(self, batch: TaskBatch, inner_steps: int | None = None) -> dict[str, Tensor]:
         """Per-task ``pre/`` and ``post/`` query metrics, each a 1-D tensor of ``len(batch)``."""

@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun import registry
 from metarun.algorithms.batching import TaskBatchingMixin
 from metarun.algorithms.episodic import EpisodicAlgorithm, MetricTotals, with_meta_loss
-from metarun.algorithms.losses import task_loss, task_metrics
+from metarun.algorithms.inner_rates import InnerRates
+from metarun.algorithms.losses import task_loss, task_metrics, task_metrics_per_task
 from metarun.algorithms.mamlpp import PerStepBatchNorm, msl_weights
 from metarun.registry import BuildContext, register
 from metarun.spec.bases import AlgoSchema
@@ -51,6 +51,8 @@ class MAMLConfig(AlgoSchema):
     """``algo=maml``: Finn et al. 2017, second-order unless ``first_order``."""
 
     adaptation_keys: ClassVar[tuple[str, ...]] = ("inner_lr", "inner_steps", "eval_inner_steps")
+    #: Whether the algorithm runs MAML's unroll, where the MAML++ options live.
+    takes_mamlpp_options: ClassVar[bool] = True
 
     # The inner loop as chosen for the run's data: the dataset file's `adapt` block (MAML's
     # settings for that data; generic defaults, reported at start-up, where it has none).
@@ -155,20 +157,13 @@ class MAMLConfig(AlgoSchema):
         return {"algo.inner_lr": self.inner_lr}
 
     def check_run(self, run: Any) -> None:
-        option = registry.option_of("algo", self)
-        builder = getattr(option.build, "__self__", None)
         on = self.mamlpp_options()
-        own_step = (
-            isinstance(builder, type)
-            and issubclass(builder, MAML)
-            and builder.meta_train_step is not MAML.meta_train_step
-        )
-        if on and own_step:
-            # A subclass with its own training step (ANIL adapts a head on features) does not
-            # run MAML's unroll, where these options live.
+        if on and not self.takes_mamlpp_options:
+            # They live in MAML's unroll, which an algorithm with its own step does not run.
+            name = registry.option_of("algo", self).name
             raise ConfigError(
                 f"{', '.join(on)}: MAML++ options of algo=maml, not supported by "
-                f"algo={option.name} (remove them, or use algo=maml)"
+                f"algo={name} (remove them, or use algo=maml)"
             )
         if self.per_step_bn and not getattr(run.model, "batch_norm", True):
             raise ConfigError(
@@ -316,19 +311,14 @@ class MAML(TaskBatchingMixin, EpisodicAlgorithm):
         self.copy_initial_weights = copy_initial_weights
         self.learn_inner_lr = InnerLR(learn_inner_lr)
         self.bn_policy = BNPolicy(bn_policy)
-        self.init_task_batching(task_batching, task_chunk_size, memory_budget_mb)
         self.checkpoint_inner = checkpoint_inner
-        if checkpoint_inner and self.task_batching is TaskBatching.vmap:
-            raise ValueError(
-                "algo.checkpoint_inner=true works with task_batching=loop only "
-                "(torch.func transforms do not support activation checkpointing)"
-            )
-        if self.task_batching is TaskBatching.vmap and self.bn_policy is not BNPolicy.batch_stats:
-            raise ValueError(
-                "task_batching=vmap needs bn_policy=batch_stats: tasks running at once cannot "
-                "share running statistics; set algo.bn_policy=batch_stats or "
-                "task_batching=loop"
-            )
+        self.init_task_batching(
+            task_batching,
+            task_chunk_size,
+            memory_budget_mb,
+            running_stats=self.bn_policy is not BNPolicy.batch_stats,
+            checkpoint_inner=checkpoint_inner,
+        )
         # Substituting the norm layers' running statistics by None makes them normalise with
         # per-batch (under vmap: per-task) statistics and write nothing.
         self._stats_off = batch_stats_buffers(model)
@@ -347,36 +337,17 @@ class MAML(TaskBatchingMixin, EpisodicAlgorithm):
             if p.requires_grad
             and (self.per_step_bn is None or n not in self.per_step_bn.affine_names)
         ]
-        self.base_inner_lr = float(inner_lr)
-        self.inner_lr: nn.Parameter | None = None
-        self.inner_lrs: nn.ParameterDict | None = None
-        self.step_lrs: nn.ParameterDict | None = None
-        if self.learn_inner_lr is InnerLR.scalar:
-            self.inner_lr = nn.Parameter(torch.tensor(float(inner_lr)))
-        elif self.learn_inner_lr is InnerLR.per_param:
-            # ParameterDict keys may not contain dots.
-            self.inner_lrs = nn.ParameterDict(
-                {
-                    _key(n): nn.Parameter(torch.full_like(p.detach(), float(inner_lr)))
-                    for n, p in model.named_parameters()
-                    if p.requires_grad
-                }
-            )
-        elif self.learn_inner_lr is InnerLR.per_layer_per_step:
-            named = dict(model.named_parameters())
-            self.step_lrs = nn.ParameterDict(
-                {
-                    _key(n): nn.Parameter(
-                        torch.full(
-                            (inner_steps,),
-                            float(inner_lr),
-                            dtype=named[n].dtype,
-                            device=named[n].device,
-                        )
-                    )
-                    for n in self._adapted_names
-                }
-            )
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self._all_names = {n: n for n in trainable}
+        self._adapted = {n: n for n in self._adapted_names}
+        per_step = self.learn_inner_lr is InnerLR.per_layer_per_step
+        self.rates = InnerRates(
+            self.learn_inner_lr,
+            inner_lr,
+            {n: trainable[n] for n in self._adapted_names} if per_step else trainable,
+            inner_steps,
+        )
+        self.rates.attach(self)
         # The step-by-step unroll; with all of these off MAML runs its original loops.
         self._stepwise = (
             multi_step_loss or per_step_bn or self.learn_inner_lr is InnerLR.per_layer_per_step
@@ -423,17 +394,7 @@ class MAML(TaskBatchingMixin, EpisodicAlgorithm):
         self.outer_step = int(step)
 
     def _hyper(self) -> dict[str, object]:
-        if self.inner_lr is not None:
-            return {"lr": self.inner_lr}
-        if self.inner_lrs is not None:
-            return {
-                "lr": {
-                    n: self.inner_lrs[_key(n)]
-                    for n, p in self.model.named_parameters()
-                    if p.requires_grad
-                }
-            }
-        return {}
+        return self.rates.hyper(self._all_names)
 
     def _forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         if self.per_step_bn is not None:
@@ -482,16 +443,9 @@ class MAML(TaskBatchingMixin, EpisodicAlgorithm):
         return self.first_order
 
     def _hyper_at(self, step: int) -> dict[str, object]:
-        """Inner-loop hyperparameters of inner step ``step`` (the step-by-step unroll)."""
-        if self.step_lrs is not None:
-            t = min(step, self.inner_steps - 1)
-            return {"lr": {n: self.step_lrs[_key(n)][t] for n in self._adapted_names}}
-        hyper = self._hyper()
-        lr = hyper.get("lr")
-        if isinstance(lr, dict):
-            # Meta-SGD's rates of the per-step BatchNorm weights are not used: not adapted.
-            return {"lr": {n: lr[n] for n in self._adapted_names}}
-        return hyper
+        """Inner-loop hyperparameters of inner step ``step`` (the step-by-step unroll); Meta-SGD's
+        rates of the per-step BatchNorm weights are not used: those are not adapted."""
+        return self.rates.hyper(self._adapted, step)
 
     def _unroll(
         self,
@@ -584,15 +538,7 @@ class MAML(TaskBatchingMixin, EpisodicAlgorithm):
         return task_metrics(self.task_type, out, y)
 
     def _task_metrics(self, out: Tensor, y: Tensor) -> dict[str, Tensor]:
-        """Per-task metrics of a batch of tasks, ``out`` (T, Q, ...) against ``y`` (T, Q, ...):
-        one tensor op per metric, whatever the number of tasks."""
-        if self.task_type == "classification":
-            loss = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none")
-            return {
-                "loss": loss.view(y.shape).mean(-1),
-                "accuracy": (out.argmax(-1) == y).float().mean(-1),
-            }
-        return {"loss": F.mse_loss(out, y, reduction="none").flatten(1).mean(1)}
+        return task_metrics_per_task(self.task_type, out, y)
 
     def _adapt(self, sx: Tensor, sy: Tensor, steps: int, *, track: bool) -> dict[str, Tensor]:
         params = get_params(self.model, copy=self.copy_initial_weights or not track)
@@ -725,14 +671,8 @@ class MAML(TaskBatchingMixin, EpisodicAlgorithm):
         with torch.no_grad():
             return pre, self._forward(params, qx)
 
-    @contextlib.contextmanager
-    def eval_mode(self) -> Iterator[None]:
-        was = self.model.training
-        self.model.train(self.bn_policy is BNPolicy.batch_stats)
-        try:
-            yield
-        finally:
-            self.model.train(was)
+    def eval_training_mode(self) -> bool:
+        return self.bn_policy is BNPolicy.batch_stats
 
     def adapt(
         self, support_x: Tensor, support_y: Tensor, steps: int | None = None
@@ -747,26 +687,7 @@ class MAML(TaskBatchingMixin, EpisodicAlgorithm):
             return self._forward(params, x)
 
     def log_scalars(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        if self.inner_lr is not None:
-            out["inner_lr/value"] = float(self.inner_lr.detach())
-            if self.inner_lr.grad is not None:
-                out["inner_lr/hypergrad"] = float(self.inner_lr.grad)
-        if self.inner_lrs is not None:
-            sq = 0.0
-            for key, p in self.inner_lrs.items():
-                out[f"inner_lr/{key}"] = float(p.detach().mean())
-                if p.grad is not None:
-                    sq += float(p.grad.pow(2).sum())
-            out["inner_lr/hypergrad_norm"] = sq**0.5
-        if self.step_lrs is not None:
-            rates = torch.stack([p.detach() for p in self.step_lrs.values()])  # (tensors, steps)
-            for t, value in enumerate(rates.mean(0).tolist()):
-                out[f"inner_lr/step{t}"] = value
-            grads = [p.grad for p in self.step_lrs.values() if p.grad is not None]
-            if grads:
-                out["inner_lr/hypergrad_norm"] = float(torch.stack(grads).norm())
-        return out
+        return self.rates.log_scalars()
 
 
 def _key(name: str) -> str:

@@ -25,8 +25,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -192,14 +190,9 @@ class ProtoNets(EpisodicAlgorithm):
     def _adapt(self, sx: Tensor, sy: Tensor) -> Tensor:
         return self.prototypes(self.embed(sx), sy, _n_way(sy))
 
-    @contextlib.contextmanager
-    def eval_mode(self) -> Iterator[None]:
-        was = self.model.training
-        self.model.eval()
-        try:
-            yield
-        finally:
-            self.model.train(was)
+    def eval_training_mode(self) -> bool:
+        # BatchNorm with its running statistics at test time, as the authors' code does.
+        return False
 
 
 def _n_way(labels: Tensor) -> int:
