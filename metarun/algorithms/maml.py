@@ -33,7 +33,7 @@ from metarun.algorithms.batching import TaskBatchingMixin
 from metarun.algorithms.episodic import EpisodicAlgorithm, MetricTotals, with_meta_loss
 from metarun.algorithms.inner_rates import InnerRates
 from metarun.algorithms.losses import task_loss, task_metrics, task_metrics_per_task
-from metarun.algorithms.mamlpp import PerStepBatchNorm, msl_weights
+from metarun.algorithms.mamlpp import PerStepBatchNorm, msl_weights, step_forward, unroll
 from metarun.registry import BuildContext, register
 from metarun.spec.bases import AlgoSchema
 from metarun.spec.checks import require, require_optional_count
@@ -413,21 +413,14 @@ class MAML(TaskBatchingMixin, EpisodicAlgorithm):
         support: bool,
         initial: dict[str, Tensor] | None = None,
     ) -> Tensor:
-        """The forward at inner step ``step`` under ``per_step_bn``: that step's BatchNorm
-        weights (from ``initial`` for step 0, when given) and running statistics. Only a
-        ``support`` forward in training mode writes statistics; a query forward in training
-        normalises with its own batch and writes nothing (no leakage into support steps)."""
-        bn = self.per_step_bn
-        if bn is None:
+        """The forward at inner step ``step`` (:func:`metarun.algorithms.mamlpp.step_forward`)."""
+        if self.per_step_bn is None:
             return self._forward(params, x)
-        if initial is not None:
-            params = {**params, **bn.params_at(step, initial)}
-        buffers: dict[str, Tensor | None]
-        if self.bn_policy is BNPolicy.batch_stats or (self.model.training and not support):
-            buffers = dict(self._stats_off)
-        else:
-            buffers = dict(bn.stats_at(self.model, step))
-        return functional_call(self.model, params, x, buffers=buffers)
+        batch_stats = self.bn_policy is BNPolicy.batch_stats
+        return step_forward(
+            self.model, self.per_step_bn, self._stats_off, params, x, step,
+            batch_stats=batch_stats, support=support, initial=initial,
+        )  # fmt: skip
 
     def _pre_forward(self, x: Tensor) -> Tensor:
         """The query forward before adaptation (step 0's BatchNorm copy, writing nothing)."""
@@ -458,70 +451,34 @@ class MAML(TaskBatchingMixin, EpisodicAlgorithm):
         grad: GradBackend = GradBackend.autograd,
         query: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
-        """The step-by-step inner loop of the MAML++ options: per-step rates and BatchNorm
-        copies, and the query loss after every step when the multi-step loss weights it.
-
-        Args:
-            initial: the initial parameters (the model's own, or copies).
-            sx, sy: the support set of one task.
-            steps: inner steps.
-            track: build the meta-graph (training) or not (evaluation).
-            grad: the inner gradient engine (``func`` under ``vmap``).
-            query: ``(qx, qy)`` in training: the meta-loss is then returned.
-
-        Returns:
-            ``(adapted, meta_loss, out)``: the adapted parameters (with the BatchNorm weights
-            that query forwards use), and with ``query`` the meta-loss and the final query
-            output (else ``None``, ``None``).
-        """
-        bn = self.per_step_bn
-        params = {n: p for n, p in initial.items() if bn is None or n not in bn.affine_names}
-        first_order = self._first_order_now()
+        """MAML++'s step-by-step inner loop (:func:`metarun.algorithms.mamlpp.unroll`)."""
         # Evaluation (no query) may run any number of steps, 0 included: no weights there.
         weights = None
         if self.multi_step_loss and query is not None:
             weights = msl_weights(steps, self.outer_step, self.msl_anneal_steps)
-        meta_loss: Tensor | None = None
-        for t in range(steps):
-            if grad is GradBackend.func:
-                params = func_inner_loop(
-                    self._support_loss(sx, sy, t, initial),
-                    params,
-                    self._optimizer,
-                    1,
-                    hyper=self._hyper_at(t),
-                    first_order=first_order,
-                    trainable=self._adapted_names,
-                )
-            else:
-                params = inner_loop(
-                    self._support_loss(sx, sy, t, initial),
-                    params,
-                    self._optimizer,
-                    1,
-                    hyper=self._hyper_at(t),
-                    first_order=first_order,
-                    track_higher_grads=track,
-                    checkpoint=self.checkpoint_inner and track,
-                ).params
-            if weights is not None and t < steps - 1:
-                qx, qy = query  # type: ignore[misc]  # weights imply a query
-                out_t = self._forward_at(params, qx, t, support=False, initial=initial)
-                term = weights[t] * self._loss(out_t, qy)
-                meta_loss = term if meta_loss is None else meta_loss + term
-        # Query forwards after adaptation use the last training step's BatchNorm copy, whatever
-        # the number of steps (as predict() does, which does not know it).
-        last = self.inner_steps - 1
-        adapted = params if bn is None else {**params, **bn.params_at(last, initial)}
-        if query is None:
-            return adapted, None, None
-        qx, qy = query
-        out = self._forward_at(adapted, qx, last, support=False)
-        final = self._loss(out, qy)
-        if weights is not None:
-            final = weights[-1] * final
-        meta_loss = final if meta_loss is None else meta_loss + final
-        return adapted, meta_loss, out
+        return unroll(
+            initial,
+            sx,
+            sy,
+            steps,
+            step_loss=lambda t: self._support_loss(sx, sy, t, initial),
+            query_loss=lambda p, qx, qy, t, init: self._loss(
+                self._forward_at(p, qx, t, support=False, initial=init), qy
+            ),
+            query_forward=lambda p, qx, t: self._forward_at(p, qx, t, support=False),
+            optimizer=self._optimizer,
+            hyper_at=self._hyper_at,
+            trainable=self._adapted_names,
+            bn=self.per_step_bn,
+            last_step=self.inner_steps - 1,
+            first_order=self._first_order_now(),
+            track=track,
+            checkpoint=self.checkpoint_inner and track,
+            grad=grad,
+            query=query,
+            weights=weights,
+            loss=self._loss,
+        )
 
     def _support_loss(
         self, sx: Tensor, sy: Tensor, step: int, initial: dict[str, Tensor]
