@@ -241,7 +241,7 @@ def test_bn_policies_and_task_batching() -> None:
     algo.meta_train_step(batch)
     assert not torch.equal(algo.model.features[0][1].running_mean, running)
     assert algo.evaluate(batch)["post/accuracy"].shape == (3,)
-    with pytest.raises(ValueError, match="task_batching=vmap needs bn_policy=batch_stats"):
+    with pytest.raises(ValueError, match="task_batching=vmap needs algo.bn_policy=batch_stats"):
         _anil(bn_policy="running_stats", task_batching="vmap")
     # The checkpointed inner loop (loop only) gives the same meta-gradient.
     plain, ckpt = _anil(task_batching="loop"), _anil(task_batching="loop", checkpoint_inner=True)
@@ -321,16 +321,6 @@ def test_algo_anil_composes_with_omniglots_inner_loop_defaults(make_config) -> N
     with pytest.raises(ConfigError, match=r"algo.head must name a module of Conv4, got 'nope'"):
         build_experiment(make_config(["algo=anil", "dataset=omniglot", "algo.head=nope",
                                       "device=cpu"]), with_data=False)  # fmt: skip
-
-
-@pytest.fixture
-def fake_omniglot(monkeypatch):
-    """Omniglot-shaped random pools (20 classes per split): classification without the data."""
-    import metarun.data
-
-    gen = torch.Generator().manual_seed(0)
-    pools = {s: torch.rand(20, 20, 1, 28, 28, generator=gen) for s in ("train", "val", "test")}
-    monkeypatch.setattr(metarun.data.omniglot, "load_omniglot", lambda root, **kw: pools)
 
 
 def test_preset_runs_a_couple_of_steps_with_the_tags(make_config, tiny, tmp_path, fake_omniglot):

@@ -187,5 +187,5 @@ def test_checkpointed_inner_loop_gives_the_same_meta_gradient() -> None:
     ckpt.meta_train_step(batch)
     for a, b in zip(plain.model.parameters(), ckpt.model.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError, match="checkpoint_inner=true works with task_batching=loop"):
+    with pytest.raises(ValueError, match="checkpoint_inner=true needs algo.task_batching=loop"):
         _maml(checkpoint_inner=True, task_batching="vmap")

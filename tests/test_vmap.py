@@ -104,7 +104,7 @@ def test_flattening_tasks_into_one_batch_would_be_wrong() -> None:
 
 
 def test_vmap_refuses_running_statistics() -> None:
-    with pytest.raises(ValueError, match="task_batching=vmap needs bn_policy=batch_stats"):
+    with pytest.raises(ValueError, match="task_batching=vmap needs algo.bn_policy=batch_stats"):
         MAML(
             _conv(True),
             task_type="classification",

@@ -45,6 +45,7 @@ from metarun.algorithms.inner_rates import InnerRates
 from metarun.algorithms.losses import task_loss, task_metrics_per_task
 from metarun.algorithms.maml import MAMLConfig
 from metarun.registry import BuildContext, register
+from metarun.spec.checks import schema_from_keys
 from metarun.spec.enums import BNPolicy
 from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
@@ -71,13 +72,11 @@ class ANIL(TaskBatchingMixin, EpisodicAlgorithm):
     """ANIL: MAML's arguments, plus the head.
 
     Args:
-        model: the network; its module ``head`` must compute the model's output (the last
+        model: the network; its module ``algo.head`` must compute the model's output (the last
             module its forward calls), from one input: the body's features.
-        head: dotted name in ``model.named_modules()``; ``None``: the last ``nn.Linear``.
-        copy_initial_weights: start each task's head from a detached copy (the head's initial
-            weights are then not meta-learned; the body still is).
-        Other arguments: as :class:`~metarun.algorithms.maml.MAML`; ``learn_inner_lr`` learns
-        rates of the head's parameters only.
+        config, task_type, keys: as :class:`~metarun.algorithms.maml.MAML`'s, with
+            :class:`ANILConfig`; ``learn_inner_lr`` learns rates of the head's parameters only,
+            ``copy_initial_weights`` starts each task's head from a detached copy.
 
     Raises:
         ConfigError: ``head`` names no module of ``model`` (the message lists them), or one
@@ -85,51 +84,36 @@ class ANIL(TaskBatchingMixin, EpisodicAlgorithm):
             the model's output.
     """
 
+    schema: ClassVar[type[ANILConfig]] = ANILConfig
+
     def __init__(
         self,
         model: nn.Module,
+        config: ANILConfig | None = None,
         *,
         task_type: str,
-        inner_lr: float,
-        inner_steps: int,
-        eval_inner_steps: int,
-        head: str | None = None,
-        first_order: bool = False,
-        copy_initial_weights: bool = False,
-        learn_inner_lr: str = "off",
-        bn_policy: str = "batch_stats",
-        task_batching: str = "loop",
-        task_chunk_size: int | None = None,
-        checkpoint_inner: bool = False,
-        memory_budget_mb: float | None = None,
+        **keys: Any,
     ) -> None:
         super().__init__()
         if task_type not in ("classification", "regression"):
             raise ValueError(
                 f"task_type must be 'classification' or 'regression', got {task_type!r}"
             )
-        if inner_steps < 1 or eval_inner_steps < 0:
-            raise ValueError(
-                f"inner_steps must be >= 1 and eval_inner_steps >= 0, got {inner_steps} and "
-                f"{eval_inner_steps}"
-            )
+        config = config if config is not None else schema_from_keys(self.schema, keys)
+        self.config = config
         self.model = model
         self.task_type = task_type
-        self.inner_steps = inner_steps
-        self.eval_inner_steps = eval_inner_steps
-        self.first_order = first_order
-        self.copy_initial_weights = copy_initial_weights
-        self.bn_policy = BNPolicy(bn_policy)
-        self.checkpoint_inner = checkpoint_inner
+        self.inner_steps = config.inner_steps
+        self.eval_inner_steps = config.eval_inner_steps
+        self.first_order = config.first_order
+        self.copy_initial_weights = config.copy_initial_weights
+        self.bn_policy = config.bn_policy
+        self.checkpoint_inner = config.checkpoint_inner
         self.init_task_batching(
-            task_batching,
-            task_chunk_size,
-            memory_budget_mb,
-            running_stats=self.bn_policy is not BNPolicy.batch_stats,
-            checkpoint_inner=checkpoint_inner,
+            config.task_batching, config.task_chunk_size, config.memory_budget_mb
         )
         self._stats_off = batch_stats_buffers(model)
-        self.head = find_head(model, head, key="algo.head", role="adapts")
+        self.head = find_head(model, config.head, key="algo.head", role="adapts")
         module = self._head_module
         # Head parameters by their names inside the head, e.g. "weight" for "classifier.weight".
         self._head_names = [n for n, p in module.named_parameters() if p.requires_grad]
@@ -144,14 +128,14 @@ class ANIL(TaskBatchingMixin, EpisodicAlgorithm):
         self._rate_names = {n: f"{self.head}.{n}" for n in self._head_names}
         head_params = dict(module.named_parameters())
         self.rates = InnerRates(
-            learn_inner_lr,
-            inner_lr,
+            config.learn_inner_lr,
+            config.inner_lr,
             {full: head_params[n] for n, full in self._rate_names.items()},
-            inner_steps,
+            self.inner_steps,
         )
         self.rates.attach(self)
-        self._optimizer = SGD(lr=float(inner_lr))
-        if copy_initial_weights:
+        self._optimizer = SGD(lr=float(config.inner_lr))
+        if self.copy_initial_weights:
             log.warning(
                 "algo.copy_initial_weights=true: each task's head starts from a detached copy, "
                 "so the head's initial weights (%s) receive no meta-gradient; the body is still "
@@ -161,22 +145,7 @@ class ANIL(TaskBatchingMixin, EpisodicAlgorithm):
 
     @classmethod
     def from_config(cls, config: ANILConfig, model: nn.Module, context: BuildContext) -> ANIL:
-        return cls(
-            model,
-            task_type=context.task_type,
-            inner_lr=config.inner_lr,
-            inner_steps=config.inner_steps,
-            eval_inner_steps=config.eval_inner_steps,
-            head=config.head,
-            first_order=config.first_order,
-            copy_initial_weights=config.copy_initial_weights,
-            learn_inner_lr=config.learn_inner_lr.value,
-            bn_policy=config.bn_policy.value,
-            task_batching=config.task_batching.value,
-            task_chunk_size=config.task_chunk_size,
-            checkpoint_inner=config.checkpoint_inner,
-            memory_budget_mb=config.memory_budget_mb,
-        )
+        return cls(model, config, task_type=context.task_type)
 
     def eval_training_mode(self) -> bool:
         return self.bn_policy is BNPolicy.batch_stats

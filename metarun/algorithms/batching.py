@@ -57,30 +57,10 @@ class TaskBatchingMixin:
         mode: TaskBatching | str,
         chunk_size: int | None = None,
         memory_budget_mb: float | None = None,
-        *,
-        running_stats: bool = False,
-        checkpoint_inner: bool = False,
     ) -> None:
-        """Args: as the attributes; ``running_stats``: the model's normalisation layers keep
-        running statistics (``bn_policy=running_stats``); ``checkpoint_inner``: inner forwards
-        recomputed in the backward. Both need the loop (or ``auto``, which then keeps it)."""
-        mode = TaskBatching(mode)
-        if checkpoint_inner and mode is TaskBatching.vmap:
-            raise ValueError(
-                "algo.checkpoint_inner=true works with task_batching=loop only "
-                "(torch.func transforms do not support activation checkpointing)"
-            )
-        if running_stats and mode is TaskBatching.vmap:
-            raise ValueError(
-                "task_batching=vmap needs bn_policy=batch_stats: tasks running at once cannot "
-                "share running statistics; set algo.bn_policy=batch_stats or "
-                "task_batching=loop"
-            )
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(
-                f"task_chunk_size must be >= 1 or None, got {chunk_size} "
-                "(set e.g. algo.task_chunk_size=8)"
-            )
+        """Args: as the attributes. The values are checked by the algorithm's schema (e.g.
+        :class:`~metarun.algorithms.maml.MAMLConfig`: vmap needs batch statistics and no
+        ``checkpoint_inner``)."""
         self.task_batching = TaskBatching(mode)
         self.task_chunk_size = chunk_size
         self.memory_budget_mb = memory_budget_mb

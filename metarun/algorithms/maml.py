@@ -36,7 +36,7 @@ from metarun.algorithms.losses import task_loss, task_metrics, task_metrics_per_
 from metarun.algorithms.mamlpp import PerStepBatchNorm, msl_weights, step_forward, unroll
 from metarun.registry import BuildContext, register
 from metarun.spec.bases import AlgoSchema
-from metarun.spec.checks import require, require_optional_count
+from metarun.spec.checks import require, require_optional_count, schema_from_keys
 from metarun.spec.enums import BNPolicy, InnerLR, TaskBatching
 from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
@@ -221,50 +221,18 @@ class MAMLPPConfig(MAMLConfig):
 @register("algo", "fomaml", FOMAMLConfig)
 @register("algo", "maml", MAMLConfig)
 class MAML(TaskBatchingMixin, EpisodicAlgorithm):
-    """Model-agnostic meta-learning on :mod:`metarun.unroll`'s functional layer.
+    """Model-agnostic meta-learning on :mod:`metarun.unroll`'s functional layer, with its
+    relatives as options: first order, learned inner rates (scalar, Meta-SGD's elementwise,
+    MAML++'s per layer and step), MAML++'s multi-step loss, per-step BatchNorm and
+    derivative-order annealing (:mod:`metarun.algorithms.mamlpp`).
 
     Args:
         model: the network whose initial weights are meta-learned.
+        config: the schema (:class:`MAMLConfig`: every key, its default, meaning and checks);
+            or its keys as keyword arguments, ``inner_lr``, ``inner_steps`` and
+            ``eval_inner_steps`` required (``MAML(model, task_type="regression",
+            inner_lr=0.01, inner_steps=1, eval_inner_steps=10)``).
         task_type: ``"classification"`` (cross-entropy, accuracy) or ``"regression"`` (MSE).
-        inner_lr: inner SGD learning rate (initial value when learned).
-        inner_steps: inner steps during meta-training (>= 1).
-        eval_inner_steps: inner steps when evaluating or adapting.
-        first_order: first-order MAML: inner gradients detached, identity path kept.
-        copy_initial_weights: ``True`` adapts detached copies: the model's own weights then get
-            no meta-gradient (only learned learning rates are trained). A warning says so.
-        learn_inner_lr: ``off``, ``scalar`` (one learned rate) or ``per_param`` (Meta-SGD: an
-            elementwise rate for every parameter tensor).
-        bn_policy: ``batch_stats``: normalise with the current batch's statistics in training
-            and evaluation (the MAML reference code); ``running_stats``: meta-training updates
-            the model's running statistics, evaluation uses them (model in eval mode).
-        task_batching: ``loop``: one task after another, each task's graph freed before the
-            next (least memory); ``vmap``: tasks as one ``torch.func.vmap`` computation,
-            ``task_chunk_size`` at a time (memory for speed); ``auto``: the loop until
-            :meth:`before_training` measures the candidates and keeps the fastest.
-        task_chunk_size: tasks per vmapped chunk (``None``: the whole meta-batch).
-        checkpoint_inner: recompute each inner step's forward during the meta-backward instead
-            of storing its activations (less memory on long unrolls, ~1 extra forward per step;
-            task loop only).
-        multi_step_loss: MAML++'s MSL: the meta-loss is a weighted sum of the query losses
-            after every inner step, the weights annealed over ``msl_anneal_steps`` outer steps
-            towards the final step (:func:`metarun.algorithms.mamlpp.msl_weights`); from then
-            on the final step's loss alone.
-        msl_anneal_steps: outer steps of that annealing.
-        per_step_bn: MAML++'s BNWB + BNRS: inner step ``t`` normalises with its own BatchNorm
-            weights and running statistics (:class:`metarun.algorithms.mamlpp.PerStepBatchNorm`;
-            step 0's are the model's own). The weights are meta-learned per step and not adapted
-            in the inner loop; a query forward after ``t`` steps uses copy ``t`` (evaluation and
-            :meth:`predict`: the last copy). Under ``bn_policy=running_stats`` the per-step
-            statistics are updated from support batches only: query forwards in training
-            normalise with their batch and write no statistic, so nothing of a query batch
-            reaches a support step's normalisation. Under ``batch_stats`` no statistic is used.
-        first_order_until: derivative-order annealing: first order while fewer outer steps than
-            this are completed (the runner gives the step through :meth:`set_step`), then
-            second order. ``None``: ``first_order`` throughout.
-
-        ``learn_inner_lr="per_layer_per_step"`` is MAML++'s LSLR: one learned rate per
-        parameter tensor and inner step (evaluation steps beyond ``inner_steps`` use the last
-        step's rates).
 
     Attributes:
         pre_adaptation_metrics: when true (default), ``meta_train_step`` also reports query
@@ -272,52 +240,34 @@ class MAML(TaskBatchingMixin, EpisodicAlgorithm):
             off on steps it does not log.
     """
 
+    schema: ClassVar[type[MAMLConfig]] = MAMLConfig
+
     def __init__(
         self,
         model: nn.Module,
+        config: MAMLConfig | None = None,
         *,
         task_type: str,
-        inner_lr: float,
-        inner_steps: int,
-        eval_inner_steps: int,
-        first_order: bool = False,
-        copy_initial_weights: bool = False,
-        learn_inner_lr: str = "off",
-        bn_policy: str = "batch_stats",
-        task_batching: str = "loop",
-        task_chunk_size: int | None = None,
-        checkpoint_inner: bool = False,
-        memory_budget_mb: float | None = None,
-        multi_step_loss: bool = False,
-        msl_anneal_steps: int = 7500,
-        per_step_bn: bool = False,
-        first_order_until: int | None = None,
+        **keys: Any,
     ) -> None:
         super().__init__()
         if task_type not in ("classification", "regression"):
             raise ValueError(
                 f"task_type must be 'classification' or 'regression', got {task_type!r}"
             )
-        if inner_steps < 1 or eval_inner_steps < 0:
-            raise ValueError(
-                f"inner_steps must be >= 1 and eval_inner_steps >= 0, got {inner_steps} and "
-                f"{eval_inner_steps}"
-            )
+        config = config if config is not None else schema_from_keys(self.schema, keys)
+        self.config = config
         self.model = model
         self.task_type = task_type
-        self.inner_steps = inner_steps
-        self.eval_inner_steps = eval_inner_steps
-        self.first_order = first_order
-        self.copy_initial_weights = copy_initial_weights
-        self.learn_inner_lr = InnerLR(learn_inner_lr)
-        self.bn_policy = BNPolicy(bn_policy)
-        self.checkpoint_inner = checkpoint_inner
+        self.inner_steps = config.inner_steps
+        self.eval_inner_steps = config.eval_inner_steps
+        self.first_order = config.first_order
+        self.copy_initial_weights = config.copy_initial_weights
+        self.learn_inner_lr = config.learn_inner_lr
+        self.bn_policy = config.bn_policy
+        self.checkpoint_inner = config.checkpoint_inner
         self.init_task_batching(
-            task_batching,
-            task_chunk_size,
-            memory_budget_mb,
-            running_stats=self.bn_policy is not BNPolicy.batch_stats,
-            checkpoint_inner=checkpoint_inner,
+            config.task_batching, config.task_chunk_size, config.memory_budget_mb
         )
         # Substituting the norm layers' running statistics by None makes them normalise with
         # per-batch (under vmap: per-task) statistics and write nothing.
@@ -325,11 +275,13 @@ class MAML(TaskBatchingMixin, EpisodicAlgorithm):
         self._has_batch_norm = any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
         )
-        self.multi_step_loss = multi_step_loss
-        self.msl_anneal_steps = msl_anneal_steps
-        self.first_order_until = first_order_until
+        self.multi_step_loss = config.multi_step_loss
+        self.msl_anneal_steps = config.msl_anneal_steps
+        self.first_order_until = config.first_order_until
         self.outer_step = 0  # set by the runner before each step (set_step)
-        self.per_step_bn = PerStepBatchNorm(model, inner_steps) if per_step_bn else None
+        self.per_step_bn = (
+            PerStepBatchNorm(model, self.inner_steps) if config.per_step_bn else None
+        )
         # What the inner loop adapts: per-step BatchNorm weights are meta-learned, not adapted.
         self._adapted_names = [
             n
@@ -343,17 +295,15 @@ class MAML(TaskBatchingMixin, EpisodicAlgorithm):
         per_step = self.learn_inner_lr is InnerLR.per_layer_per_step
         self.rates = InnerRates(
             self.learn_inner_lr,
-            inner_lr,
+            config.inner_lr,
             {n: trainable[n] for n in self._adapted_names} if per_step else trainable,
-            inner_steps,
+            self.inner_steps,
         )
         self.rates.attach(self)
         # The step-by-step unroll; with all of these off MAML runs its original loops.
-        self._stepwise = (
-            multi_step_loss or per_step_bn or self.learn_inner_lr is InnerLR.per_layer_per_step
-        )
-        self._optimizer = SGD(lr=float(inner_lr))
-        if copy_initial_weights:
+        self._stepwise = self.multi_step_loss or config.per_step_bn or per_step
+        self._optimizer = SGD(lr=float(config.inner_lr))
+        if self.copy_initial_weights:
             log.warning(
                 "algo.copy_initial_weights=true: the inner loop starts from detached copies, so "
                 "the model's initial weights receive NO meta-gradient and are not meta-learned "
@@ -362,30 +312,7 @@ class MAML(TaskBatchingMixin, EpisodicAlgorithm):
 
     @classmethod
     def from_config(cls, config: MAMLConfig, model: nn.Module, context: BuildContext) -> MAML:
-        return cls(model, **cls.init_kwargs(config, context))
-
-    @classmethod
-    def init_kwargs(cls, config: MAMLConfig, context: BuildContext) -> dict[str, Any]:
-        """The constructor's keyword arguments from ``config``: a subclass with a schema
-        extending :class:`MAMLConfig` adds its own keys to these (e.g. ANIL's ``head``)."""
-        return dict(
-            task_type=context.task_type,
-            inner_lr=config.inner_lr,
-            inner_steps=config.inner_steps,
-            eval_inner_steps=config.eval_inner_steps,
-            first_order=config.first_order,
-            copy_initial_weights=config.copy_initial_weights,
-            learn_inner_lr=config.learn_inner_lr.value,
-            bn_policy=config.bn_policy.value,
-            task_batching=config.task_batching.value,
-            task_chunk_size=config.task_chunk_size,
-            checkpoint_inner=config.checkpoint_inner,
-            memory_budget_mb=config.memory_budget_mb,
-            multi_step_loss=config.multi_step_loss,
-            msl_anneal_steps=config.msl_anneal_steps,
-            per_step_bn=config.per_step_bn,
-            first_order_until=config.first_order_until,
-        )
+        return cls(model, config, task_type=context.task_type)
 
     # -- runner hooks ------------------------------------------------------------------------
     def set_step(self, step: int) -> None:

@@ -3,9 +3,14 @@ and a fix."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import enum
+import typing
+from typing import Any, TypeVar
 
 from metarun.spec.errors import ConfigError
+
+T = TypeVar("T")
 
 
 def require(ok: bool, key: str, value: Any, requirement: str, example: str) -> None:
@@ -56,3 +61,27 @@ def require_image_model(
         colours,
         f"model.in_channels={channels}",
     )
+
+
+def schema_from_keys(schema: type[T], keys: dict[str, Any]) -> T:
+    """A schema instance from keyword arguments, as Python callers pass them: enum fields take
+    their values (``task_batching="vmap"``); the schema's own checks run as for a config.
+
+    Raises:
+        TypeError: a key the schema does not have (naming the keys it has).
+        ConfigError: a value its checks refuse.
+    """
+    fields = {f.name: f for f in dataclasses.fields(schema)}  # type: ignore[arg-type]
+    unknown = sorted(set(keys) - set(fields))
+    if unknown:
+        raise TypeError(
+            f"{schema.__name__} has no key {', '.join(unknown)}; its keys: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(schema)
+    typed = {}
+    for key, value in keys.items():
+        kind = hints.get(key)
+        if isinstance(kind, type) and issubclass(kind, enum.Enum) and not isinstance(value, kind):
+            value = kind(value)
+        typed[key] = value
+    return schema(**typed)
