@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from metarun.algorithms.episodic import EpisodicAlgorithm
+from metarun.algorithms.episodic import EpisodicAlgorithm, MetricTotals, with_meta_loss
 from metarun.algorithms.losses import task_loss, task_metrics
 from metarun.algorithms.reptile import InnerOptimizer
 from metarun.registry import BuildContext, register
@@ -321,11 +321,7 @@ class IMAML(EpisodicAlgorithm):
         model's trainable parameters."""
         n = len(batch)
         theta = self._theta()
-        sums: dict[str, Tensor] = {}
-
-        def add(name: str, value: Tensor) -> None:
-            sums[name] = sums[name] + value if name in sums else value
-
+        totals = MetricTotals()
         if self.task_batching is TaskBatching.vmap:
             vs, outs, residuals = self._meta_gradients_vmap(batch)
             per_task = [({k: t[i] for k, t in vs.items()}, outs[i]) for i in range(n)]
@@ -343,21 +339,13 @@ class IMAML(EpisodicAlgorithm):
             for name, p in theta.items():
                 step = v[name] / n
                 p.grad = step if p.grad is None else p.grad + step
-            for key, value in task_metrics(self.task_type, out, qy).items():
-                add(f"train/post_{key}", value)
+            totals.add("post", task_metrics(self.task_type, out, qy))
             if self.pre_adaptation_metrics:
                 with torch.no_grad():
                     pre = self._forward(theta, batch.query_x[i])
-                for key, value in task_metrics(self.task_type, pre, qy).items():
-                    add(f"train/pre_{key}", value)
-        add("train/cg_residual", residuals.sum())
-        names = list(sums)
-        # Left on the device: the runner reads them on logged steps only.
-        values = torch.stack([sums[k].detach() for k in names]).double().div(n).unbind()
-        metrics = dict(zip(names, values))
-        # The outer objective under both names the runner and users look for (as MAML's).
-        metrics["train/meta_loss"] = metrics["train/query_loss"] = metrics["train/post_loss"]
-        return metrics
+                totals.add("pre", task_metrics(self.task_type, pre, qy))
+        totals.add("cg", {"residual": residuals})
+        return with_meta_loss(totals.means(n))
 
     def evaluate_task(
         self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int
