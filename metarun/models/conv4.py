@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 from torch import Tensor, nn
 
+from metarun.models.common import call_with_fields, require_at_least, require_sizes
 from metarun.registry import register
 from metarun.spec.bases import ModelSchema
-from metarun.spec.checks import require
 
 
 def _block(in_channels: int, hidden: int, batch_norm: bool, max_pool: bool) -> nn.Sequential:
@@ -72,14 +72,13 @@ class Conv4(nn.Module):
         max_pool: bool = False,
     ) -> None:
         super().__init__()
-        for key, value in (
-            ("in_channels", in_channels),
-            ("num_classes", num_classes),
-            ("hidden", hidden),
-            ("image_size", image_size),
-        ):
-            if value < 1:
-                raise ValueError(f"Conv4 {key} must be >= 1, got {value}")
+        require_sizes(
+            "Conv4",
+            in_channels=in_channels,
+            num_classes=num_classes,
+            hidden=hidden,
+            image_size=image_size,
+        )
         side = feature_size(image_size, max_pool)
         if side < 1:
             raise ValueError(
@@ -114,37 +113,12 @@ class Conv4Config(ModelSchema):
     max_pool: bool = False
 
     def __post_init__(self) -> None:
-        require(
-            self.in_channels >= 1,
-            "model.in_channels",
-            self.in_channels,
-            ">= 1",
-            "model.in_channels=1",
-        )
-        require(
-            self.num_classes >= 2,
-            "model.num_classes",
-            self.num_classes,
-            ">= 2",
-            "model.num_classes=5",
-        )
-        require(self.hidden >= 1, "model.hidden", self.hidden, ">= 1", "model.hidden=64")
-        require(
-            self.image_size >= 4,
-            "model.image_size",
-            self.image_size,
-            ">= 4",
-            "model.image_size=28",
-        )
+        require_at_least(self, "in_channels", 1, 1)
+        require_at_least(self, "num_classes", 2, 5)
+        require_at_least(self, "hidden", 1, 64)
+        require_at_least(self, "image_size", 4, 28)
 
 
 @register("model", "conv4", Conv4Config)
 def build_conv4(config: Conv4Config) -> Conv4:
-    return Conv4(
-        in_channels=config.in_channels,
-        num_classes=config.num_classes,
-        hidden=config.hidden,
-        image_size=config.image_size,
-        batch_norm=config.batch_norm,
-        max_pool=config.max_pool,
-    )
+    return call_with_fields(Conv4, config)

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from metarun.models.common import call_with_fields, linear_stack, require_at_least, require_sizes
 from metarun.registry import register
 from metarun.spec.bases import ModelSchema
-from metarun.spec.checks import require
 from metarun.spec.enums import LeNetVariant
 
 VARIANTS = ("ren2018", "lenet5")
@@ -64,13 +64,9 @@ class LeNet(nn.Module):
         image_size: int = 28,
     ) -> None:
         super().__init__()
-        for key, value in (
-            ("num_classes", num_classes),
-            ("in_channels", in_channels),
-            ("image_size", image_size),
-        ):
-            if value < 1:
-                raise ValueError(f"LeNet {key} must be >= 1, got {value}")
+        require_sizes(
+            "LeNet", num_classes=num_classes, in_channels=in_channels, image_size=image_size
+        )
         if variant not in VARIANTS:
             raise ValueError(f"LeNet variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
         self.variant = variant
@@ -100,11 +96,7 @@ class LeNet(nn.Module):
                 nn.MaxPool2d(2),
             )
             hidden = [16 * side * side, 120, 84]
-        head: list[nn.Module] = []
-        for fan_in, fan_out in zip(hidden[:-1], hidden[1:]):
-            head += [nn.Linear(fan_in, fan_out), nn.ReLU()]
-        head.append(nn.Linear(hidden[-1], num_classes))
-        self.classifier = nn.Sequential(*head)
+        self.classifier = linear_stack([*hidden, num_classes])
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, in_channels, S, S) -> (B, num_classes)`` logits."""
@@ -122,34 +114,11 @@ class LeNetConfig(ModelSchema):
     image_size: int = 28
 
     def __post_init__(self) -> None:
-        require(
-            self.num_classes >= 2,
-            "model.num_classes",
-            self.num_classes,
-            ">= 2",
-            "model.num_classes=2",
-        )
-        require(
-            self.in_channels >= 1,
-            "model.in_channels",
-            self.in_channels,
-            ">= 1",
-            "model.in_channels=1",
-        )
-        require(
-            self.image_size >= 12,
-            "model.image_size",
-            self.image_size,
-            ">= 12",
-            "model.image_size=28",
-        )
+        require_at_least(self, "num_classes", 2, 2)
+        require_at_least(self, "in_channels", 1, 1)
+        require_at_least(self, "image_size", 12, 28)
 
 
 @register("model", "lenet", LeNetConfig)
 def build_lenet(config: LeNetConfig) -> LeNet:
-    return LeNet(
-        num_classes=config.num_classes,
-        in_channels=config.in_channels,
-        variant=config.variant.value,
-        image_size=config.image_size,
-    )
+    return call_with_fields(LeNet, config, variant=lambda variant: variant.value)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from metarun.models.common import call_with_fields, linear_stack, require_at_least
 from metarun.registry import register
 from metarun.spec.bases import ModelSchema
 from metarun.spec.checks import require
@@ -40,12 +41,7 @@ class MLP(nn.Module):
                 f"model sizes must be >= 1, got in_features={in_features}, hidden={list(hidden)}, "
                 f"out_features={out_features}"
             )
-        layers: list[nn.Module] = []
-        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            layers.append(nn.Linear(fan_in, fan_out))
-            if i < len(sizes) - 2:
-                layers.append(nn.ReLU())
-        self.layers = nn.Sequential(*layers)
+        self.layers = linear_stack(sizes)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(..., in_features) -> (..., out_features)``."""
@@ -61,20 +57,8 @@ class MLPConfig(ModelSchema):
     out_features: int = 1
 
     def __post_init__(self) -> None:
-        require(
-            self.in_features >= 1,
-            "model.in_features",
-            self.in_features,
-            ">= 1",
-            "model.in_features=1",
-        )
-        require(
-            self.out_features >= 1,
-            "model.out_features",
-            self.out_features,
-            ">= 1",
-            "model.out_features=1",
-        )
+        require_at_least(self, "in_features", 1, 1)
+        require_at_least(self, "out_features", 1, 1)
         require(
             all(h >= 1 for h in self.hidden),
             "model.hidden",
@@ -86,4 +70,4 @@ class MLPConfig(ModelSchema):
 
 @register("model", "mlp", MLPConfig)
 def build_mlp(config: MLPConfig) -> MLP:
-    return MLP(config.in_features, tuple(config.hidden), config.out_features)
+    return call_with_fields(MLP, config, hidden=tuple)

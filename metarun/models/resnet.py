@@ -3,12 +3,15 @@ of Zagoruyko & Komodakis (2016), the two networks of Ren et al. (2018)'s CIFAR e
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch.nn.functional as F
 from omegaconf import MISSING
 from torch import Tensor, nn
 
+from metarun.models.common import call_with_fields, conv3x3, require_at_least
 from metarun.registry import register
 from metarun.spec.bases import ModelSchema
 from metarun.spec.checks import require
@@ -24,8 +27,28 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+def _blocks_per_stage(model: str, depth: int, offset: int, example: int) -> int:
+    """``n`` of a ``depth = 6n + offset`` network (``n >= 1``; else a ValueError)."""
+    if depth < 6 + offset or (depth - offset) % 6:
+        raise ValueError(
+            f"{model} depth must be 6n + {offset} with n >= 1 (e.g. {example}), got {depth}"
+        )
+    return (depth - offset) // 6
+
+
+def _stages(
+    block: Callable[[int, int, int], nn.Module], channels: int, widths: Sequence[int], blocks: int
+) -> tuple[list[nn.Module], int]:
+    """One ``nn.Sequential`` of ``blocks`` residual units ``block(in, out, stride)`` per width
+    (the first unit of every stage but the first has stride 2), and the channels they end with."""
+    stages: list[nn.Module] = []
+    for i, width in enumerate(widths):
+        units = []
+        for j in range(blocks):
+            units.append(block(channels, width, 2 if i > 0 and j == 0 else 1))
+            channels = width
+        stages.append(nn.Sequential(*units))
+    return stages, channels
 
 
 class _PadShortcut(nn.Module):
@@ -47,9 +70,9 @@ class BasicBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
-        self.conv1 = _conv3x3(in_channels, out_channels, stride)
+        self.conv1 = conv3x3(in_channels, out_channels, stride)
         self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = _conv3x3(out_channels, out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
         if stride != 1 or in_channels != out_channels:
             if (out_channels - in_channels) % 2 or out_channels < in_channels:
@@ -96,25 +119,16 @@ class CifarResNet(nn.Module):
 
     def __init__(self, depth: int = 32, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
-        if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"CifarResNet depth must be 6n + 2 with n >= 1 (e.g. 32), got {depth}")
+        blocks = _blocks_per_stage("CifarResNet", depth, 2, 32)
         if num_classes < 1 or in_channels < 1:
             raise ValueError(
                 f"CifarResNet num_classes and in_channels must be >= 1, got {num_classes} and "
                 f"{in_channels}"
             )
-        blocks = (depth - 2) // 6
         widths = (16, 32, 64)
-        self.conv1 = _conv3x3(in_channels, widths[0])
+        self.conv1 = conv3x3(in_channels, widths[0])
         self.bn1 = nn.BatchNorm2d(widths[0])
-        stages: list[nn.Module] = []
-        channels = widths[0]
-        for i, width in enumerate(widths):
-            units = []
-            for j in range(blocks):
-                units.append(BasicBlock(channels, width, stride=2 if i > 0 and j == 0 else 1))
-                channels = width
-            stages.append(nn.Sequential(*units))
+        stages, _ = _stages(BasicBlock, widths[0], widths, blocks)
         self.layer1, self.layer2, self.layer3 = stages
         self.fc = nn.Linear(widths[-1], num_classes)
         _init_weights(self)
@@ -140,10 +154,10 @@ class WideBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int, dropout: float) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_channels)
-        self.conv1 = _conv3x3(in_channels, out_channels, stride)
+        self.conv1 = conv3x3(in_channels, out_channels, stride)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = _conv3x3(out_channels, out_channels)
+        self.conv2 = conv3x3(out_channels, out_channels)
         self.shortcut = (
             nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
             if stride != 1 or in_channels != out_channels
@@ -194,8 +208,7 @@ class WideResNet(nn.Module):
         in_channels: int = 3,
     ) -> None:
         super().__init__()
-        if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1 (e.g. 28), got {depth}")
+        blocks = _blocks_per_stage("WideResNet", depth, 4, 28)
         if widen_factor < 1 or num_classes < 1 or in_channels < 1:
             raise ValueError(
                 f"WideResNet widen_factor, num_classes and in_channels must be >= 1, got "
@@ -203,18 +216,9 @@ class WideResNet(nn.Module):
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"WideResNet dropout must be in [0, 1), got {dropout}")
-        blocks = (depth - 4) // 6
         widths = (16 * widen_factor, 32 * widen_factor, 64 * widen_factor)
-        self.conv1 = _conv3x3(in_channels, 16)
-        stages: list[nn.Module] = []
-        channels = 16
-        for i, width in enumerate(widths):
-            units = []
-            for j in range(blocks):
-                stride = 2 if i > 0 and j == 0 else 1
-                units.append(WideBlock(channels, width, stride, dropout))
-                channels = width
-            stages.append(nn.Sequential(*units))
+        self.conv1 = conv3x3(in_channels, 16)
+        stages, channels = _stages(partial(WideBlock, dropout=dropout), 16, widths, blocks)
         self.block1, self.block2, self.block3 = stages
         self.bn = nn.BatchNorm2d(channels)
         self.fc = nn.Linear(channels, num_classes)
@@ -242,13 +246,7 @@ class ResNet32Config(ModelSchema):
     num_classes: int = MISSING  # conf/model/resnet32.yaml: ${dataset.num_classes}
 
     def __post_init__(self) -> None:
-        require(
-            self.num_classes >= 2,
-            "model.num_classes",
-            self.num_classes,
-            ">= 2",
-            "model.num_classes=10",
-        )
+        require_at_least(self, "num_classes", 2, 10)
 
 
 @dataclass
@@ -260,13 +258,7 @@ class WRN28_10Config(ModelSchema):
     dropout: float = 0.3
 
     def __post_init__(self) -> None:
-        require(
-            self.num_classes >= 2,
-            "model.num_classes",
-            self.num_classes,
-            ">= 2",
-            "model.num_classes=10",
-        )
+        require_at_least(self, "num_classes", 2, 10)
         require(
             0.0 <= self.dropout < 1.0,
             "model.dropout",
@@ -278,9 +270,9 @@ class WRN28_10Config(ModelSchema):
 
 @register("model", "resnet32", ResNet32Config)
 def build_resnet32(config: ResNet32Config) -> CifarResNet:
-    return resnet32(num_classes=config.num_classes)
+    return call_with_fields(resnet32, config)
 
 
 @register("model", "wrn28_10", WRN28_10Config)
 def build_wrn28_10(config: WRN28_10Config) -> WideResNet:
-    return wrn28_10(num_classes=config.num_classes, dropout=config.dropout)
+    return call_with_fields(wrn28_10, config)

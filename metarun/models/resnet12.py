@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from omegaconf import MISSING
 from torch import Tensor, nn
 
+from metarun.models.common import call_with_fields, conv3x3, require_at_least, require_sizes
 from metarun.registry import register
 from metarun.spec.bases import ModelSchema
 from metarun.spec.checks import require
@@ -23,11 +24,11 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.conv1 = conv3x3(in_channels, out_channels)
         self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.conv2 = conv3x3(out_channels, out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        self.conv3 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.conv3 = conv3x3(out_channels, out_channels)
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.shortcut = nn.Sequential(
             nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
@@ -84,13 +85,9 @@ class ResNet12(nn.Module):
         super().__init__()
         if len(widths) != 4 or min(widths) < 1:
             raise ValueError(f"ResNet12 widths must be 4 positive numbers, got {list(widths)}")
-        for key, value in (
-            ("in_channels", in_channels),
-            ("num_classes", num_classes),
-            ("image_size", image_size),
-        ):
-            if value < 1:
-                raise ValueError(f"ResNet12 {key} must be >= 1, got {value}")
+        require_sizes(
+            "ResNet12", in_channels=in_channels, num_classes=num_classes, image_size=image_size
+        )
         side = image_size // 16
         if side < 1:
             raise ValueError(f"ResNet12 image_size={image_size} is too small (needs >= 16)")
@@ -121,20 +118,8 @@ class ResNet12Config(ModelSchema):
     avg_pool: bool = True
 
     def __post_init__(self) -> None:
-        require(
-            self.in_channels >= 1,
-            "model.in_channels",
-            self.in_channels,
-            ">= 1",
-            "model.in_channels=3",
-        )
-        require(
-            self.num_classes >= 2,
-            "model.num_classes",
-            self.num_classes,
-            ">= 2",
-            "model.num_classes=5",
-        )
+        require_at_least(self, "in_channels", 1, 3)
+        require_at_least(self, "num_classes", 2, 5)
         require(
             len(self.widths) == 4 and all(w >= 1 for w in self.widths),
             "model.widths",
@@ -142,21 +127,9 @@ class ResNet12Config(ModelSchema):
             "4 positive filter counts",
             "model.widths=[64,160,320,640]",
         )
-        require(
-            self.image_size >= 16,
-            "model.image_size",
-            self.image_size,
-            ">= 16 (four 2x2 poolings)",
-            "model.image_size=84",
-        )
+        require_at_least(self, "image_size", 16, 84, ">= 16 (four 2x2 poolings)")
 
 
 @register("model", "resnet12", ResNet12Config)
 def build_resnet12(config: ResNet12Config) -> ResNet12:
-    return ResNet12(
-        in_channels=config.in_channels,
-        num_classes=config.num_classes,
-        widths=tuple(config.widths),
-        image_size=config.image_size,
-        avg_pool=config.avg_pool,
-    )
+    return call_with_fields(ResNet12, config, widths=tuple)
