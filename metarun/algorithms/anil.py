@@ -38,14 +38,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from metarun.algorithms.batching import TaskBatchingMixin
-from metarun.algorithms.episodic import EpisodicAlgorithm, MetricTotals, with_meta_loss
+from metarun.algorithms.episodic import MetricTotals, with_meta_loss
 from metarun.algorithms.heads import find_head
+from metarun.algorithms.inner_loop import InnerLoopLearner
 from metarun.algorithms.inner_rates import InnerRates
-from metarun.algorithms.losses import task_loss, task_metrics_per_task
+from metarun.algorithms.losses import task_metrics_per_task
 from metarun.algorithms.maml import MAMLConfig
 from metarun.registry import BuildContext, register
-from metarun.spec.checks import schema_from_keys
 from metarun.spec.enums import BNPolicy
 from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
@@ -68,7 +67,7 @@ class ANILConfig(MAMLConfig):
 
 
 @register("algo", "anil", ANILConfig)
-class ANIL(TaskBatchingMixin, EpisodicAlgorithm):
+class ANIL(InnerLoopLearner):
     """ANIL: MAML's arguments, plus the head.
 
     Args:
@@ -85,34 +84,13 @@ class ANIL(TaskBatchingMixin, EpisodicAlgorithm):
     """
 
     schema: ClassVar[type[ANILConfig]] = ANILConfig
+    config: ANILConfig
 
     def __init__(
-        self,
-        model: nn.Module,
-        config: ANILConfig | None = None,
-        *,
-        task_type: str,
-        **keys: Any,
+        self, model: nn.Module, config: ANILConfig | None = None, *, task_type: str, **keys: Any
     ) -> None:
-        super().__init__()
-        if task_type not in ("classification", "regression"):
-            raise ValueError(
-                f"task_type must be 'classification' or 'regression', got {task_type!r}"
-            )
-        config = config if config is not None else schema_from_keys(self.schema, keys)
-        self.config = config
-        self.model = model
-        self.task_type = task_type
-        self.inner_steps = config.inner_steps
-        self.eval_inner_steps = config.eval_inner_steps
-        self.first_order = config.first_order
-        self.copy_initial_weights = config.copy_initial_weights
-        self.bn_policy = config.bn_policy
-        self.checkpoint_inner = config.checkpoint_inner
-        self.init_task_batching(
-            config.task_batching, config.task_chunk_size, config.memory_budget_mb
-        )
-        self._stats_off = batch_stats_buffers(model)
+        super().__init__(model, config, task_type=task_type, **keys)
+        config = self.config
         self.head = find_head(model, config.head, key="algo.head", role="adapts")
         module = self._head_module
         # Head parameters by their names inside the head, e.g. "weight" for "classifier.weight".
@@ -146,17 +124,6 @@ class ANIL(TaskBatchingMixin, EpisodicAlgorithm):
     @classmethod
     def from_config(cls, config: ANILConfig, model: nn.Module, context: BuildContext) -> ANIL:
         return cls(model, config, task_type=context.task_type)
-
-    def eval_training_mode(self) -> bool:
-        return self.bn_policy is BNPolicy.batch_stats
-
-    def _forward(self, params: Params, x: Tensor) -> Tensor:
-        if self.bn_policy is BNPolicy.batch_stats:
-            return functional_call(self.model, params, x, buffers=self._stats_off)
-        return functional_call(self.model, params, x)
-
-    def _loss(self, out: Tensor, y: Tensor) -> Tensor:
-        return task_loss(self.task_type, out, y)
 
     @property
     def _head_module(self) -> nn.Module:

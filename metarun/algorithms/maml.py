@@ -29,19 +29,19 @@ import torch
 from torch import Tensor, nn
 
 from metarun import registry
-from metarun.algorithms.batching import TaskBatchingMixin
-from metarun.algorithms.episodic import EpisodicAlgorithm, MetricTotals, with_meta_loss
+from metarun.algorithms.episodic import MetricTotals, with_meta_loss
+from metarun.algorithms.inner_loop import InnerLoopLearner
 from metarun.algorithms.inner_rates import InnerRates
-from metarun.algorithms.losses import task_loss, task_metrics, task_metrics_per_task
+from metarun.algorithms.losses import task_metrics, task_metrics_per_task
 from metarun.algorithms.mamlpp import PerStepBatchNorm, msl_weights, step_forward, unroll
 from metarun.registry import BuildContext, register
 from metarun.spec.bases import AlgoSchema
-from metarun.spec.checks import require, require_optional_count, schema_from_keys
+from metarun.spec.checks import require, require_optional_count
 from metarun.spec.enums import BNPolicy, InnerLR, TaskBatching
 from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
-from metarun.unroll import SGD, GradBackend, functional_call, get_params, inner_loop
-from metarun.unroll.batched import batch_stats_buffers, decomposed_batch_norm, func_inner_loop
+from metarun.unroll import SGD, GradBackend, get_params, inner_loop
+from metarun.unroll.batched import decomposed_batch_norm, func_inner_loop
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ class MAMLPPConfig(MAMLConfig):
 @register("algo", "mamlpp", MAMLPPConfig)
 @register("algo", "fomaml", FOMAMLConfig)
 @register("algo", "maml", MAMLConfig)
-class MAML(TaskBatchingMixin, EpisodicAlgorithm):
+class MAML(InnerLoopLearner):
     """Model-agnostic meta-learning on :mod:`metarun.unroll`'s functional layer, with its
     relatives as options: first order, learned inner rates (scalar, Meta-SGD's elementwise,
     MAML++'s per layer and step), MAML++'s multi-step loss, per-step BatchNorm and
@@ -241,37 +241,14 @@ class MAML(TaskBatchingMixin, EpisodicAlgorithm):
     """
 
     schema: ClassVar[type[MAMLConfig]] = MAMLConfig
+    config: MAMLConfig
 
     def __init__(
-        self,
-        model: nn.Module,
-        config: MAMLConfig | None = None,
-        *,
-        task_type: str,
-        **keys: Any,
+        self, model: nn.Module, config: MAMLConfig | None = None, *, task_type: str, **keys: Any
     ) -> None:
-        super().__init__()
-        if task_type not in ("classification", "regression"):
-            raise ValueError(
-                f"task_type must be 'classification' or 'regression', got {task_type!r}"
-            )
-        config = config if config is not None else schema_from_keys(self.schema, keys)
-        self.config = config
-        self.model = model
-        self.task_type = task_type
-        self.inner_steps = config.inner_steps
-        self.eval_inner_steps = config.eval_inner_steps
-        self.first_order = config.first_order
-        self.copy_initial_weights = config.copy_initial_weights
+        super().__init__(model, config, task_type=task_type, **keys)
+        config = self.config
         self.learn_inner_lr = config.learn_inner_lr
-        self.bn_policy = config.bn_policy
-        self.checkpoint_inner = config.checkpoint_inner
-        self.init_task_batching(
-            config.task_batching, config.task_chunk_size, config.memory_budget_mb
-        )
-        # Substituting the norm layers' running statistics by None makes them normalise with
-        # per-batch (under vmap: per-task) statistics and write nothing.
-        self._stats_off = batch_stats_buffers(model)
         self._has_batch_norm = any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
         )
@@ -327,9 +304,7 @@ class MAML(TaskBatchingMixin, EpisodicAlgorithm):
         if self.per_step_bn is not None:
             # Adapted parameters: their BatchNorm weights are the last step's copy already.
             return self._forward_at(params, x, self.inner_steps - 1, support=False)
-        if self.bn_policy is BNPolicy.batch_stats:
-            return functional_call(self.model, params, x, buffers=self._stats_off)
-        return functional_call(self.model, params, x)
+        return super()._forward(params, x)
 
     def _forward_at(
         self,
@@ -414,9 +389,6 @@ class MAML(TaskBatchingMixin, EpisodicAlgorithm):
             return self._loss(self._forward_at(p, sx, step, support=True, initial=initial), sy)
 
         return inner_loss
-
-    def _loss(self, out: Tensor, y: Tensor) -> Tensor:
-        return task_loss(self.task_type, out, y)
 
     def _metrics(self, out: Tensor, y: Tensor) -> dict[str, Tensor]:
         return task_metrics(self.task_type, out, y)
@@ -554,9 +526,6 @@ class MAML(TaskBatchingMixin, EpisodicAlgorithm):
         params = self._adapt(sx, sy, steps, track=False)
         with torch.no_grad():
             return pre, self._forward(params, qx)
-
-    def eval_training_mode(self) -> bool:
-        return self.bn_policy is BNPolicy.batch_stats
 
     def adapt(
         self, support_x: Tensor, support_y: Tensor, steps: int | None = None
