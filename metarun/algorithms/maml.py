@@ -36,7 +36,7 @@ from metarun.algorithms.losses import task_metrics, task_metrics_per_task
 from metarun.algorithms.mamlpp import PerStepBatchNorm, msl_weights, step_forward, unroll
 from metarun.registry import BuildContext, register
 from metarun.spec.bases import AlgoSchema
-from metarun.spec.checks import require, require_optional_count
+from metarun.spec.checks import require, require_inner_loop, require_optional_count
 from metarun.spec.enums import BNPolicy, InnerLR, TaskBatching
 from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
@@ -84,20 +84,8 @@ class MAMLConfig(AlgoSchema):
     first_order_until: int | None = None
 
     def __post_init__(self) -> None:
-        require(self.inner_lr > 0, "algo.inner_lr", self.inner_lr, "> 0", "algo.inner_lr=0.01")
-        require(
-            self.inner_steps >= 1,
-            "algo.inner_steps",
-            self.inner_steps,
-            ">= 1",
-            "algo.inner_steps=5",
-        )
-        require(
-            self.eval_inner_steps >= 0,
-            "algo.eval_inner_steps",
-            self.eval_inner_steps,
-            ">= 0",
-            "algo.eval_inner_steps=10",
+        require_inner_loop(
+            self.inner_lr, self.inner_steps, self.eval_inner_steps, lr="0.01", eval_steps="10"
         )
         require_optional_count(
             "algo.task_chunk_size", self.task_chunk_size, "algo.task_chunk_size=8"

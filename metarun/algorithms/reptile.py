@@ -65,7 +65,7 @@ from metarun.algorithms.episodic import EpisodicAlgorithm
 from metarun.algorithms.losses import task_loss, task_metrics
 from metarun.registry import BuildContext, register
 from metarun.spec.bases import AlgoSchema
-from metarun.spec.checks import require, require_optional_count
+from metarun.spec.checks import require, require_inner_loop, require_optional_count
 from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
 from metarun.unroll import functional_call, get_params
@@ -104,6 +104,8 @@ class ReptileConfig(AlgoSchema):
         ("inner_lr", "inner_steps"), "Nichol et al. 2018 (openai/supervised-reptile, Omniglot)"
     )
     chosen_for: ClassVar[tuple[str, ...]] = ("omniglot",)
+    # Keys counting outer steps, each on when set (metarun.config.checks).
+    schedule_keys: ClassVar[dict[str, str | None]] = {"anneal_steps": None}
 
     inner_optimizer: InnerOptimizer = InnerOptimizer.adam
     inner_lr: float = 0.001
@@ -128,20 +130,8 @@ class ReptileConfig(AlgoSchema):
     query_chunk_size: int | None = 64
 
     def __post_init__(self) -> None:
-        require(self.inner_lr > 0, "algo.inner_lr", self.inner_lr, "> 0", "algo.inner_lr=0.001")
-        require(
-            self.inner_steps >= 1,
-            "algo.inner_steps",
-            self.inner_steps,
-            ">= 1",
-            "algo.inner_steps=5",
-        )
-        require(
-            self.eval_inner_steps >= 0,
-            "algo.eval_inner_steps",
-            self.eval_inner_steps,
-            ">= 0",
-            "algo.eval_inner_steps=50",
+        require_inner_loop(
+            self.inner_lr, self.inner_steps, self.eval_inner_steps, lr="0.001", eval_steps="50"
         )
         require_optional_count(
             "algo.inner_batch_size", self.inner_batch_size, "algo.inner_batch_size=10"

@@ -85,3 +85,20 @@ def schema_from_keys(schema: type[T], keys: dict[str, Any]) -> T:
             value = kind(value)
         typed[key] = value
     return schema(**typed)
+
+
+def require_inner_loop(
+    inner_lr: float, inner_steps: int, eval_inner_steps: int, *, lr: str, eval_steps: str
+) -> None:
+    """The checks of ``algo.inner_lr`` (> 0), ``algo.inner_steps`` (>= 1) and
+    ``algo.eval_inner_steps`` (>= 0); ``lr`` and ``eval_steps`` are the example values that the
+    messages suggest."""
+    require(inner_lr > 0, "algo.inner_lr", inner_lr, "> 0", f"algo.inner_lr={lr}")
+    require(inner_steps >= 1, "algo.inner_steps", inner_steps, ">= 1", "algo.inner_steps=5")
+    require(
+        eval_inner_steps >= 0,
+        "algo.eval_inner_steps",
+        eval_inner_steps,
+        ">= 0",
+        f"algo.eval_inner_steps={eval_steps}",
+    )
