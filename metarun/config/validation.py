@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+from typing import Any
+
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -22,8 +26,9 @@ def validate(cfg: DictConfig) -> RunConfig:
         The typed, resolved configuration.
 
     Raises:
-        ConfigError: a missing or unresolvable value, or a failed semantic check. The message
-            names the full key and the value.
+        ConfigError: a missing or unresolvable value, a key that no schema declares (added with
+            Hydra's ``+``), or a failed semantic check. The message names the full key and the
+            value.
     """
     cfg = cfg.copy()
     with open_dict(cfg):
@@ -31,6 +36,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     for group in GROUPS:
         if OmegaConf.is_missing(cfg, group):
             raise ConfigError(f"{group} must be chosen, got nothing (set e.g. {group}=...)")
+    check_known_keys(cfg)
     algo, dataset, model = (OmegaConf.get_type(cfg[group]) for group in GROUPS)
     if algo is not None and dataset is not None and model is not None:
         # Before values are resolved: a conv4 model on sinusoid would otherwise fail as an
@@ -49,6 +55,51 @@ def validate(cfg: DictConfig) -> RunConfig:
     if not isinstance(run, RunConfig):
         raise ConfigError(f"the primary config must use the run_schema, got {type(run).__name__}")
     return run
+
+
+def check_known_keys(cfg: DictConfig, prefix: str = "") -> None:
+    """Every key of a schema-backed node is a field of its schema.
+
+    Hydra's ``+key=value`` (and ``++``) opens a structured config to add the key, so a typo such
+    as ``+algo.inner_lrr=0.1`` (Hydra's own hint after ``algo.inner_lrr=0.1`` fails) reaches
+    this point; ``OmegaConf.to_object`` would then set it as a stray attribute and the run would
+    ignore it. Only nodes typed by a dataclass are checked: a dict-typed field would stay
+    free-form (no schema has one today); ``hydra.*`` is Hydra's and was removed before.
+
+    Raises:
+        ConfigError: naming the full key, its value and the nearest valid key.
+    """
+    schema = OmegaConf.get_type(cfg)
+    fields = (
+        [f.name for f in dataclasses.fields(schema)]
+        if isinstance(schema, type) and dataclasses.is_dataclass(schema)
+        else None
+    )
+    for key, value in cfg.items_ex(resolve=False):
+        name = str(key)
+        if fields is not None and name not in fields:
+            raise ConfigError(_unknown_key_message(prefix, name, value, fields, schema))
+        if isinstance(value, DictConfig) and not (value._is_missing() or value._is_none()):
+            check_known_keys(value, f"{prefix}{name}.")
+
+
+def _unknown_key_message(
+    prefix: str, name: str, value: Any, fields: list[str], schema: type | None
+) -> str:
+    where = prefix.rstrip(".") or "the run config"
+    group = prefix.rstrip(".")
+    if group in GROUPS and schema is not None:
+        try:
+            where = f"{group}={registry.option_of(group, schema).name}"
+        except ConfigError:  # a schema registered by no option: name the node alone
+            pass
+    shown = "" if isinstance(value, DictConfig) else f"={value}"
+    near = difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    fix = f"did you mean {prefix}{near[0]}{shown}?" if near else f"its keys: {', '.join(fields)}"
+    return (
+        f"{prefix}{name}{shown}: {where} has no key {name!r}; {fix} (a leading + or ++ cannot "
+        "add a key to a schema, the run would ignore it; `metarun --cfg job` shows every key)"
+    )
 
 
 def to_yaml(run: RunConfig) -> str:
