@@ -11,13 +11,18 @@ Examples::
     metarun --help                            # every group, option and key
 
 User mistakes (unknown option or key, wrong type, impossible value, missing data or checkpoint)
-print ``error: ...`` or Hydra's message naming the key, and exit with status 2. In a sweep
-(``-m``) such a mistake in one job's config fails that job only (status ``failed`` in the
-sweep's summary).
+print ``error: ...`` or Hydra's message naming the key, and exit with status 2; the run dir
+Hydra created for such a run is removed again. In a sweep (``-m``) such a mistake in one job's
+config fails that job only: it prints ``error: ...``, its ``metarun.log`` holds the line too,
+and the sweep's summary marks it ``failed``.
+
+``mode=eval checkpoint=FILE`` composes against the checkpoint's own options (its algo, dataset
+and model), so that overrides are checked against the schemas it was trained with.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
@@ -25,13 +30,21 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from metarun.config import ConfigError, Mode, validate
 from metarun.config.provenance import adaptation_report, log_report
 from metarun.config.store import register_configs
-from metarun.sweep.callback import UnusableDirError, forget_sweep, jobs_started
+from metarun.sweep.callback import (
+    JobFailed,
+    UnusableDirError,
+    discard_run_dir,
+    forget_sweep,
+    jobs_started,
+)
 
 EXIT_FAILED = 1  # the run itself failed (training diverged)
 EXIT_USAGE = 2  # bad configuration or input, as argparse does
@@ -84,16 +97,14 @@ def _app(cfg: DictConfig) -> float:
                 overrides=list(hydra_cfg.overrides.task),
                 auto_resume=in_sweep,
             )
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, TrainingDiverged) as error:
+        _report(error, in_sweep, hydra_cfg.runtime.output_dir)
         if in_sweep:
-            raise  # this job fails; Hydra reports it, the summary lists it
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE) from None
-    except TrainingDiverged as error:
-        if in_sweep:
-            raise  # status "failed" with this message in the sweep's summary
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(EXIT_FAILED) from None
+            # Already reported: marks the job failed (status and summary) without a traceback.
+            raise JobFailed(type(error).__name__, str(error)) from None
+        raise SystemExit(
+            EXIT_FAILED if isinstance(error, TrainingDiverged) else EXIT_USAGE
+        ) from None
     print(summary.format())
     # Ctrl-C ends a sweep too, and so does SIGTERM when the sweep runs in this process (basic
     # launcher): the same command with hydra.sweep.dir=<sweep dir> continues it.
@@ -105,6 +116,62 @@ def _app(cfg: DictConfig) -> float:
         raise SystemExit(EXIT_INTERRUPTED if summary.stopped_by == "SIGINT" else 0)
     preemption.requeue_if_stopped(summary.stopped_by)
     return objective(summary.results)
+
+
+def _report(error: Exception, in_sweep: bool, run_dir: str) -> None:
+    """``error: ...`` on stderr and in the run's log file (a cluster job's log is all its user
+    may read). A single run's dir holding nothing of its own is removed instead."""
+    message = f"error: {error}"
+    print(message, file=sys.stderr)
+    if not in_sweep and discard_run_dir(run_dir):
+        return
+    # To the log files only: Hydra's console handler would print the line a second time.
+    record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _checkpoint_options(argv: list[str]) -> list[str]:
+    """``mode=eval checkpoint=FILE``: the group overrides (``algo=... dataset=... model=...``)
+    that make Hydra compose the checkpoint's own options, so that an override such as
+    ``dataset.n_way=20`` is checked against the schema the checkpoint was trained with rather
+    than the default one (sinusoid). Nothing when the command is not such an evaluation.
+
+    Raises:
+        ConfigError: an unreadable checkpoint, or a group option other than the checkpoint's.
+        FileNotFoundError: no checkpoint file.
+    """
+    candidates = [a for a in argv[1:] if "=" in a and not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(candidates)
+    except HydraException:
+        return []  # Hydra reports it
+    given = {o.key_or_group: o for o in parsed if o.package is None and not o.is_delete()}
+    mode, checkpoint = given.get("mode"), given.get("checkpoint")
+    if mode is None or checkpoint is None or checkpoint.is_sweep_override():
+        return []
+    if mode.is_sweep_override() or mode.value() != "eval" or checkpoint.value() is None:
+        return []
+    from metarun import registry
+    from metarun.runner.resume import GROUPS, load_user_checkpoint, other_option_message
+
+    chosen = load_user_checkpoint(str(checkpoint.value()), "checkpoint")["options"]
+    added = []
+    for group in GROUPS:
+        option = chosen.get(group)
+        known = registry.options(group)
+        if option not in known:
+            raise ConfigError(
+                f"checkpoint: {group}={option!r} in the checkpoint is not one of {sorted(known)}"
+            )
+        if group not in given:
+            added.append(f"{group}={option}")
+        elif given[group].is_sweep_override() or given[group].value() != option:
+            raise ConfigError(
+                other_option_message(group, given[group].get_value_element_as_str(), option)
+            )
+    return added
 
 
 def _quiet_secondary_rank(argv: list[str]) -> None:
@@ -127,6 +194,11 @@ def main() -> None:
     _quiet_secondary_rank(sys.argv)
     _started = False
     forget_sweep()
+    try:
+        sys.argv += _checkpoint_options(sys.argv)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
     try:
         _app()
     except UnusableDirError as error:  # raised in a Hydra callback, before any job

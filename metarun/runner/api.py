@@ -47,6 +47,7 @@ from metarun.runner.results import (
 )
 from metarun.runner.resume import (
     checkpoint_config,
+    eval_config,
     extra_state,
     load_user_checkpoint,
     restore_trainer,
@@ -176,6 +177,8 @@ def _train(
         if config.log.tensorboard:
             logger.info("TensorBoard: tensorboard --logdir %s", out.tensorboard_dir)
         fit = trainer.fit()
+        if fit.best is None and config.save.keep_best:
+            _last_as_best(trainer, config, fit.step)
         summary = RunSummary(
             mode="train",
             run_dir=run_dir,
@@ -197,7 +200,7 @@ def _train(
         else:
             weights = "last"
             best = run_dir / CHECKPOINT_DIR / BEST
-            if config.eval.use_best and best.exists():
+            if config.eval.use_best and fit.best is not None and best.exists():
                 experiment.algorithm.load_state_dict(load_checkpoint(best)["algorithm"])
                 weights = "best"
             results.update(measure_test(experiment, out, fit.step, weights=weights))
@@ -210,6 +213,25 @@ def _train(
         if ctx.is_main:
             summary.results = write_results(run_dir, results, config)
     return summary
+
+
+def _last_as_best(trainer: Trainer, config: RunConfig, step: int) -> None:
+    """No validation result to choose ``best.pt`` by: write the last weights under that name
+    too, so that ``checkpoint=<run dir>/checkpoints/best.pt`` works for every finished run."""
+    path = trainer.save(BEST)
+    if config.eval.every == 0:
+        why = "eval.every=0"
+    elif config.eval.every > step:
+        why = f"eval.every={config.eval.every} > the {step} steps trained"
+    else:
+        why = "no finite validation result"
+    logger.info(
+        "%s holds the last weights (step %d), as %s does: nothing was validated (%s)",
+        path,
+        step,
+        LAST,
+        why,
+    )
 
 
 def _before_training(experiment: Experiment) -> None:
@@ -245,15 +267,23 @@ def evaluate_checkpoint(
     """``mode=eval``: test ``config.checkpoint`` on ``eval.num_tasks`` fixed test tasks.
 
     The model, algorithm and data come from the checkpoint's own config; ``eval.*``, ``seed``,
-    ``device`` and ``log.*`` from ``config``, as do the ``algo.*`` / ``dataset.*`` / ``model.*``
-    keys set in ``overrides`` (e.g. ``dataset.root=...`` when the data moved, or
-    ``algo.eval_inner_steps=10``).
+    ``device`` and ``log.*`` from ``config``. Of ``overrides``, those that change how the
+    checkpoint is tested apply to its config (e.g. ``dataset.root=...`` when the data moved,
+    ``dataset.n_way=20`` for 20-way test tasks, ``algo.eval_inner_steps=10``); one that would
+    change what was trained is a ConfigError (:func:`metarun.runner.resume.eval_config`).
+    ``results.json`` records them under ``overrides``.
     """
     run_dir = Path(run_dir)
     if config.checkpoint is None:  # RunConfig checks this; here for a direct API call
         raise ConfigError("checkpoint must be set with mode=eval, got None")
     state = load_user_checkpoint(config.checkpoint, "checkpoint")
-    saved = checkpoint_config(state, current=config, overrides=overrides)
+    saved, record = eval_config(state, config, overrides)
+    if record["applied"]:
+        logger.info(
+            "testing %s with %s",
+            config.checkpoint,
+            " ".join(f"{key}={value}" for key, value in record["applied"].items()),
+        )
     experiment = build_experiment(saved)
     experiment.algorithm.load_state_dict(state["algorithm"])
     step = int(state["step"])
@@ -263,6 +293,7 @@ def evaluate_checkpoint(
             "step": step,
             "task_type": experiment.task_type,
             "checkpoint": str(Path(config.checkpoint).expanduser().resolve()),
+            "overrides": record,
             **measure_test(experiment, out, step, weights=Path(config.checkpoint).name),
         }
         summary = RunSummary(

@@ -9,9 +9,11 @@ checkpoint holds the same experiment, and the config a checkpoint is evaluated o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shlex
 from collections.abc import Sequence
+from enum import Enum
 from pathlib import Path
 from typing import Any, cast
 
@@ -185,24 +187,157 @@ def _warn_config_changes(saved_yaml: str, current_yaml: str) -> None:
 def checkpoint_config(
     state: dict[str, Any], *, current: RunConfig | None = None, overrides: Sequence[str] = ()
 ) -> RunConfig:
-    """The config saved in a checkpoint, with the evaluation settings of ``current``.
+    """The config saved in a checkpoint; with ``current``, as :func:`eval_config` makes it.
 
     Raises:
-        ConfigError: ``overrides`` pick another option of a group than the checkpoint used.
+        ConfigError: see :func:`eval_config`.
     """
-    saved = OmegaConf.structured(from_yaml(state["config"], state["options"]))
-    if current is not None:
-        now = OmegaConf.structured(current)
-        for key in ("eval", "seed", "device", "log", "name", "mode", "checkpoint"):
-            saved[key] = now[key]
-        for override in overrides:
-            key, _, value = override.lstrip("+~").partition("=")
-            if key in GROUPS and value != state["options"].get(key):
-                raise ConfigError(
-                    f"{key}={value} differs from the checkpoint's {key}="
-                    f"{state['options'].get(key)} (drop the override: mode=eval uses the "
-                    f"checkpoint's {key})"
-                )
-            if key.split(".", 1)[0] in GROUPS and "." in key:
-                OmegaConf.update(saved, key, OmegaConf.select(now, key), merge=False)
-    return validate(saved)
+    if current is None:
+        return from_yaml(state["config"], state["options"])
+    return eval_config(state, current, overrides)[0]
+
+
+#: mode=eval: run-level keys that say how to test, never what was trained; ``current`` gives them.
+EVAL_RUN_KEYS = ("eval", "seed", "device", "log", "name", "mode", "checkpoint")
+#: ``dataset.*`` keys that say where the data are, not which data.
+DATA_LOCATION_KEYS = ("root", "download", "cache_dir")
+#: A task-shape key as training names it -> the key that sets it for validation and test tasks.
+TEST_SHAPE_KEYS = {"n_way": "eval_n_way", "k_shot": "eval_k_shot", "k_query": "eval_k_query"}
+#: Groups chosen on the command line that configure Hydra only (``+search=optuna``).
+_HYDRA_ONLY_GROUPS = ("search",)
+
+
+def eval_config(
+    state: dict[str, Any], current: RunConfig, overrides: Sequence[str]
+) -> tuple[RunConfig, dict[str, Any]]:
+    """``mode=eval``: the checkpoint's own config, with the evaluation's overrides.
+
+    ``eval.*``, ``seed``, ``device``, ``log.*`` and ``name`` come from ``current`` (the command
+    line, composed against the checkpoint's own options: :func:`metarun.cli.main`). Of the other
+    overrides, those that change how the checkpoint is tested apply on top of its config:
+
+    - where the data are: ``dataset.root`` / ``download`` / ``cache_dir``;
+    - the test tasks' shape: ``dataset.n_way`` / ``k_shot`` / ``k_query`` apply as
+      ``dataset.eval_n_way`` / ``eval_k_shot`` / ``eval_k_query`` (the trained values stay, so
+      the model is built as trained), and the ``eval_*`` keys themselves;
+    - test-time adaptation: the algorithm's ``eval_*`` keys (``algo.eval_inner_steps``, ...).
+
+    Any other override must repeat the checkpoint's value (a training command pasted with
+    ``mode=eval`` added): a different one would test something other than what was trained.
+
+    Returns:
+        The validated config and the record ``results.json`` keeps: ``{"given": [the
+        overrides, with the checkpoint's options that the CLI composes against], "applied":
+        {key: value as applied}, "unchanged": [keys that repeat the checkpoint's values]}``.
+
+    Raises:
+        ConfigError: an override that would change what was trained (naming the key, why and
+            what to do instead), another option of a group than the checkpoint's, or a test
+            setting the checkpoint's algorithm cannot take (e.g. another ``n_way`` for MAML,
+            whose classifier has one output per training class).
+    """
+    trained = from_yaml(state["config"], state["options"])
+    saved = OmegaConf.structured(trained)
+    now = OmegaConf.structured(current)
+    for key in EVAL_RUN_KEYS:
+        saved[key] = now[key]
+    record: dict[str, Any] = {"given": list(overrides), "applied": {}, "unchanged": []}
+    for override in overrides:
+        given, _, text = override.partition("=")
+        key = given.lstrip("+~")
+        if key.startswith("hydra.") or key.split("@", 1)[0] in _HYDRA_ONLY_GROUPS:
+            continue
+        if key in GROUPS or key == "experiment":
+            chosen = state["options"].get(key)
+            if key == "experiment" or text != chosen:
+                raise ConfigError(other_option_message(key, text, chosen))
+            record["unchanged"].append(key)
+            continue
+        if key in EVAL_RUN_KEYS or key.split(".", 1)[0] in EVAL_RUN_KEYS:
+            record["applied"][key] = _plain(OmegaConf.select(now, key))
+            continue
+        value = OmegaConf.select(now, key)
+        target = _test_time_key(trained, key)
+        if target is None:
+            if value == OmegaConf.select(saved, key):
+                record["unchanged"].append(key)
+                continue
+            raise ConfigError(_refusal(trained, state["options"], key, value, saved))
+        OmegaConf.update(saved, target, value, merge=False)
+        try:
+            validate(saved)
+        except ConfigError as error:
+            mapped = "" if target == key else f" (mode=eval applies it as {target}={value})"
+            raise ConfigError(
+                f"{key}: this checkpoint cannot be tested with {key}={value}{mapped}: {error}"
+            ) from None
+        record["applied"][target] = _plain(value)
+    return validate(saved), record
+
+
+def _test_time_key(trained: RunConfig, key: str) -> str | None:
+    """The key ``key`` sets when a checkpoint of ``trained`` is tested, or None: it would
+    change what was trained."""
+    group, _, name = key.partition(".")
+    if group not in ("algo", "dataset") or not name:
+        return None
+    fields = {f.name for f in dataclasses.fields(getattr(trained, group))}
+    if group == "dataset" and name in DATA_LOCATION_KEYS and name in fields:
+        return key
+    if group == "dataset" and TEST_SHAPE_KEYS.get(name) in fields:
+        return f"dataset.{TEST_SHAPE_KEYS[name]}"
+    return f"{group}.{name}" if name.startswith("eval_") and name in fields else None
+
+
+def test_time_keys(trained: RunConfig) -> list[str]:
+    """The keys besides ``eval.*``, ``seed``, ``device`` and ``log.*`` that mode=eval takes for a
+    checkpoint of ``trained`` (for messages): ``dataset.n_way/eval_n_way`` for a pair."""
+    keys = []
+    for group in ("dataset", "algo"):
+        names = [f.name for f in dataclasses.fields(getattr(trained, group))]
+        for name in names:
+            shape = [k for k, v in TEST_SHAPE_KEYS.items() if v == name and group == "dataset"]
+            if shape:
+                keys.append(f"{group}.{shape[0]}/{name}")
+            elif name not in TEST_SHAPE_KEYS and _test_time_key(trained, f"{group}.{name}"):
+                keys.append(f"{group}.{name}")
+    return keys
+
+
+def _refusal(trained: RunConfig, options: dict[str, str], key: str, value: Any, saved: Any) -> str:
+    """Why ``key=value`` cannot apply to the checkpoint and what to do instead."""
+    group = key.split(".", 1)[0]
+    has = f"the checkpoint has {key}={_plain(OmegaConf.select(saved, key))}, got {_plain(value)}"
+    allowed = ", ".join(["eval.*", "seed", "device", "log.*", *test_time_keys(trained)])
+    if group == "model":
+        why = f"the network's architecture, fixed when model={options.get('model')} was trained"
+    elif group == "algo":
+        why = f"it sets how algo={options.get('algo')} was meta-trained"
+    elif group == "dataset":
+        why = f"it changes the data dataset={options.get('dataset')} was trained on"
+    else:
+        why = "a training setting; mode=eval trains nothing"
+    return (
+        f"{key}: mode=eval tests the checkpoint as it was trained and cannot change {key} "
+        f"({why}; {has}). Drop {key}=..., or train with it (without mode=eval); mode=eval "
+        f"takes {allowed}"
+    )
+
+
+def other_option_message(key: str, text: str, chosen: str | None) -> str:
+    if key == "experiment":
+        return (
+            f"experiment={text}: mode=eval tests the checkpoint with its own config, not a preset "
+            "(drop experiment=...)"
+        )
+    return (
+        f"{key}={text} differs from the checkpoint's {key}={chosen} (drop the override: "
+        f"mode=eval uses the checkpoint's {key})"
+    )
+
+
+def _plain(value: Any) -> Any:
+    """A config value as JSON can hold it (lists and dicts as such, enums by name)."""
+    if OmegaConf.is_config(value):
+        return OmegaConf.to_container(value, enum_to_str=True)
+    return getattr(value, "name", value) if isinstance(value, Enum) else value

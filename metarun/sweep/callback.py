@@ -25,6 +25,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict, read_write
@@ -37,13 +38,24 @@ _MAX_ERROR = 500  # characters of a failed job's error kept in status.json and t
 
 
 _sweep_dir: Path | None = None  # the sweep this process launched (see jobs_started)
+# The run dir a single run is about to get, whether it existed, and the folders Hydra is about
+# to create for it (see discard_run_dir).
+_planned_run: tuple[Path, bool, list[Path]] | None = None
+# What Hydra writes into every run dir before the task starts.
+_HYDRA_FILES = (
+    Path(".hydra") / "config.yaml",
+    Path(".hydra") / "hydra.yaml",
+    Path(".hydra") / "overrides.yaml",
+)
 
 
 def forget_sweep() -> None:
     """A new command starts (``metarun.cli.main`` run twice in one process, as tests do): no
-    sweep of an earlier command counts for :func:`jobs_started`."""
-    global _sweep_dir
+    sweep or run dir of an earlier command counts for :func:`jobs_started` or
+    :func:`discard_run_dir`."""
+    global _sweep_dir, _planned_run
     _sweep_dir = None
+    _planned_run = None
 
 
 def jobs_started() -> bool:
@@ -53,6 +65,24 @@ def jobs_started() -> bool:
     failed job; only the first is a usage error (status 2). Jobs run by joblib or submitit run
     in other processes, so the files they write are what this process can see."""
     return _sweep_dir is not None and any(_sweep_dir.glob(f"*/{STATUS_FILE}"))
+
+
+class JobFailed(CompactHydraException):
+    """A sweep job stopped by a user mistake (config, data, checkpoint) or by divergence.
+
+    It is already reported (``error: ...`` on stderr and in the job's ``metarun.log``); raised
+    so that Hydra marks the job failed. As a ``CompactHydraException`` Hydra ends the sweep by
+    printing its message alone, without the traceback of the task function.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"error: {message}")
+        self.kind = kind  # the original exception's class name, for the summary's note
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[JobFailed], tuple[str, str]]:
+        # Launchers that run jobs in other processes (joblib, submitit) pickle it back.
+        return type(self), (self.kind, self.message)
 
 
 class UnusableDirError(SystemExit):
@@ -102,10 +132,68 @@ class RunDirCheck(Callback):
     naming the key instead of the traceback of Hydra's own ``mkdir``."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _planned_run
         if not HydraConfig.initialized():
             # ${name} reads ${hydra:runtime.choices.*}; Hydra sets this itself in run_job.
             HydraConfig.instance().set_config(config)
-        check_writable_dir(config.hydra.run.dir, "hydra.run.dir")
+        path = Path(config.hydra.run.dir).absolute()
+        missing = [p for p in (path, *path.parents) if not p.exists()]
+        _planned_run = (path, path.exists(), missing)
+        check_writable_dir(path, "hydra.run.dir")
+
+
+def discard_run_dir(run_dir: str | Path) -> bool:
+    """Remove the run dir of a single run that failed before it wrote anything, and the folders
+    created for it (``outputs/<name>/``) if they are empty now: a mistake on the command line
+    leaves nothing behind.
+
+    Only a dir this command created (it did not exist when :class:`RunDirCheck` looked) and
+    that holds nothing but Hydra's ``.hydra/*.yaml`` and the log is removed; anything else
+    stays, e.g. ``hydra.run.dir=<an existing folder>`` or a run that failed in training.
+
+    Returns:
+        Whether it was removed.
+    """
+    if _planned_run is None:
+        return False
+    planned, existed, created = _planned_run
+    run_dir = Path(run_dir).absolute()
+    # Hydra resolves ${now:...} again when it creates the dir: the same dir, or a sibling of
+    # the one planned a second later.
+    ours = (run_dir == planned or run_dir.parent == planned.parent) and not existed
+    expected = {run_dir / ".hydra", *(run_dir / f for f in _HYDRA_FILES)}
+    if HydraConfig.initialized():
+        expected.add(run_dir / f"{HydraConfig.get().job.name}.log")
+    found = set(run_dir.rglob("*"))
+    if not ours or not found <= expected:
+        return False
+    _close_file_logs(run_dir)
+    try:
+        for path in found - {run_dir / ".hydra"}:
+            path.unlink()
+        for folder in (run_dir / ".hydra", run_dir):
+            if folder.exists():
+                folder.rmdir()
+    except OSError as error:
+        logger.debug("could not remove the run dir %s: %s", run_dir, error)
+        return False
+    for folder in sorted(created, key=lambda p: len(p.parts), reverse=True):
+        if folder in run_dir.parents:
+            with contextlib.suppress(OSError):  # not empty: another run is in it
+                folder.rmdir()
+    return True
+
+
+def _close_file_logs(run_dir: Path) -> None:
+    """Hydra's log file handler still holds ``<run dir>/<job>.log`` open."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if (
+            isinstance(handler, logging.FileHandler)
+            and run_dir in Path(handler.baseFilename).parents
+        ):
+            root.removeHandler(handler)
+            handler.close()
 
 
 class SweepSummary(Callback):
@@ -153,7 +241,12 @@ class SweepSummary(Callback):
         else:
             error = job_return._return_value  # the property would re-raise it
             record["status"] = "failed"
-            record["error"] = f"{type(error).__name__}: {error}"[:_MAX_ERROR]
+            note = (
+                f"{error.kind}: {error.message}"
+                if isinstance(error, JobFailed)
+                else f"{type(error).__name__}: {error}"
+            )
+            record["error"] = note[:_MAX_ERROR]
         _write_status(run_dir, record)
         _summarize(Path(config.hydra.sweep.dir))
 
