@@ -139,6 +139,22 @@ VALUE_CASES = [
     (["model=conv4"], "error: model=conv4 does not fit dataset=sinusoid"),
     (["dataset=omniglot", "model=mlp"], "error: model=mlp does not fit dataset=omniglot"),
     (["algo=l2rw", "dataset=mnist_imbalance", "meta_batch_size=4"], "meta_batch_size must be 1"),
+    # Keys added with Hydra's + or ++ (its own hint for an unknown key): every schema refuses
+    # them, naming the nearest key.
+    (
+        ["+algo.inner_lrr=0.1"],
+        "error: algo.inner_lrr=0.1: algo=maml has no key 'inner_lrr'; did you mean "
+        "algo.inner_lr=0.1?",
+    ),
+    (["++algo.inner_lrr=0.1"], "did you mean algo.inner_lr=0.1?"),
+    (["+algo.foo=1"], "error: algo.foo=1: algo=maml has no key 'foo'; its keys: inner_lr,"),
+    (["+dataset.n_way=20"], "error: dataset.n_way=20: dataset=sinusoid has no key 'n_way'"),
+    (["dataset=omniglot", "+dataset.n_wayy=20"], "did you mean dataset.n_way=20?"),
+    (["+model.hiden=[8]"], "error: model.hiden=[8]: model=mlp has no key 'hiden'; did you mean"),
+    (["+eval.num_taskz=3"], "error: eval.num_taskz=3: eval has no key 'num_taskz'; did you mean"),
+    (["+meta_optimizer.lrr=0.1"], "did you mean meta_optimizer.lr=0.1?"),
+    (["+seeds=1"], "error: seeds=1: the run config has no key 'seeds'; did you mean seed=1?"),
+    (["algo=protonets", "dataset=omniglot", "++algo.inner_lr=0.1"], "algo=protonets has no key"),
 ]
 
 
@@ -416,6 +432,66 @@ def test_eval_with_another_option(trained, override, expected, tmp_path, monkeyp
         monkeypatch,
         capsys,
     )
+
+
+@pytest.fixture(scope="module")
+def omniglot_maml(tmp_path_factory) -> Path:
+    """A checkpoint of MAML on Omniglot 5-way (untrained weights: these cases fail before any
+    data is read), trained for QUICK's one outer step as far as its config says."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from metarun.config import options, to_yaml, validate
+    from metarun.config.store import register_configs
+    from metarun.runner.build import build_experiment
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(cli.config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["dataset=omniglot", *QUICK], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        config = validate(cfg)
+    experiment = build_experiment(config, with_data=False, device=torch.device("cpu"))
+    path = tmp_path_factory.mktemp("omniglot_maml") / "best.pt"
+    state = {"algorithm": experiment.algorithm.state_dict(), "step": 1}
+    torch.save({**state, "config": to_yaml(config), "options": options(config)}, path)
+    return path
+
+
+EVAL_CASES = [
+    # mode=eval composes against the checkpoint's own schemas (Omniglot here, not the default
+    # sinusoid), and refuses what would test something other than what was trained.
+    (
+        ["dataset.n_way=20"],
+        [
+            "error: dataset.n_way: this checkpoint cannot be tested with dataset.n_way=20",
+            "dataset.eval_n_way must equal dataset.n_way (5) for algo=maml",
+        ],
+    ),
+    (["+dataset.n_way=20"], ["An item is already at 'dataset.n_way'", "dataset.n_way=20"]),
+    (
+        ["algo.inner_lr=0.1"],
+        [
+            "error: algo.inner_lr: mode=eval tests the checkpoint as it was trained",
+            "the checkpoint has algo.inner_lr=0.4, got 0.1",
+            "algo.eval_inner_steps",
+        ],
+    ),
+    (["model.hidden=32"], ["error: model.hidden:", "model.hidden=64, got 32", "architecture"]),
+    (["dataset.split=lake"], ["error: dataset.split:", "dataset.split=finn, got lake"]),
+    (["meta_batch_size=4"], ["error: meta_batch_size:", "a training setting"]),
+    (["+algo.foo=1"], ["error: algo.foo=1: algo=maml has no key 'foo'"]),
+    (["+dataset.n_wayy=20"], ["error: dataset.n_wayy=20: dataset=omniglot has no key"]),
+    (["experiment=omniglot_20way_1shot"], ["error: experiment=omniglot_20way_1shot: mode=eval"]),
+    (["dataset=sinusoid"], ["error: dataset=sinusoid differs from the checkpoint's dataset"]),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), EVAL_CASES)
+def test_eval_overrides(omniglot_maml, args, expected, tmp_path, monkeypatch, capsys):
+    _assert_usage_error(
+        ["mode=eval", f"checkpoint={omniglot_maml}", *args], expected, tmp_path, monkeypatch, capsys
+    )
+    assert not (tmp_path / "run").exists()
 
 
 def test_train_into_a_finished_run_without_resume(trained, tmp_path, monkeypatch, capsys):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +150,111 @@ def test_resume_from_a_truncated_last_pt_uses_the_previous_one(make_config, tiny
     with pytest.raises(ValueError, match="is not a metarun checkpoint"):
         last.write_bytes(data[:100])
         metarun.load(last)
+
+
+# ------------------------------------------------------------- through the CLI: best.pt, mode=eval
+
+METARUN = str(Path(sys.executable).with_name("metarun"))
+DATA = Path(os.environ.get("METARUN_DATA", "/work/shared/data"))
+
+
+def _metarun(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [METARUN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180
+    )
+
+
+@pytest.fixture(scope="module")
+def unvalidated(tmp_path_factory, tiny) -> Path:
+    """The run dir of a tiny CLI run that validated nothing (eval.every=0)."""
+    root = tmp_path_factory.mktemp("unvalidated")
+    run_dir = root / "run"
+    result = _metarun([*tiny, "eval.every=0", f"hydra.run.dir={run_dir}"], root)
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def test_best_pt_holds_the_last_weights_when_nothing_was_validated(unvalidated):
+    """README: `metarun mode=eval checkpoint=.../best.pt` works for every finished run."""
+    best = ckpt.load_checkpoint(unvalidated / "checkpoints" / "best.pt")
+    last = ckpt.load_checkpoint(unvalidated / "checkpoints" / "last.pt")
+    assert best["step"] == last["step"] == 6 and best["best"] is None
+    assert all(torch.equal(best["algorithm"][k], v) for k, v in last["algorithm"].items())
+    log = (unvalidated / "metarun.log").read_text()
+    assert "best.pt holds the last weights (step 6), as last.pt does: nothing was validated" in log
+
+
+def test_eval_overrides_apply_to_the_checkpoints_config_and_are_recorded(unvalidated, tmp_path):
+    run_dir = tmp_path / "eval"
+    args = [
+        "mode=eval",
+        f"checkpoint={unvalidated / 'checkpoints' / 'best.pt'}",
+        "device=cpu",
+        "log.progress=false",
+        "eval.num_tasks=6",
+        "eval.batch_size=3",
+        "dataset.k_shot=5",  # the test tasks' support size: applied as dataset.eval_k_shot
+        "algo.eval_inner_steps=2",
+        "outer_steps=6",  # a training key repeating the checkpoint's value changes nothing
+        f"hydra.run.dir={run_dir}",
+    ]
+    result = _metarun(args, tmp_path)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    applied = results["overrides"]["applied"]
+    assert applied["dataset.eval_k_shot"] == 5 and applied["algo.eval_inner_steps"] == 2
+    assert applied["eval.num_tasks"] == 6 and "outer_steps" in results["overrides"]["unchanged"]
+    dataset = results["config"]["dataset"]
+    assert (dataset["k_shot"], dataset["eval_k_shot"]) == (10, 5)  # trained with 10
+    assert results["test"]["inner_steps"] == 2
+
+
+def test_eval_refuses_an_override_that_changes_what_was_trained(unvalidated, tmp_path):
+    """`algo.inner_lr=0.1` used to change the evaluation silently (more cases, in-process:
+    tests/test_bad_input.py)."""
+    checkpoint = unvalidated / "checkpoints" / "best.pt"
+    run_dir = tmp_path / "eval"
+    args = ["mode=eval", f"checkpoint={checkpoint}", "algo.inner_lr=0.1"]
+    result = _metarun([*args, f"hydra.run.dir={run_dir}"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "error: algo.inner_lr: mode=eval tests the checkpoint as it was trained" in result.stderr
+    assert "the checkpoint has algo.inner_lr=0.01, got 0.1" in result.stderr
+    assert "mode=eval takes eval.*" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.skipif(
+    not (DATA / "omniglot" / "images_background_small1.zip").is_file(),
+    reason="Omniglot archives not under $METARUN_DATA/omniglot",
+)
+def test_eval_of_an_omniglot_checkpoint_takes_its_task_shape_keys(make_config, tmp_path):
+    """`dataset.n_way=...` failed against the default schema (sinusoid has no n_way). A
+    metric-based learner tests with other ways than it trained with; the weights here are
+    untrained (only the config matters)."""
+    from metarun.config import options, to_yaml
+    from metarun.runner.build import build_experiment
+
+    config = make_config(
+        [
+            "algo=protonets",
+            "dataset=omniglot",
+            "dataset.split=random",
+            f"dataset.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
+    experiment = build_experiment(config, with_data=False, device=torch.device("cpu"))
+    checkpoint = tmp_path / "best.pt"
+    state = {"algorithm": experiment.algorithm.state_dict(), "step": 0}
+    torch.save({**state, "config": to_yaml(config), "options": options(config)}, checkpoint)
+    run_dir = tmp_path / "eval"
+    args = ["mode=eval", f"checkpoint={checkpoint}", "dataset.n_way=3", "dataset.k_query=2"]
+    small = ["eval.num_tasks=2", "eval.batch_size=2", "device=cpu", "log.progress=false"]
+    result = _metarun([*args, *small, f"hydra.run.dir={run_dir}"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["overrides"]["applied"]["dataset.eval_n_way"] == 3
+    assert results["config"]["dataset"]["n_way"] == 5  # as trained
+    assert results["config"]["dataset"]["eval_k_query"] == 2

@@ -129,6 +129,123 @@ def test_config_error_in_a_real_process(tmp_path):
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        # Hydra's own hint after `algo.inner_lrr=0.1` fails; it used to run, ignoring the key.
+        (
+            "+algo.inner_lrr=0.1",
+            "error: algo.inner_lrr=0.1: algo=maml has no key 'inner_lrr'; "
+            "did you mean algo.inner_lr=0.1?",
+        ),
+        (
+            "++eval.num_taskz=3",
+            "error: eval.num_taskz=3: eval has no key 'num_taskz'; did you mean eval.num_tasks=3?",
+        ),
+        ("+algo.foo=1", "error: algo.foo=1: algo=maml has no key 'foo'; its keys: inner_lr,"),
+    ],
+)
+def test_plus_prefixed_unknown_keys_fail_naming_the_nearest_key(override, expected, tmp_path):
+    run_dir = tmp_path / "run"
+    result = _metarun([override, "outer_steps=1", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not run_dir.exists()  # failed before training: nothing left behind
+
+
+def test_hydra_keys_and_group_appends_stay_free_form(tmp_path, tiny):
+    """Keys no metarun schema declares, which Hydra itself takes: its own config (hydra.*,
+    `+hydra.job.env_set.X`), its config groups (`hydra/job_logging=...`)."""
+    run_dir = tmp_path / "run"
+    result = _metarun(
+        [
+            *tiny,
+            "outer_steps=1",
+            "+hydra.job.env_set.METARUN_TEST_VAR=1",
+            "hydra/job_logging=disabled",
+            f"hydra.run.dir={run_dir}",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (run_dir / "results.json").is_file()
+
+
+def test_a_run_that_fails_before_training_leaves_no_run_dir_and_logs_its_error(tmp_path):
+    # Hydra's default run dir, outputs/<name>/<time>: removed with the folders made for it.
+    result = _metarun(["algo.inner_steps=0"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    message = "error: algo.inner_steps must be >= 1, got 0 (set e.g. algo.inner_steps=5)"
+    assert message in result.stderr
+    assert not (tmp_path / "outputs").exists()
+    # A run dir that was there before is the user's: it stays, and its log says why it failed.
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    result = _metarun(["algo.inner_steps=0", f"hydra.run.dir={existing}"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert message in (existing / "metarun.log").read_text()
+    assert result.stderr.count(message) == 1 and message not in result.stdout
+
+
+def test_readme_download_command_runs_as_written_in_bash(tmp_path, tiny):
+    """README: `metarun dataset=omniglot dataset.download=true dataset.root=...` pasted into
+    bash. Its `~/data/omniglot` reached Hydra unexpanded and failed to parse. Here the archives
+    are already in $HOME/data/omniglot (the minimal ones under the full archives' names), so
+    download=true checks them and fetches nothing."""
+    readme = (REPO / "README.md").read_text()
+    (line,) = [
+        line
+        for line in readme.splitlines()
+        if line.startswith("metarun dataset=omniglot dataset.download=true")
+    ]
+    command = line.split("#")[0].strip()
+    home = tmp_path / "home"
+    data = home / "data" / "omniglot"
+    data.mkdir(parents=True)
+    shared = Path(os.environ.get("METARUN_DATA", "/work/shared/data")) / "omniglot"
+    if not (shared / "images_background_small1.zip").is_file():
+        pytest.skip("Omniglot archives not under $METARUN_DATA/omniglot")
+    (data / "images_background.zip").symlink_to(shared / "images_background_small1.zip")
+    (data / "images_evaluation.zip").symlink_to(shared / "images_background_small2.zip")
+    run_dir = tmp_path / "run"
+    small = [
+        *tiny,
+        "outer_steps=1",
+        "meta_batch_size=1",
+        "eval.every=0",
+        "eval.num_tasks=1",
+        "eval.batch_size=1",
+        "dataset.split=random",
+        "algo.task_batching=loop",
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {**_env(), "HOME": str(home), "PATH": f"{Path(METARUN).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["bash", "-c", f"{command} {' '.join(small)}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    config = json.loads((run_dir / "results.json").read_text())["config"]
+    assert config["dataset"]["root"] == str(data)
+
+    # A quoted ~/ reaches metarun as it is, which expands it (the message shows where it looked).
+    missing = subprocess.run(
+        ["bash", "-c", """metarun dataset=omniglot 'dataset.root="~/nowhere"' outer_steps=1"""],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2, missing.stderr
+    assert f"Omniglot not found for dataset.root='{home / 'nowhere'}'" in missing.stderr
+
+
 def test_sigterm_checkpoints_and_resume_continues(tmp_path, tiny):
     run_dir = tmp_path / "run"
     args = [

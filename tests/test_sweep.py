@@ -180,11 +180,28 @@ def test_a_failing_job_is_reported_and_the_others_run(tmp_path, tiny, launcher):
         ["algo.inner_steps=0,1", *tiny, *launcher, f"hydra.sweep.dir={sweep}"], tmp_path
     )
     assert result.returncode == 1  # Hydra reports the failed job after the batch
-    assert "algo.inner_steps must be >= 1, got 0" in result.stderr
+    message = "error: algo.inner_steps must be >= 1, got 0"
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr  # as in a single run
     rows = _rows(sweep)
     assert [(r["algo.inner_steps"], r["status"]) for r in rows] == [("0", "failed"), ("1", "done")]
     assert rows[0]["note"].startswith("ConfigError: algo.inner_steps must be >= 1, got 0")
     assert rows[0]["test/loss"] == "" and float(rows[1]["test/loss"]) > 0
+    # A cluster job's log is what its user reads: it says why the job stopped.
+    assert message in (sweep / "0" / "metarun.log").read_text()
+
+
+def test_a_job_whose_options_do_not_fit_fails_with_an_error_line(tmp_path, tiny):
+    """The issue's `metarun -m algo=l2rw dataset=omniglot`, beside a job that runs: the failed
+    job prints `error: ...` as a single run does, not Hydra's traceback."""
+    sweep = tmp_path / "sweep"
+    result = _metarun(["algo=l2rw,maml", *tiny, f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "error: algo=l2rw does not fit dataset=sinusoid" in result.stderr
+    assert "Traceback" not in result.stderr
+    rows = _rows(sweep)
+    assert [(r["algo"], r["status"]) for r in rows] == [("l2rw", "failed"), ("maml", "done")]
+    assert rows[0]["note"].startswith("ConfigError: algo=l2rw does not fit dataset=sinusoid")
 
 
 @pytest.mark.parametrize("bad", ["algo.inner_steps=1,x", "algo.no_such_key=1,2"])
