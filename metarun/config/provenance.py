@@ -112,21 +112,27 @@ def _defaults_entries(data: DictConfig) -> list[Any]:
 
 
 def experiment_chain(conf: Path, name: str) -> list[tuple[str, DictConfig]]:
-    """The experiment file ``name`` and the experiment files it includes, the file itself
-    first (its values win over those it includes)."""
-    chain: list[tuple[str, DictConfig]] = []
-    pending = [name]
-    while pending:
-        current = pending.pop(0)
+    """The experiment file ``name`` and the experiment files it includes, in order of
+    precedence (the file that wins first): Hydra merges a file's includes in their order and
+    the file itself at its ``_self_`` (last when not listed)."""
+
+    def merge_order(current: str, seen: frozenset[str]) -> list[tuple[str, DictConfig]]:
         path = conf / "experiment" / f"{current}.yaml"
-        if not path.is_file() or any(current == n for n, _ in chain):
-            continue
+        if not path.is_file() or current in seen:
+            return []
         data = _load(path)
-        chain.append((current, data))
-        for entry in _defaults_entries(data):
-            if isinstance(entry, str) and entry not in ("_self_",):
-                pending.append(entry)
-    return chain
+        entries = [e for e in _defaults_entries(data) if isinstance(e, str)]
+        if "_self_" not in entries:
+            entries.append("_self_")
+        order: list[tuple[str, DictConfig]] = []
+        for entry in entries:
+            if entry == "_self_":
+                order.append((current, data))
+            else:
+                order += merge_order(entry, seen | {current})
+        return order
+
+    return list(reversed(merge_order(name, frozenset())))
 
 
 def experiment_choices(conf: Path, name: str) -> dict[str, str]:

@@ -41,3 +41,8 @@ from metarun.data.tieredimagenet import load_tieredimagenet  # noqa: E402
 from metarun.data.cifar_fs import load_cifar_fewshot  # noqa: E402
 
 __all__ += ["load_cifar_fewshot", "load_miniimagenet", "load_tieredimagenet"]
+
+# Your own images: a folder per class (metarun/data/image_folder.py).
+from metarun.data.image_folder import load_image_folder  # noqa: E402
+
+__all__ += ["load_image_folder"]

@@ -1,0 +1,273 @@
+"""``dataset=image_folder``: few-shot tasks from a folder of your own images, a folder per class.
+
+A class is a folder that holds image files directly (any format Pillow reads: PNG, JPEG, BMP,
+GIF, TIFF, WebP); it may sit at any depth below ``dataset.root``, and is named by its path
+relative to the split's folder (``Alphabet/character01``: Omniglot's layout works as it is).
+Images of any size are decoded once to RGB (grey images are repeated over the channels),
+resized to ``dataset.image_size`` with LANCZOS, and kept in the uint8 cache like the benchmarks.
+
+Splits by class (``dataset.split``):
+
+- ``folders``: ``root/train``, ``root/val`` and ``root/test`` hold their own classes;
+- ``files``: ``train.txt``, ``val.txt`` and ``test.txt`` in ``dataset.split_dir`` (default: the
+  root) list the class names, one per line (``#`` starts a comment);
+- ``random``: the classes shuffled with ``dataset.split_seed`` and cut by
+  ``dataset.split_fractions``;
+- ``auto`` (default): ``folders`` when the three folders exist, else ``files`` when the three
+  lists exist, else ``random``.
+
+A class with fewer images than a task draws (``k_shot + k_query``, or the evaluation's) is
+refused with a message naming it; ``dataset.few_images=skip`` drops such classes with a
+warning instead.
+
+    metarun dataset=image_folder dataset.root=$HOME/data/my_microscope dataset.image_size=84
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from metarun.data.images import (
+    SPLITS,
+    ClassPool,
+    FewShotImageConfig,
+    cached_pools,
+    decode_rgb,
+    fingerprint,
+    image_task_sources,
+    open_image,
+)
+from metarun.registry import register
+from metarun.spec.checks import require
+from metarun.tasks import TaskSources
+
+logger = logging.getLogger(__name__)
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+LIST_FILES = {split: f"{split}.txt" for split in SPLITS}
+
+
+class FolderSplit(str, Enum):
+    auto = "auto"
+    folders = "folders"
+    files = "files"
+    random = "random"
+
+
+class FewImages(str, Enum):
+    error = "error"
+    skip = "skip"
+
+
+@dataclass
+class ImageFolderConfig(FewShotImageConfig):
+    """``dataset=image_folder``: a folder per class of your own images."""
+
+    root: str = "${oc.env:METARUN_DATA,data}/images"
+    split: FolderSplit = FolderSplit.auto
+    split_dir: str | None = None  # split=files: where train.txt/val.txt/test.txt are; null = root
+    split_fractions: list[float] = field(default_factory=lambda: [0.64, 0.16, 0.2])
+    split_seed: int = 0
+    few_images: FewImages = FewImages.error
+
+    option: ClassVar[str] = "image_folder"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        fractions = list(self.split_fractions)
+        require(
+            len(fractions) == 3
+            and all(f > 0 for f in fractions)
+            and abs(sum(fractions) - 1) < 1e-6,
+            "dataset.split_fractions",
+            fractions,
+            "three positive fractions (train, val, test) summing to 1",
+            "dataset.split_fractions=[0.64,0.16,0.2]",
+        )
+
+    def needed(self, split: str) -> int:
+        """Images a class of ``split`` needs for one task."""
+        if split == "train":
+            return self.k_shot + self.k_query
+        return (self.eval_k_shot or self.k_shot) + (self.eval_k_query or self.k_query)
+
+
+def class_folders(base: Path) -> dict[str, list[Path]]:
+    """Every folder below ``base`` that holds image files, by its path relative to ``base``
+    (``/``-separated), with its image files in name order."""
+    found: dict[str, list[Path]] = {}
+    for folder in sorted(p for p in [base, *base.rglob("*")] if p.is_dir()):
+        files = sorted(
+            f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in EXTENSIONS
+        )
+        if files and folder != base:
+            found[folder.relative_to(base).as_posix()] = files
+    return found
+
+
+def _read_list(path: Path) -> list[str]:
+    names = []
+    for line in path.read_text().splitlines():
+        name = line.split("#", 1)[0].strip()
+        if name:
+            names.append(name)
+    return names
+
+
+def _not_found(root: Path) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"dataset.root={str(root)!r}: no folder of images found there (resolved: "
+        f"{root.resolve()}). Fix: set dataset.root=<folder> where each class is a folder of "
+        f"image files ({', '.join(EXTENSIONS)}), at any depth; optionally with train/, val/ "
+        "and test/ folders or train.txt/val.txt/test.txt lists of class names "
+        "(docs: metarun/data/image_folder.py)"
+    )
+
+
+def split_classes(config: ImageFolderConfig, root: Path) -> dict[str, dict[str, list[Path]]]:
+    """Each split's classes and their image files, per ``dataset.split``.
+
+    Raises:
+        FileNotFoundError: no images under the root, or a listed file missing.
+        ValueError: a class listed in two splits, a listed class that does not exist, or a
+            split without classes.
+    """
+    if not root.is_dir():
+        raise _not_found(root)
+    lists = Path(config.split_dir).expanduser() if config.split_dir else root
+    mode = config.split
+    if mode is FolderSplit.auto:
+        if all((root / s).is_dir() for s in SPLITS):
+            mode = FolderSplit.folders
+        elif all((lists / f).is_file() for f in LIST_FILES.values()):
+            mode = FolderSplit.files
+        else:
+            mode = FolderSplit.random
+    if mode is FolderSplit.folders:
+        missing = [s for s in SPLITS if not (root / s).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"dataset.split=folders needs {', '.join(f'{root}/{s}/' for s in missing)}. "
+                "Fix: create them, or set dataset.split=random"
+            )
+        splits = {s: class_folders(root / s) for s in SPLITS}
+    else:
+        classes = class_folders(root)
+        if not classes:
+            raise _not_found(root)
+        if mode is FolderSplit.files:
+            splits = {}
+            for split, name in LIST_FILES.items():
+                path = lists / name
+                if not path.is_file():
+                    raise FileNotFoundError(
+                        f"dataset.split=files needs {path}. Fix: write the class names of the "
+                        f"{split} split there, one per line, or set dataset.split=random"
+                    )
+                listed = _read_list(path)
+                unknown = [n for n in listed if n not in classes]
+                if unknown:
+                    raise ValueError(
+                        f"{path} lists classes that are not folders of images under {root}: "
+                        f"{unknown[:5]}. Fix: correct the names (paths relative to the root)"
+                    )
+                splits[split] = {n: classes[n] for n in listed}
+        else:
+            names = sorted(classes)
+            random.Random(config.split_seed).shuffle(names)
+            fractions = list(config.split_fractions)
+            n_train = round(fractions[0] * len(names))
+            n_val = round(fractions[1] * len(names))
+            cuts = {
+                "train": names[:n_train],
+                "val": names[n_train : n_train + n_val],
+                "test": names[n_train + n_val :],
+            }
+            splits = {s: {n: classes[n] for n in sorted(cut)} for s, cut in cuts.items()}
+    seen: dict[str, str] = {}
+    for split in SPLITS:
+        for name in splits[split]:
+            if name in seen and mode is not FolderSplit.folders:
+                raise ValueError(
+                    f"class {name!r} is in both the {seen[name]} and the {split} split. Fix: "
+                    "list each class in one split only"
+                )
+            seen[name] = split
+    return splits
+
+
+def _enough(config: ImageFolderConfig, splits: dict[str, dict[str, list[Path]]]) -> None:
+    """Refuse (or drop, with ``few_images=skip``) classes with too few images for a task, and
+    splits with too few classes."""
+    for split in SPLITS:
+        need = config.needed(split)
+        few = {n: len(f) for n, f in splits[split].items() if len(f) < need}
+        if few and config.few_images is FewImages.error:
+            shown = ", ".join(f"{n} ({c})" for n, c in list(few.items())[:5])
+            raise ValueError(
+                f"dataset=image_folder: {len(few)} {split} classes have fewer than the {need} "
+                f"images a task draws from each (k_shot + k_query): {shown}. Fix: lower "
+                "dataset.k_shot/k_query, add images, or set dataset.few_images=skip to leave "
+                "these classes out"
+            )
+        if few:
+            logger.warning(
+                "dataset.few_images=skip: leaving out %d %s classes with fewer than %d images (%s)",
+                len(few),
+                split,
+                need,
+                ", ".join(list(few)[:5]),
+            )
+            splits[split] = {n: f for n, f in splits[split].items() if n not in few}
+        ways = config.n_way if split == "train" else config.ways()[1]
+        if len(splits[split]) < ways:
+            raise ValueError(
+                f"dataset.n_way={ways} exceeds the {len(splits[split])} classes of the {split} "
+                "split of dataset=image_folder. Fix: lower dataset.n_way (or eval_n_way), or "
+                "give the split more classes (dataset.split_fractions)"
+            )
+
+
+def _decode(files_by_class: dict[str, list[Path]], image_size: int) -> ClassPool:
+    """Decode each class's images into one flat uint8 pool with class offsets."""
+    images, counts = [], []
+    for files in files_by_class.values():
+        counts.append(len(files))
+        for path in files:
+            try:
+                rgb = decode_rgb(open_image(path), image_size)
+            except ValueError as error:
+                raise ValueError(f"{path}: {error}. Fix: replace or remove the file") from None
+            images.append(torch.from_numpy(np.array(rgb)))
+    offsets = torch.tensor([0, *counts], dtype=torch.long).cumsum(0)
+    stacked = torch.stack(images) if images else torch.zeros(0, image_size, image_size, 3)
+    return ClassPool(tuple(files_by_class), stacked.to(torch.uint8), offsets)
+
+
+def load_image_folder(config: ImageFolderConfig) -> dict[str, ClassPool]:
+    """The class pools of each split, decoded once and cached."""
+    root = Path(config.root).expanduser()
+    splits = split_classes(config, root)
+    _enough(config, splits)
+    files = [f for split in SPLITS for fs in splits[split].values() for f in fs]
+    names = "|".join(f"{s}:{','.join(splits[s])}" for s in SPLITS)
+    key = f"{root.resolve()}|{names}|{fingerprint(files)}|size{config.image_size}"
+    return cached_pools(
+        "image_folder",
+        key,
+        config.cache_dir,
+        lambda: {s: _decode(splits[s], config.image_size) for s in SPLITS},
+    )
+
+
+@register("dataset", "image_folder", ImageFolderConfig)
+def build_image_folder(config: ImageFolderConfig) -> TaskSources:
+    return image_task_sources(config, load_image_folder(config))
