@@ -62,7 +62,11 @@ def config_dir() -> Path:
     raise FileNotFoundError(f"no conf/config.yaml next to or above {package}; reinstall metarun")
 
 
-register_configs()
+try:
+    register_configs()
+    _REGISTRY_ERROR: ConfigError | None = None
+except ConfigError as _error:  # a user's plugin module ($METARUN_PLUGINS) failed to import
+    _REGISTRY_ERROR = _error
 _started = False  # set once Hydra has composed a config and called the task function
 
 
@@ -191,6 +195,9 @@ def _quiet_secondary_rank(argv: list[str]) -> None:
 def main() -> None:
     """Console-script entry point (``metarun``)."""
     global _started
+    if _REGISTRY_ERROR is not None:
+        print(f"error: {_REGISTRY_ERROR}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
     _quiet_secondary_rank(sys.argv)
     _started = False
     forget_sweep()
