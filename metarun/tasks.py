@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -71,6 +71,17 @@ class TaskSource(Protocol):
     """Anything that draws a batch of tasks from a generator."""
 
     def sample(self, n: int, generator: torch.Generator) -> TaskBatch: ...
+
+
+@runtime_checkable
+class FixedExamples(Protocol):
+    """A validation or test source that is a fixed labelled set evaluated whole, example by
+    example (one-task batches with an empty support set: nothing adapts), instead of tasks
+    sampled with the evaluation seed. Reports count examples, not tasks."""
+
+    def batches(self) -> Iterable[TaskBatch]: ...
+
+    def __len__(self) -> int: ...
 
 
 @dataclass

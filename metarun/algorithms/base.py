@@ -85,6 +85,11 @@ class MetaAlgorithm(nn.Module):
     def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def eval_steps(self, inner_steps: int | None) -> int | None:
+        """The adaptation steps of an evaluation asked for ``inner_steps`` (None: the
+        algorithm's default; None back: it adapts nothing)."""
+        return inner_steps
+
     # -- hooks with no-op defaults -----------------------------------------------------------
     def log_scalars(self) -> dict[str, float]:
         return {}

@@ -11,8 +11,7 @@ from torch import Tensor
 
 from metarun.algorithms.base import MetaAlgorithm
 from metarun.data.fewshot import TaskSource, fixed_tasks
-from metarun.data.supervised import ExampleSet
-from metarun.tasks import TaskBatch
+from metarun.tasks import FixedExamples, TaskBatch
 
 
 @dataclass(frozen=True)
@@ -70,14 +69,14 @@ def evaluate_fixed(
 ) -> dict[str, Stat]:
     """Mean and CI of each per-task metric over ``num_tasks`` tasks fixed by ``seed``.
 
-    An :class:`~metarun.data.supervised.ExampleSet` (the clean and test sets of the reweighting
-    datasets) is evaluated whole instead, example by example: ``num_tasks``, ``batch_size`` and
-    ``seed`` do not apply, and each metric is per example.
+    A :class:`~metarun.tasks.FixedExamples` source (e.g. the clean and test sets of the
+    reweighting datasets) is evaluated whole instead, example by example: ``num_tasks``,
+    ``batch_size`` and ``seed`` do not apply, and each metric is per example.
 
     Returns:
         ``{"pre/loss": Stat, "post/loss": Stat, ...}``.
     """
-    if isinstance(source, ExampleSet):
+    if isinstance(source, FixedExamples):
         batches = source.batches()
     else:
         batches = fixed_tasks(source, num_tasks, batch_size, seed)

@@ -13,11 +13,11 @@ from omegaconf import OmegaConf
 
 import metarun
 from metarun.config import RunConfig
-from metarun.data.supervised import ExampleSet
 from metarun.runner.build import Experiment
 from metarun.runner.checkpoint import CHECKPOINT_DIR, LAST
 from metarun.runner.evaluate import Stat, evaluate_fixed, split_scalars
 from metarun.runner.logging import RunLogger
+from metarun.tasks import FixedExamples
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class RunSummary:
             )
             lines.append(f"resume with: {self.resume_command}")
         test = self.results.get("test")
-        if test and "num_examples" in test:  # a fixed test set (algo=l2rw / erm): no adaptation
+        if test and "num_examples" in test:  # a fixed test set evaluated whole: no adaptation
             for name in ("accuracy", "error", "loss"):
                 if name in test["metrics"]:
                     lines.append(
@@ -105,8 +105,8 @@ def measure_test(
     for key, stat in stats.items():
         stage, _, name = key.partition("/")
         metrics[name if stage == "post" else f"{stage}_{name}"] = stat.as_dict()
-    if isinstance(experiment.tasks.test, ExampleSet):
-        # A fixed test set evaluated whole (algo=l2rw / erm): no tasks, no inner steps.
+    if isinstance(experiment.tasks.test, FixedExamples):
+        # A fixed test set evaluated whole: no tasks, no inner steps.
         for name, stat in stats.items():
             logger.info("test %s: %s", name, stat)
         test = {"num_examples": len(experiment.tasks.test), "weights": weights, "metrics": metrics}
@@ -120,7 +120,7 @@ def measure_test(
         }
         out.log(k, {f"test_curve/{name}": stat.mean for name, stat in post.items()}, jsonl=False)
         curve.append({"inner_steps": k, **{name: stat.as_dict() for name, stat in post.items()}})
-    inner_steps = cfg.inner_steps if cfg.inner_steps is not None else config.algo.eval_inner_steps
+    inner_steps = experiment.algorithm.eval_steps(cfg.inner_steps)
     for name, stat in stats.items():
         logger.info("test %s: %s", name, stat)
     return {
