@@ -107,7 +107,7 @@ def test_decoded_once_then_read_from_the_cache(tmp_path, make_config, monkeypatc
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(image_folder, "_decode", no_decoding)
+    monkeypatch.setattr(image_folder, "decode_classes", no_decoding)
     again = image_folder.load_image_folder(run.dataset)
     assert torch.equal(first["train"].images, again["train"].images)
 

@@ -46,3 +46,6 @@ __all__ += ["load_cifar_fewshot", "load_miniimagenet", "load_tieredimagenet"]
 from metarun.data.image_folder import load_image_folder  # noqa: E402
 
 __all__ += ["load_image_folder"]
+from metarun.data.torchvision_data import load_torchvision  # noqa: E402
+
+__all__ += ["load_torchvision"]

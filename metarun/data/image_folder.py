@@ -30,7 +30,7 @@ import random
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -68,17 +68,12 @@ class FewImages(str, Enum):
 
 
 @dataclass
-class ImageFolderConfig(FewShotImageConfig):
-    """``dataset=image_folder``: a folder per class of your own images."""
+class OwnImagesConfig(FewShotImageConfig):
+    """Keys of the datasets made from a user's images: the class split and the too-few rule."""
 
-    root: str = "${oc.env:METARUN_DATA,data}/images"
-    split: FolderSplit = FolderSplit.auto
-    split_dir: str | None = None  # split=files: where train.txt/val.txt/test.txt are; null = root
     split_fractions: list[float] = field(default_factory=lambda: [0.64, 0.16, 0.2])
     split_seed: int = 0
     few_images: FewImages = FewImages.error
-
-    option: ClassVar[str] = "image_folder"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -100,6 +95,17 @@ class ImageFolderConfig(FewShotImageConfig):
         return (self.eval_k_shot or self.k_shot) + (self.eval_k_query or self.k_query)
 
 
+@dataclass
+class ImageFolderConfig(OwnImagesConfig):
+    """``dataset=image_folder``: a folder per class of your own images."""
+
+    root: str = "${oc.env:METARUN_DATA,data}/images"
+    split: FolderSplit = FolderSplit.auto
+    split_dir: str | None = None  # split=files: where train.txt/val.txt/test.txt are; null = root
+
+    option: ClassVar[str] = "image_folder"
+
+
 def class_folders(base: Path) -> dict[str, list[Path]]:
     """Every folder below ``base`` that holds image files, by its path relative to ``base``
     (``/``-separated), with its image files in name order."""
@@ -111,6 +117,20 @@ def class_folders(base: Path) -> dict[str, list[Path]]:
         if files and folder != base:
             found[folder.relative_to(base).as_posix()] = files
     return found
+
+
+def cut_classes(names: list[str], fractions: list[float], seed: int) -> dict[str, list[str]]:
+    """Classes shuffled with ``seed`` and cut by ``fractions`` (train, val, test), each split's
+    names sorted."""
+    names = list(names)
+    random.Random(seed).shuffle(names)
+    n_train = round(fractions[0] * len(names))
+    n_val = round(fractions[1] * len(names))
+    return {
+        "train": sorted(names[:n_train]),
+        "val": sorted(names[n_train : n_train + n_val]),
+        "test": sorted(names[n_train + n_val :]),
+    }
 
 
 def _read_list(path: Path) -> list[str]:
@@ -181,17 +201,8 @@ def split_classes(config: ImageFolderConfig, root: Path) -> dict[str, dict[str, 
                     )
                 splits[split] = {n: classes[n] for n in listed}
         else:
-            names = sorted(classes)
-            random.Random(config.split_seed).shuffle(names)
-            fractions = list(config.split_fractions)
-            n_train = round(fractions[0] * len(names))
-            n_val = round(fractions[1] * len(names))
-            cuts = {
-                "train": names[:n_train],
-                "val": names[n_train : n_train + n_val],
-                "test": names[n_train + n_val :],
-            }
-            splits = {s: {n: classes[n] for n in sorted(cut)} for s, cut in cuts.items()}
+            cuts = cut_classes(sorted(classes), config.split_fractions, config.split_seed)
+            splits = {s: {n: classes[n] for n in cut} for s, cut in cuts.items()}
     seen: dict[str, str] = {}
     for split in SPLITS:
         for name in splits[split]:
@@ -204,7 +215,7 @@ def split_classes(config: ImageFolderConfig, root: Path) -> dict[str, dict[str, 
     return splits
 
 
-def _enough(config: ImageFolderConfig, splits: dict[str, dict[str, list[Path]]]) -> None:
+def enough_images(config: OwnImagesConfig, splits: dict[str, dict[str, list[Any]]]) -> None:
     """Refuse (or drop, with ``few_images=skip``) classes with too few images for a task, and
     splits with too few classes."""
     for split in SPLITS:
@@ -213,7 +224,7 @@ def _enough(config: ImageFolderConfig, splits: dict[str, dict[str, list[Path]]])
         if few and config.few_images is FewImages.error:
             shown = ", ".join(f"{n} ({c})" for n, c in list(few.items())[:5])
             raise ValueError(
-                f"dataset=image_folder: {len(few)} {split} classes have fewer than the {need} "
+                f"dataset={config.option}: {len(few)} {split} classes have fewer than the {need} "
                 f"images a task draws from each (k_shot + k_query): {shown}. Fix: lower "
                 "dataset.k_shot/k_query, add images, or set dataset.few_images=skip to leave "
                 "these classes out"
@@ -231,21 +242,23 @@ def _enough(config: ImageFolderConfig, splits: dict[str, dict[str, list[Path]]])
         if len(splits[split]) < ways:
             raise ValueError(
                 f"dataset.n_way={ways} exceeds the {len(splits[split])} classes of the {split} "
-                "split of dataset=image_folder. Fix: lower dataset.n_way (or eval_n_way), or "
+                f"split of dataset={config.option}. Fix: lower dataset.n_way (or eval_n_way), or "
                 "give the split more classes (dataset.split_fractions)"
             )
 
 
-def _decode(files_by_class: dict[str, list[Path]], image_size: int) -> ClassPool:
-    """Decode each class's images into one flat uint8 pool with class offsets."""
+def decode_classes(files_by_class: dict[str, list[Any]], image_size: int) -> ClassPool:
+    """Decode each class's images (paths, or functions returning an image) into one flat
+    uint8 pool with class offsets."""
     images, counts = [], []
     for files in files_by_class.values():
         counts.append(len(files))
-        for path in files:
+        for item in files:
             try:
-                rgb = decode_rgb(open_image(path), image_size)
+                image = item() if callable(item) else open_image(item)
+                rgb = decode_rgb(open_image(image), image_size)
             except ValueError as error:
-                raise ValueError(f"{path}: {error}. Fix: replace or remove the file") from None
+                raise ValueError(f"{item}: {error}. Fix: replace or remove the file") from None
             images.append(torch.from_numpy(np.array(rgb)))
     offsets = torch.tensor([0, *counts], dtype=torch.long).cumsum(0)
     stacked = torch.stack(images) if images else torch.zeros(0, image_size, image_size, 3)
@@ -256,7 +269,7 @@ def load_image_folder(config: ImageFolderConfig) -> dict[str, ClassPool]:
     """The class pools of each split, decoded once and cached."""
     root = Path(config.root).expanduser()
     splits = split_classes(config, root)
-    _enough(config, splits)
+    enough_images(config, splits)
     files = [f for split in SPLITS for fs in splits[split].values() for f in fs]
     names = "|".join(f"{s}:{','.join(splits[s])}" for s in SPLITS)
     key = f"{root.resolve()}|{names}|{fingerprint(files)}|size{config.image_size}"
@@ -264,7 +277,7 @@ def load_image_folder(config: ImageFolderConfig) -> dict[str, ClassPool]:
         "image_folder",
         key,
         config.cache_dir,
-        lambda: {s: _decode(splits[s], config.image_size) for s in SPLITS},
+        lambda: {s: decode_classes(splits[s], config.image_size) for s in SPLITS},
     )
 
 
