@@ -1,6 +1,7 @@
 """A diverging run stops at the first non-finite meta-loss or meta-gradient (or skips up to
-``max_nonfinite_steps`` of them), says which step and which keys to change, exits non-zero and
-never writes a checkpoint holding NaN or inf."""
+``max_nonfinite_steps`` of them), or at the first meta-loss beyond ``divergence_factor`` times
+the loss before training, says which step and which keys to change, exits non-zero and never
+writes a checkpoint holding NaN or inf, nor the update of the step beyond the bound."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import metarun
 from metarun.algorithms.maml import MAML
+from metarun.config import ConfigError
 from metarun.runner import api
 from metarun.runner.checkpoint import load_checkpoint
 from metarun.runner.trainer import Trainer, TrainingDiverged, nonfinite_entries
@@ -60,6 +63,27 @@ def poison(monkeypatch):
         monkeypatch.setattr(MAML, "meta_train_step", meta_train_step)
 
     return _poison
+
+
+@pytest.fixture
+def explode(monkeypatch):
+    """``explode({8})``: outer step 8 (1-based) reports a meta-loss 1e9 times its own, finite,
+    with its finite meta-gradient: a divergence that the non-finite check cannot see."""
+
+    def _explode(steps: set[int]) -> None:
+        original = MAML.meta_train_step
+        calls = [0]
+
+        def meta_train_step(self, batch):
+            metrics = original(self, batch)
+            calls[0] += 1
+            if calls[0] in steps:
+                metrics = {**metrics, "train/meta_loss": metrics["train/meta_loss"] * 1e9}
+            return metrics
+
+        monkeypatch.setattr(MAML, "meta_train_step", meta_train_step)
+
+    return _explode
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -163,6 +187,92 @@ def test_interrupted_run_never_saves_nonfinite_weights(train, monkeypatch, tmp_p
     assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 3
 
 
+def test_finite_meta_loss_beyond_the_bound_stops_and_keeps_the_last_good_checkpoint(
+    train, explode, tmp_path
+):
+    train(tmp_path / "ref", ["outer_steps=6"])
+    explode({8})
+    with pytest.raises(TrainingDiverged) as info:
+        train(tmp_path / "run")
+    message = str(info.value)
+    assert "training diverged: train/meta_loss=" in message
+    assert "at outer step 8 is more than divergence_factor=1000 times the loss before" in message
+    assert "divergence_factor=null turns this bound off" in message
+    assert "algo.inner_lr (now 0.01)" in message and "grad_clip=10" in message
+    last = tmp_path / "run/checkpoints/last.pt"
+    assert f"the last good one is {last} (step 6)" in message
+    _assert_finite_and_equal(last, tmp_path / "ref/checkpoints/last.pt", step=6)
+    assert not (tmp_path / "run/results.json").exists()
+
+
+def test_the_bound_is_a_key(train, explode, make_config, tiny, tmp_path):
+    explode({8})
+    summary = train(tmp_path / "off", ["divergence_factor=null"])
+    assert summary.step == 12
+    assert load_checkpoint(tmp_path / "off/checkpoints/last.pt")["loss_reference"] is None
+    # 1e9 times a loss close to the one before training: within a bound of 1e11 times it.
+    assert train(tmp_path / "loose", ["divergence_factor=1e11"]).step == 12
+    with pytest.raises(ConfigError, match="divergence_factor must be > 1 or null"):
+        make_config([*tiny, "divergence_factor=0.5"])
+
+
+def test_the_reference_is_measured_once_and_kept_in_checkpoints(train, monkeypatch, tmp_path):
+    """A resumed run keeps the bound of the run it continues (measured on the initial weights),
+    and measuring it leaves the run's numbers alone: the same weights as without the bound."""
+    train(tmp_path / "plain", ["divergence_factor=null"])
+    train(tmp_path / "run", ["outer_steps=6"])
+    reference = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["loss_reference"]
+    assert reference > 0 and math.isfinite(reference)
+
+    def measure_again(self):
+        raise AssertionError("a resumed run measured the reference again")
+
+    monkeypatch.setattr(Trainer, "measure_loss_reference", measure_again)
+    train(tmp_path / "run", ["resume=true"])
+    state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    assert state["step"] == 12 and state["loss_reference"] == reference
+    _assert_finite_and_equal(
+        tmp_path / "run/checkpoints/last.pt", tmp_path / "plain/checkpoints/last.pt", step=12
+    )
+
+
+def test_a_step_that_does_not_log_reads_one_value_with_the_bound_on(
+    make_config, tiny, tmp_path, monkeypatch
+):
+    """The bound reads the meta-loss in the check's one transfer: no second host read."""
+    from metarun.runner.build import build_experiment, build_meta_optimizer
+    from metarun.runner.logging import RunLogger
+
+    config = make_config([*tiny, *ARGS])
+    experiment = build_experiment(config)
+    optimizer = build_meta_optimizer(config.meta_optimizer, experiment.algorithm.meta_parameters())
+    trainer = Trainer(
+        experiment,
+        optimizer,
+        RunLogger(tmp_path, tensorboard=False),
+        tmp_path,
+        config_yaml="",
+        options={},
+    )
+    trainer.loss_reference = trainer.measure_loss_reference()
+    assert trainer.loss_bound() == pytest.approx(1000 * trainer.loss_reference)
+    trainer.train_step(logged=False)
+    reads: list[str] = []
+    for name in ("item", "tolist", "__float__", "__bool__", "cpu"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, __original=original, __name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(str(Path(metarun.__file__).parent)):  # metarun's own reads
+                reads.append(f"{__name} in {caller}:{sys._getframe(1).f_lineno}")
+            return __original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    trainer.train_step(logged=False)
+    monkeypatch.undo()
+    assert len(reads) == 1 and reads[0].startswith("tolist in") and "trainer.py" in reads[0], reads
+
+
 def test_nonfinite_entries_names_the_tensors():
     state = {"a": {"w": torch.ones(2), "b": torch.tensor([1.0, math.nan])}, "n": torch.tensor([3])}
     assert nonfinite_entries(state) == ["a.b"]
@@ -216,6 +326,50 @@ def test_cli_exits_1_with_the_message(tmp_path):
     )
     assert "algo.inner_lr (now 1e+06)" in result.stderr and "grad_clip" in result.stderr
     assert "test loss" not in result.stdout
+    assert not (run_dir / "checkpoints" / "last.pt").exists()
+
+
+OMNIGLOT = Path(os.environ.get("METARUN_DATA", "/work/shared/data")) / "omniglot"
+
+
+@pytest.mark.skipif(
+    not list(OMNIGLOT.glob("images_background*")),
+    reason="Omniglot archives not under $METARUN_DATA/omniglot",
+)
+def test_cli_stops_a_divergence_that_stays_finite(tmp_path):
+    """The issue's command on real Omniglot (split=random): inner_lr=1e6 gives a finite
+    meta-loss of about 1e10 from the first step (before the bound: exit 0, chance accuracy and a
+    test loss of 1e27). Now it stops at step 1 with exit 1 and writes no checkpoint."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [
+            str(BIN / "metarun"),
+            "dataset=omniglot",
+            "dataset.split=random",
+            "algo.inner_lr=1e6",
+            f"dataset.cache_dir={tmp_path / 'cache'}",
+            "model.hidden=8",
+            "algo.task_batching=loop",
+            "outer_steps=20",
+            "save.every=1",
+            *TINY_CLI,
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env={**_env(), "METARUN_DATA": str(OMNIGLOT.parent)},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "error: training diverged: train/meta_loss=" in result.stderr
+    assert "at outer step 1 is more than divergence_factor=1000 times the loss before" in (
+        result.stderr
+    )
+    assert "algo.inner_lr (now 1e+06)" in result.stderr
+    assert "test loss" not in result.stdout and "test accuracy" not in result.stdout
+    assert not (run_dir / "results.json").exists()
     assert not (run_dir / "checkpoints" / "last.pt").exists()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from omegaconf import MISSING
 
@@ -26,6 +26,10 @@ from metarun.spec.errors import ConfigError
 class MetaOptimizerConfig:
     """The outer-loop optimizer over ``algorithm.meta_parameters()``."""
 
+    # Keys counting outer steps, and what turns each on (metarun.config.checks warns when the
+    # run ends before them).
+    schedule_keys: ClassVar[dict[str, str | None]] = {"milestones": "step_schedule"}
+
     name: OptimizerName = OptimizerName.adam
     lr: float = 0.001
     weight_decay: float = 0.0
@@ -34,6 +38,11 @@ class MetaOptimizerConfig:
     milestones: list[int] = field(default_factory=list)  # schedule=step: outer steps
     gamma: float = 0.1  # schedule=step: factor at each milestone
     min_lr: float = 0.0  # schedule=cosine: the rate reached at outer_steps
+
+    @property
+    def step_schedule(self) -> bool:
+        """Whether ``milestones`` apply (``schedule=step``)."""
+        return self.schedule is ScheduleName.step
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "meta_optimizer.lr", self.lr, "> 0", "meta_optimizer.lr=0.001")
@@ -81,6 +90,9 @@ class MetaOptimizerConfig:
 @dataclass
 class EvalConfig:
     """Validation during training and the final test."""
+
+    # every > outer_steps: no validation at all (metarun.config.checks warns).
+    schedule_keys: ClassVar[dict[str, str | None]] = {"every": None}
 
     every: int = 500  # validate every N outer steps; 0 = never
     val_tasks: int = 100
@@ -170,6 +182,10 @@ class RunConfig:
     algo: Any = MISSING
     dataset: Any = MISSING
     model: Any = MISSING
+    # Cross-domain evaluation: the test tasks from another dataset (conf/test_dataset/; its
+    # shape and normalisation follow dataset's), e.g. test_dataset=image_folder
+    # test_dataset.root=DIR; null: the dataset's own test split.
+    test_dataset: Any = None
     name: str = "run"  # run dir: outputs/<name>/<time>; conf/config.yaml sets <algo>_<dataset>
     mode: Mode = Mode.train
     seed: int = 0
@@ -182,6 +198,11 @@ class RunConfig:
     # Outer steps with a non-finite meta-loss or meta-gradient skipped (no meta-optimizer step)
     # before training stops as diverged; 0 = stop at the first.
     max_nonfinite_steps: int = 0
+    # Also stop as diverged when train/meta_loss exceeds this many times the loss before
+    # training (the initial weights' loss on a meta-batch of training tasks, measured once at
+    # the start and kept in checkpoints): a divergence that stays finite. Healthy runs stay
+    # within a few times it; null = no bound.
+    divergence_factor: float | None = 1000.0
     # Meta-batches sampled ahead in a background thread (0 = in the loop); results are the same.
     # null: 2 on CUDA (host work and copies overlap the GPU), 0 on the CPU, where the thread
     # would take cores from the step itself (1.35x the step time of the default job on 2 cores).
@@ -236,6 +257,13 @@ class RunConfig:
             "max_nonfinite_steps=0",
         )
         require(
+            self.divergence_factor is None or self.divergence_factor > 1,
+            "divergence_factor",
+            self.divergence_factor,
+            "> 1 or null (null = stop on non-finite values only)",
+            "divergence_factor=1000",
+        )
+        require(
             self.grad_clip is None or self.grad_clip > 0,
             "grad_clip",
             self.grad_clip,
@@ -257,3 +285,6 @@ class RunConfig:
         check_fits(type(self.algo), type(self.dataset), type(self.model))
         self.algo.check_run(self)
         self.dataset.check_model(self.model)
+        if self.test_dataset is not None:
+            check_fits(type(self.algo), type(self.test_dataset), type(self.model))
+            self.test_dataset.check_model(self.model)

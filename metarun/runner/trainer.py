@@ -1,6 +1,7 @@
 """The outer loop: sample a meta-batch, meta-gradient, clip, meta-optimizer step; validate, log and
 checkpoint on schedule; stop cleanly on SIGINT / SIGTERM, and stop as diverged on a non-finite
-meta-loss or meta-gradient without ever checkpointing non-finite values."""
+meta-loss or meta-gradient, or a meta-loss beyond ``divergence_factor`` times the loss before
+training, without ever checkpointing non-finite values or the update of an exploded step."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import metarun
+from metarun.config.checks import warn_schedule_overruns
 from metarun.data.prefetch import Prefetcher
 from metarun.runner.build import Experiment, LRSchedule
 from metarun.runner.checkpoint import (
@@ -67,8 +69,10 @@ class FitResult:
 
 class TrainingDiverged(RuntimeError):
     """The meta-loss or meta-gradient became non-finite (more than ``max_nonfinite_steps``
-    times), or the state to checkpoint holds non-finite values. The message names the step and
-    the keys to change; no checkpoint with non-finite values was written."""
+    times), the meta-loss exceeded ``divergence_factor`` times the loss before training, or the
+    state to checkpoint holds non-finite values. The message names the step and the keys to
+    change; no checkpoint with non-finite values, nor the update of the step that exceeded the
+    bound, was written."""
 
 
 class StopFlag:
@@ -223,6 +227,9 @@ class Trainer:
         # save must not keep the unreadable file as the previous one (replacing the good one).
         self.rotate_last = True
         self.nonfinite_steps = 0  # skipped so far (max_nonfinite_steps), checkpointed
+        # The loss before training that divergence_factor multiplies (measured at the start of
+        # fit, checkpointed so that a resumed run keeps its bound); None: not measured yet.
+        self.loss_reference: float | None = None
         if experiment.task_type == "classification":
             self._best_metric, self._higher_is_better = "val/accuracy", True
         else:
@@ -243,6 +250,7 @@ class Trainer:
             "best": asdict(self.best) if self.best is not None else None,
             "algorithm_extra": self.algorithm.extra_state(),
             "nonfinite_steps": self.nonfinite_steps,
+            "loss_reference": self.loss_reference,
             "metarun_version": metarun.__version__,
         }
 
@@ -259,6 +267,9 @@ class Trainer:
         self.step = int(state["step"])
         self.best = Best(**state["best"]) if state.get("best") else None
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))  # older checkpoints: none
+        # Older checkpoints: None, and fit measures it on the resumed weights.
+        reference = state.get("loss_reference")
+        self.loss_reference = None if reference is None else float(reference)
         restore_rng_state(state["rng"], self.generator)
         self._last_saved = self.step
 
@@ -380,36 +391,60 @@ class Trainer:
         return metrics
 
     def _finite(self, metrics: Mapping[str, Scalar], grad_norm: torch.Tensor) -> bool:
-        """Whether this step's meta-loss and meta-gradient are finite; on a non-finite step,
-        counts it against ``max_nonfinite_steps`` or raises :class:`TrainingDiverged`.
+        """Whether this step may update: its meta-loss and meta-gradient are finite and the
+        meta-loss is within the divergence bound (:meth:`loss_bound`). A non-finite step counts
+        against ``max_nonfinite_steps`` or raises :class:`TrainingDiverged`; a step beyond the
+        bound raises at once (it is not a glitch of one batch but weights or step sizes gone
+        wrong).
 
-        One host read per step: the sum of the gradient norm and the losses, formed on the
-        device (NaN and inf propagate through a sum; the float64 sum of a float32 norm and the
-        losses cannot overflow). A flag built from per-tensor ``isfinite().all()`` kernels cost
-        the default job 0.2 ms per step, this 0.01 ms. NaN and inf survive the gradient
-        all-reduce, so every rank sees the same answer; ``any_rank`` makes sure of it anyway
-        (a sum that overflows in one rank's reduction order only).
+        One host read per step: the gradient norm and the step's loss tensors, stacked on the
+        device and read in one transfer. Per-tensor ``isfinite().all()`` flags cost the default
+        job 0.2 ms per step; this read costs what the fused float64 sum it replaced did (14 us,
+        ``scripts/bench_divergence.py --part cost``) and gives the bound its meta-loss. NaN and
+        inf survive the gradient all-reduce and the metrics are averaged over the ranks, so
+        every rank sees the same answer; ``any_rank`` makes sure of it anyway.
         """
         losses = {k: v for k, v in metrics.items() if k.startswith("train/") and k.endswith("loss")}
-        total = grad_norm.detach().double()
-        seen = {id(grad_norm)}
+        tensors: list[torch.Tensor] = [grad_norm]
+        slot = {id(grad_norm): 0}
         for value in losses.values():
-            if isinstance(value, torch.Tensor) and id(value) not in seen:
-                seen.add(id(value))
-                total = total + value.detach()
-        finite = math.isfinite(total.item()) and all(
+            if isinstance(value, torch.Tensor) and id(value) not in slot:
+                slot[id(value)] = len(tensors)
+                tensors.append(value)
+        # Metrics are 0-d tensors (MetaAlgorithm's contract); float64 holds any of them.
+        read = torch.stack([t.double() for t in tensors]).tolist()
+        finite = all(map(math.isfinite, read)) and all(
             math.isfinite(v) for v in losses.values() if not isinstance(v, torch.Tensor)
         )
-        if self.dist.enabled:
-            finite = not any_rank(not finite, self.dist, self.experiment.device)
-        if finite:
+        bound = self.loss_bound()
+        exploded = False
+        if finite and bound is not None and "train/meta_loss" in losses:
+            meta = losses["train/meta_loss"]
+            meta_loss = read[slot[id(meta)]] if isinstance(meta, torch.Tensor) else float(meta)
+            exploded = meta_loss > bound
+        ok = finite and not exploded
+        if self.dist.enabled and any_rank(not ok, self.dist, self.experiment.device) and ok:
+            finite = False  # another rank's verdict where this one saw nothing
+        elif ok:
             return True
+        values = {
+            k: read[slot[id(v)]] if isinstance(v, torch.Tensor) else float(v)
+            for k, v in losses.items()
+        }
         step = self.step + 1
-        self.nonfinite_steps += 1
         detail = ", ".join(
-            [f"{k}={float(v):.4g}" for k, v in sorted(losses.items())]
-            + [f"meta-gradient norm={float(grad_norm):.4g}"]
+            [f"{k}={v:.4g}" for k, v in sorted(values.items())]
+            + [f"meta-gradient norm={read[0]:.4g}"]
         )
+        if exploded:
+            raise TrainingDiverged(
+                f"training diverged: train/meta_loss={values['train/meta_loss']:.4g} at outer "
+                f"step {step} is "
+                f"more than divergence_factor={self.config.divergence_factor:g} times the loss "
+                f"before training ({self.loss_reference:.4g}) ({detail}; "
+                f"divergence_factor=null turns this bound off). {self._fixes()} {self._kept()}"
+            )
+        self.nonfinite_steps += 1
         limit = self.config.max_nonfinite_steps
         if self.nonfinite_steps <= limit:
             logger.warning(
@@ -429,6 +464,40 @@ class Trainer:
             f"training diverged: non-finite meta-loss or meta-gradient at outer step {step} "
             f"({detail}; {allowed}). {self._fixes()} {self._kept()}"
         )
+
+    def loss_bound(self) -> float | None:
+        """The meta-loss above which training stops as diverged: ``divergence_factor`` times
+        the loss before training; None while unmeasured or with ``divergence_factor=null``."""
+        factor = self.config.divergence_factor
+        if factor is None or self.loss_reference is None:
+            return None
+        return factor * self.loss_reference
+
+    def measure_loss_reference(self) -> float | None:
+        """The loss of the current weights before any adaptation (``evaluate`` with 0 inner
+        steps: the query loss of the initial weights, a reweighting algorithm's clean loss), on
+        one meta-batch of training tasks drawn from a generator of its own, so that the run's
+        tasks and random streams are those of a run without it. None if it is not a positive
+        finite number (no bound then).
+
+        The meta-loss of a run whose inner loop explodes is huge from its first step, so no
+        bound relative to the meta-loss's own first values could see it; the loss before
+        adaptation can, and a healthy meta-loss (MAML++'s weighted one, L2RW's weighted one,
+        a regression loss however large it starts) stays within a few times it.
+        """
+        cfg = self.config
+        device = self.experiment.device
+        # seed + 1 draws the start-up hook's batches (runner.api); this is another stream.
+        generator = torch.Generator().manual_seed(cfg.seed + 2)
+        batch = self.tasks.train.sample(cfg.meta_batch_size, generator).to(device)
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            metrics = self.algorithm.evaluate(batch, 0)
+        values = metrics.get("pre/loss", metrics.get("post/loss"))
+        if values is None or values.numel() == 0:
+            return None
+        reference = float(values.detach().double().mean())
+        return reference if math.isfinite(reference) and reference > 0 else None
 
     def _fixes(self) -> str:
         """What to change, naming the keys and their current values."""
@@ -452,9 +521,32 @@ class Trainer:
         )
 
     def fit(self) -> FitResult:
-        """Train until ``outer_steps`` or a stop signal; always leaves ``last.pt`` behind."""
+        """Train until ``outer_steps`` or a stop signal; always leaves ``last.pt`` behind.
+
+        Every training run starts here: it warns first about schedule keys beyond
+        ``outer_steps`` (:mod:`metarun.config.checks`)."""
         cfg = self.config
+        if self.dist.is_main:  # one process says it
+            warn_schedule_overruns(cfg)
         self.algorithm.train()
+        if cfg.divergence_factor is not None and self.loss_reference is None:
+            self.loss_reference = self.measure_loss_reference()
+            bound = self.loss_bound()
+            if bound is None:
+                logger.warning(
+                    "divergence_factor=%g: no bound (the loss before training is not a positive "
+                    "number); only non-finite values stop the run",
+                    cfg.divergence_factor,
+                )
+            else:
+                logger.info(
+                    "training stops as diverged if train/meta_loss exceeds %.4g "
+                    "(divergence_factor=%g x %.4g, the loss at step %d before adaptation)",
+                    bound,
+                    cfg.divergence_factor,
+                    self.loss_reference,
+                    self.step,
+                )
         self._prefetcher = Prefetcher(
             self.tasks.train.sample,
             cfg.meta_batch_size,
