@@ -11,16 +11,19 @@ converts only the images of each sampled task to normalised float, so 60,000 84x
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
 from metarun.data.fewshot import FewShotTasks
@@ -33,6 +36,66 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 _CACHE_FORMAT = 1  # bump when the cached representation changes
+
+#: What the datasets' ``transform`` takes: a PIL image, an image file's path or bytes, or a uint8
+#: array (numpy or torch) of shape ``(H, W)`` (grey) or ``(H, W, channels)``.
+ImageLike: TypeAlias = Image.Image | str | os.PathLike | bytes | np.ndarray | Tensor
+
+
+def open_image(image: ImageLike) -> Image.Image:
+    """``image`` as a PIL image (a file is read at once, so nothing stays open).
+
+    Raises:
+        TypeError: a float or other non-uint8 array (already preprocessed inputs go to the
+            model as tensors, not through a transform), or another type.
+        ValueError: bytes or a file that is not an image.
+    """
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        image = Path(image).expanduser().read_bytes()
+    if isinstance(image, bytes):
+        try:
+            with Image.open(io.BytesIO(image)) as opened:
+                opened.load()
+                return opened
+        except OSError as error:  # PIL's UnidentifiedImageError is an OSError
+            raise ValueError(f"not an image file ({type(error).__name__}: {error})") from None
+    if isinstance(image, Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise TypeError(
+                f"an image array must be uint8 (H, W) or (H, W, channels), got {image.dtype} "
+                f"{image.shape} (float inputs already preprocessed are passed as tensors, "
+                "without a transform)"
+            )
+        return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+    raise TypeError(
+        f"an image must be a PIL image, a path, bytes of an image file or a uint8 array, got "
+        f"{type(image).__name__}"
+    )
+
+
+def decode_rgb(image: Image.Image, image_size: int) -> Image.Image:
+    """An image file's pixels as the file-based loaders decode them (miniImageNet's and
+    tieredImageNet's image folders and pickles of PNGs): RGB, resized with LANCZOS to
+    ``image_size`` when it differs."""
+    rgb = image.convert("RGB")
+    if rgb.size != (image_size, image_size):
+        rgb = rgb.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    return rgb
+
+
+def normalise(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 ``(..., H, W, ch)`` -> float32 ``(..., ch, H, W)``: in ``[0, 1]``, then minus the
+    per-channel ``mean`` over ``std``: what :class:`~metarun.data.fewshot.FewShotTasks` gives a
+    task's images (without augmentation), bit for bit."""
+    x = images.movedim(-1, -3).float().div_(255.0)
+    channels = x.shape[-3]
+    return x.sub_(torch.tensor([float(m) for m in mean]).view(channels, 1, 1)).div_(
+        torch.tensor([float(s) for s in std]).view(channels, 1, 1)
+    )
 
 
 @dataclass(frozen=True)
@@ -303,6 +366,19 @@ class FewShotImageConfig(DatasetSchema):
             channels=3,
             colours=f"3 for dataset={self.option} (RGB)",
         )
+
+    def transform(self, image: ImageLike) -> Tensor:
+        """One raw image -> the model's input ``(3, image_size, image_size)``, as this dataset's
+        tasks give it: a PIL image, file or image bytes decoded as the image-file loaders do
+        (RGB, LANCZOS to ``image_size``), a uint8 ``(H, W, 3)`` array as the array loaders do
+        (antialiased bilinear, :func:`resize_images`), then :func:`normalise` with
+        ``dataset.mean`` / ``dataset.std``."""
+        if isinstance(image, (np.ndarray, Tensor)):
+            pixels = torch.from_numpy(np.array(open_image(image).convert("RGB")))
+            pixels = resize_images(pixels[None], self.image_size)[0]
+        else:
+            pixels = torch.from_numpy(np.array(decode_rgb(open_image(image), self.image_size)))
+        return normalise(pixels, self.mean, self.std)
 
 
 def _per_class(pool: ClassPool) -> str:

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from metarun.data.download import download_file
 from metarun.data.fewshot import FewShotTasks
+from metarun.data.images import ImageLike, open_image
 from metarun.registry import register
 from metarun.spec.bases import DatasetSchema
 from metarun.spec.checks import require, require_image_model, require_optional_count
@@ -184,14 +185,44 @@ def _index_all(sources: dict[str, _Source]) -> dict[CharacterKey, _Character]:
     return characters
 
 
-def _decode_image(data: bytes, image_size: int) -> bytes:
-    """One PNG -> ``image_size**2`` bytes of 8-bit grey (not yet inverted), row-major."""
-    with Image.open(io.BytesIO(data)) as image:
-        grey = image.convert("L")
+# The preprocessing, in three steps that the loader (decode, cache, select) and ``transform``
+# (one image for the Python API) share: the same pixels, bit for bit.
+
+
+def grey_pixels(image: Image.Image, image_size: int) -> bytes:
+    """An image -> ``image_size**2`` bytes of 8-bit grey (not yet inverted), row-major."""
+    grey = image.convert("L")
     if grey.size != (image_size, image_size):
         # The LANCZOS (antialiased) resize of Finn et al.'s omniglot_resized preprocessing.
         grey = grey.resize((image_size, image_size), Image.Resampling.LANCZOS)
     return grey.tobytes()
+
+
+def invert(images: Tensor) -> Tensor:
+    """Omniglot draws black strokes on white; the models see strokes 255 on background 0."""
+    return 255 - images
+
+
+def to_unit(images: Tensor) -> Tensor:
+    """uint8 -> float32 in ``[0, 1]``."""
+    return images.float().div_(255.0)
+
+
+def transform(image: ImageLike, image_size: int = 28) -> Tensor:
+    """One character image (a PIL image, a path or the bytes of a PNG like the archives', or a
+    uint8 ``(H, W)`` array, black on white as drawn) -> the model's input
+    ``(1, image_size, image_size)`` float32, exactly as :func:`load_omniglot` prepares the
+    archives' images: grey, LANCZOS-resized, inverted, scaled to ``[0, 1]``."""
+    pixels = torch.frombuffer(
+        bytearray(grey_pixels(open_image(image), image_size)), dtype=torch.uint8
+    )
+    return to_unit(invert(pixels)).view(1, image_size, image_size)
+
+
+def _decode_image(data: bytes, image_size: int) -> bytes:
+    """One PNG -> ``image_size**2`` bytes of 8-bit grey (not yet inverted), row-major."""
+    with Image.open(io.BytesIO(data)) as image:
+        return grey_pixels(image, image_size)
 
 
 def _decode(
@@ -231,8 +262,7 @@ def _decode(
         for archive in open_zips.values():
             archive.close()
     images = torch.frombuffer(buffer, dtype=torch.uint8)
-    # Invert: Omniglot draws black strokes on white; we want strokes 1 and background 0.
-    return (255 - images).view(len(keys), per_class, 1, image_size, image_size)
+    return invert(images).view(len(keys), per_class, 1, image_size, image_size)
 
 
 def default_cache_dir() -> Path:
@@ -448,7 +478,7 @@ def load_omniglot(
     out: dict[str, Tensor] = {}
     for name, part in parts.items():
         chosen = images[torch.tensor([position[k] for k in part], dtype=torch.long)]
-        pool = chosen.float().div_(255.0)  # (C, M, 1, S, S) in [0, 1]
+        pool = to_unit(chosen)  # (C, M, 1, S, S) in [0, 1]
         out[name] = _with_rotations(pool) if rotations else pool
     return out
 
@@ -492,9 +522,7 @@ class OmniglotConfig(DatasetSchema):
         require(self.k_shot >= 1, "dataset.k_shot", self.k_shot, ">= 1", "dataset.k_shot=1")
         require(self.k_query >= 1, "dataset.k_query", self.k_query, ">= 1", "dataset.k_query=15")
         require_optional_count("dataset.eval_k_shot", self.eval_k_shot, "dataset.eval_k_shot=1")
-        require_optional_count(
-            "dataset.eval_k_query", self.eval_k_query, "dataset.eval_k_query=15"
-        )
+        require_optional_count("dataset.eval_k_query", self.eval_k_query, "dataset.eval_k_query=15")
         require(
             self.image_size >= 4,
             "dataset.image_size",
@@ -520,6 +548,11 @@ class OmniglotConfig(DatasetSchema):
             channels=1,
             colours="1 for dataset=omniglot (grayscale)",
         )
+
+    def transform(self, image: ImageLike) -> Tensor:
+        """One raw character image -> this run's model input (:func:`transform` at
+        ``dataset.image_size``)."""
+        return transform(image, self.image_size)
 
 
 @register("dataset", "omniglot", OmniglotConfig)

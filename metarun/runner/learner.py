@@ -8,20 +8,36 @@ Example::
     predict = learner.adapt(support_x, support_y)   # one task: (S, 1, 28, 28), (S,)
     logits = predict(query_x)                       # (Q, n_way)
     labels = logits.argmax(-1)
+
+Raw images (PIL images, image files or their bytes, uint8 arrays) go through the preprocessing
+of the checkpoint's dataset, the one its loader applies (Omniglot: grey, LANCZOS to 28x28,
+inverted, scaled to [0, 1]); pass lists of them wherever tensors go::
+
+    support = ["a/1.png", "b/1.png", "c/1.png", "d/1.png", "e/1.png"]  # one per character
+    predict = learner.adapt(support, [0, 1, 2, 3, 4])
+    labels = predict(["a/2.png", "c/7.png"]).argmax(-1)           # tensor([0, 2])
+    x = learner.transform("a/2.png")                               # (1, 28, 28), as the loader
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from metarun import registry
 from metarun.algorithms.base import MetaAlgorithm
 from metarun.config import RunConfig, options
 from metarun.runner.build import build_experiment
 from metarun.runner.checkpoint import load_checkpoint
 from metarun.runner.resume import checkpoint_config
+
+#: Model inputs: a tensor ``(N, *input_shape)`` as it is, or a sequence of raw images (anything
+#: the dataset's ``transform`` takes: PIL images, paths, image bytes, uint8 arrays).
+Inputs = Tensor | Sequence[Any]
 
 
 class AdaptedModel:
@@ -33,16 +49,24 @@ class AdaptedModel:
     """
 
     def __init__(
-        self, algorithm: MetaAlgorithm, params: dict[str, Tensor], device: torch.device
+        self,
+        algorithm: MetaAlgorithm,
+        params: dict[str, Tensor],
+        device: torch.device,
+        prepare: Callable[[Inputs], Tensor] | None = None,
     ) -> None:
         self.algorithm = algorithm
         self.params = params
         self.device = device
+        self._prepare = prepare
 
-    def __call__(self, query_x: Tensor) -> Tensor:
-        """``(Q, *input_shape) -> (Q, num_outputs)``."""
+    def __call__(self, query_x: Inputs) -> Tensor:
+        """``(Q, *input_shape)``, or a sequence of ``Q`` raw images, ``-> (Q, num_outputs)``."""
+        x = self._prepare(query_x) if self._prepare is not None else query_x
+        if not isinstance(x, Tensor):
+            raise TypeError(f"query_x must be a tensor, got {type(x).__name__}")
         with torch.no_grad():
-            return self.algorithm.predict(self.params, query_x.to(self.device))
+            return self.algorithm.predict(self.params, x.to(self.device))
 
 
 class Learner:
@@ -74,23 +98,73 @@ class Learner:
         """The network with the meta-learned initial weights."""
         return self.algorithm.model
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> AdaptedModel:
+    def transform(self, image: Any) -> Tensor:
+        """One raw image -> the model's input, prepared exactly as the checkpoint's data loader
+        prepares its files (the dataset module's own ``transform``; Omniglot: grey, LANCZOS to
+        ``dataset.image_size``, inverted to white strokes on black, scaled to ``[0, 1]``).
+
+        Args:
+            image: a PIL image, the path or bytes of an image file, or a uint8 array (numpy or
+                torch) ``(H, W)`` or ``(H, W, channels)``, as drawn or photographed.
+
+        Returns:
+            ``(channels, image_size, image_size)`` float32 on the CPU.
+
+        Raises:
+            TypeError: the checkpoint's dataset has no image preprocessing (e.g. sinusoid:
+                pass tensors), or ``image`` is of no type above.
+        """
+        dataset = self.config.dataset
+        prepare = getattr(dataset, "transform", None)
+        if prepare is None:
+            name = registry.option_of("dataset", dataset).name
+            raise TypeError(
+                f"dataset={name} has no image preprocessing: pass its inputs as tensors"
+            )
+        out = prepare(image)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"the dataset's transform returned {type(out).__name__}")
+        return out
+
+    def inputs(self, x: Inputs) -> Tensor:
+        """Model inputs: a tensor as it is, or a sequence of raw images through
+        :meth:`transform`, stacked ``(N, *input_shape)``."""
+        if isinstance(x, Tensor):
+            return x
+        if isinstance(x, (str, bytes)) or not isinstance(x, Sequence):
+            raise TypeError(
+                f"inputs must be a tensor or a list of images, got {type(x).__name__} (wrap "
+                "one image in a list)"
+            )
+        return torch.stack([self.transform(image) for image in x])
+
+    def adapt(
+        self, support_x: Inputs, support_y: Tensor | Sequence[Any], steps: int | None = None
+    ) -> AdaptedModel:
         """Adapt to one task (no task dimension) and return its predictor.
 
         Args:
-            support_x: ``(S, *input_shape)`` support inputs.
-            support_y: ``(S,)`` int64 labels in ``[0, n_way)`` or ``(S, 1)`` float targets.
+            support_x: ``(S, *input_shape)`` support inputs, or a list of ``S`` raw images
+                (prepared by :meth:`transform`).
+            support_y: ``(S,)`` int64 labels in ``[0, n_way)`` or ``(S, 1)`` float targets (a
+                list of ints is taken as labels).
             steps: inner steps; default ``algo.eval_inner_steps`` of the checkpoint.
 
         Returns:
-            A callable ``predict(query_x) -> outputs``.
+            A callable ``predict(query_x) -> outputs``, ``query_x`` a tensor or a list of raw
+            images.
         """
+        x = self.inputs(support_x)
+        y = support_y if isinstance(support_y, Tensor) else torch.as_tensor(support_y)
         # Adaptation takes gradients even if the caller is inside torch.no_grad().
         with torch.enable_grad():
-            params = self.algorithm.adapt(
-                support_x.to(self.device), support_y.to(self.device), steps
-            )
-        return AdaptedModel(self.algorithm, {k: v.detach() for k, v in params.items()}, self.device)
+            params = self.algorithm.adapt(x.to(self.device), y.to(self.device), steps)
+        return AdaptedModel(
+            self.algorithm,
+            {k: v.detach() for k, v in params.items()},
+            self.device,
+            prepare=self.inputs,
+        )
 
     def __repr__(self) -> str:
         c = self.config
