@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import hydra
+import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
@@ -164,6 +165,12 @@ def _checkpoint_options(argv: list[str]) -> list[str]:
     added = []
     for group in GROUPS:
         option = chosen.get(group)
+        if group == "model" and "model" not in given:
+            dataset = given["dataset"].value() if "dataset" in given else chosen.get("dataset")
+            if _model_schema(_dataset_model(str(dataset))) == option:
+                # The dataset's own model file (e.g. conv4_rgb, a conv4 variant) is what the
+                # checkpoint was built from; naming its schema (conv4) would lose the variant.
+                continue
         known = registry.options(group)
         if option not in known:
             raise ConfigError(
@@ -176,6 +183,34 @@ def _checkpoint_options(argv: list[str]) -> list[str]:
                 other_option_message(group, given[group].get_value_element_as_str(), option)
             )
     return added
+
+
+def _dataset_model(dataset: str) -> str | None:
+    """The model file ``conf/dataset/<dataset>.yaml`` chooses (``- /model: X``)."""
+    path = config_dir() / "dataset" / f"{dataset}.yaml"
+    if not path.is_file():
+        return None
+    for entry in yaml.safe_load(path.read_text()).get("defaults", []):
+        if isinstance(entry, dict) and "/model" in entry:
+            return str(entry["/model"])
+    return None
+
+
+def _model_schema(model: str | None) -> str | None:
+    """The registered model option behind ``conf/model/<model>.yaml`` (a variant file such as
+    conv4_rgb names its base in its defaults list)."""
+    seen = set()
+    while model is not None and model not in seen:
+        seen.add(model)
+        path = config_dir() / "model" / f"{model}.yaml"
+        if not path.is_file():
+            return None
+        entries = yaml.safe_load(path.read_text()).get("defaults", [])
+        for entry in entries:
+            if isinstance(entry, str) and entry.startswith("/schema/model/"):
+                return entry.split("/")[-1].split("@")[0]
+        model = next((e for e in entries if isinstance(e, str) and e != "_self_"), None)
+    return None
 
 
 def _quiet_secondary_rank(argv: list[str]) -> None:

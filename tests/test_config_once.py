@@ -77,10 +77,11 @@ def test_no_config_file_only_points_to_another():
 
 
 def test_config_files_grow_as_a_sum_not_a_product():
-    """Folders mirror the code (algo, dataset, model), plus presets and Hydra's own groups; an
-    algorithm needs one YAML, a dataset one YAML."""
+    """Folders mirror the code (algo, dataset, model; test_dataset: a dataset as cross-domain
+    test data), plus presets and Hydra's own groups; an algorithm needs one YAML, a dataset one
+    YAML."""
     folders = {p.name for p in config_dir().iterdir() if p.is_dir()}
-    assert folders == {"algo", "dataset", "model", "experiment", "hydra", "search"}
+    assert folders == {"algo", "dataset", "model", "test_dataset", "experiment", "hydra", "search"}
     for group in ("algo", "dataset"):
         names = {p.stem for p in (config_dir() / group).glob("*.yaml")}
         assert names == set(registry.options(group)), group

@@ -110,7 +110,10 @@ def to_yaml(run: RunConfig) -> str:
 def options(run: RunConfig) -> dict[str, str]:
     """The chosen option of each group, e.g. ``{"algo": "maml", ...}`` (checkpoints keep it so
     :func:`from_yaml` can re-type the saved YAML without Hydra)."""
-    return {group: registry.option_of(group, getattr(run, group)).name for group in GROUPS}
+    chosen = {group: registry.option_of(group, getattr(run, group)).name for group in GROUPS}
+    if run.test_dataset is not None:
+        chosen["test_dataset"] = registry.option_of("dataset", run.test_dataset).name
+    return chosen
 
 
 def from_yaml(text: str, chosen: dict[str, str]) -> RunConfig:
@@ -130,6 +133,14 @@ def from_yaml(text: str, chosen: dict[str, str]) -> RunConfig:
         if option not in known:
             raise ConfigError(f"{group}={option!r} in the checkpoint is not one of {sorted(known)}")
         schema[group] = OmegaConf.structured(known[option].schema)
+    test_option = chosen.get("test_dataset")
+    if test_option is not None:
+        known = registry.options("dataset")
+        if test_option not in known:
+            raise ConfigError(
+                f"test_dataset={test_option!r} in the checkpoint is not one of {sorted(known)}"
+            )
+        schema["test_dataset"] = OmegaConf.structured(known[test_option].schema)
     try:
         merged = OmegaConf.merge(schema, OmegaConf.create(text))
     except OmegaConfBaseException as error:

@@ -74,6 +74,9 @@ class OwnImagesConfig(FewShotImageConfig):
     split_fractions: list[float] = field(default_factory=lambda: [0.64, 0.16, 0.2])
     split_seed: int = 0
     few_images: FewImages = FewImages.error
+    # Every class in the test split (train and val empty): a dataset that only tests, as a
+    # cross-domain test_dataset.
+    test_only: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -119,9 +122,13 @@ def class_folders(base: Path) -> dict[str, list[Path]]:
     return found
 
 
-def cut_classes(names: list[str], fractions: list[float], seed: int) -> dict[str, list[str]]:
+def cut_classes(
+    names: list[str], fractions: list[float], seed: int, test_only: bool = False
+) -> dict[str, list[str]]:
     """Classes shuffled with ``seed`` and cut by ``fractions`` (train, val, test), each split's
-    names sorted."""
+    names sorted; ``test_only``: every class in the test split."""
+    if test_only:
+        return {"train": [], "val": [], "test": sorted(names)}
     names = list(names)
     random.Random(seed).shuffle(names)
     n_train = round(fractions[0] * len(names))
@@ -164,7 +171,9 @@ def split_classes(config: ImageFolderConfig, root: Path) -> dict[str, dict[str, 
         raise _not_found(root)
     lists = Path(config.split_dir).expanduser() if config.split_dir else root
     mode = config.split
-    if mode is FolderSplit.auto:
+    if config.test_only:
+        mode = FolderSplit.random  # every class below the root goes to the test split
+    elif mode is FolderSplit.auto:
         if all((root / s).is_dir() for s in SPLITS):
             mode = FolderSplit.folders
         elif all((lists / f).is_file() for f in LIST_FILES.values()):
@@ -201,7 +210,9 @@ def split_classes(config: ImageFolderConfig, root: Path) -> dict[str, dict[str, 
                     )
                 splits[split] = {n: classes[n] for n in listed}
         else:
-            cuts = cut_classes(sorted(classes), config.split_fractions, config.split_seed)
+            cuts = cut_classes(
+                sorted(classes), config.split_fractions, config.split_seed, config.test_only
+            )
             splits = {s: {n: classes[n] for n in cut} for s, cut in cuts.items()}
     seen: dict[str, str] = {}
     for split in SPLITS:
@@ -219,6 +230,8 @@ def enough_images(config: OwnImagesConfig, splits: dict[str, dict[str, list[Any]
     """Refuse (or drop, with ``few_images=skip``) classes with too few images for a task, and
     splits with too few classes."""
     for split in SPLITS:
+        if config.test_only and split != "test":
+            continue
         need = config.needed(split)
         few = {n: len(f) for n, f in splits[split].items() if len(f) < need}
         if few and config.few_images is FewImages.error:
@@ -283,4 +296,9 @@ def load_image_folder(config: ImageFolderConfig) -> dict[str, ClassPool]:
 
 @register("dataset", "image_folder", ImageFolderConfig)
 def build_image_folder(config: ImageFolderConfig) -> TaskSources:
-    return image_task_sources(config, load_image_folder(config))
+    pools = load_image_folder(config)
+    if config.test_only:
+        # Only the test split is drawn from; the others are given its classes so that every
+        # source exists (a test-only dataset has no training or validation classes).
+        pools = {split: pools["test"] for split in pools}
+    return image_task_sources(config, pools)

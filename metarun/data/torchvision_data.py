@@ -148,7 +148,9 @@ def load_torchvision(config: TorchvisionConfig) -> dict[str, ClassPool]:
         for index, label in enumerate(labels):
             name = str(names[label]) if label < len(names) else str(label)
             by_class.setdefault(name, []).append(_image_of(data, index))
-    cuts = cut_classes(sorted(by_class), list(config.split_fractions), config.split_seed)
+    cuts = cut_classes(
+        sorted(by_class), list(config.split_fractions), config.split_seed, config.test_only
+    )
     splits = {s: {n: by_class[n] for n in cuts[s]} for s in SPLITS}
     enough_images(config, splits)
     key = (
@@ -165,4 +167,9 @@ def load_torchvision(config: TorchvisionConfig) -> dict[str, ClassPool]:
 
 @register("dataset", "torchvision", TorchvisionConfig)
 def build_torchvision(config: TorchvisionConfig) -> TaskSources:
-    return image_task_sources(config, load_torchvision(config))
+    pools = load_torchvision(config)
+    if config.test_only:
+        # Only the test split is drawn from; the others are given its classes so that every
+        # source exists (a test-only dataset has no training or validation classes).
+        pools = {split: pools["test"] for split in pools}
+    return image_task_sources(config, pools)

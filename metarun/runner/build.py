@@ -6,6 +6,7 @@ Everything else in the runner receives built objects; nothing else reads config 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -176,6 +177,9 @@ def build_experiment(
     if seed:
         seed_everything(config.seed)
     tasks = build_tasks(config.dataset) if with_data else None
+    if tasks is not None and config.test_dataset is not None:
+        # Cross-domain: trained and validated on dataset, tested on test_dataset.
+        tasks = dataclasses.replace(tasks, test=build_tasks(config.test_dataset).test)
     kind = config.dataset.task_type
     if seed:
         # Again: how much randomness the data set-up used must not change the initial weights.

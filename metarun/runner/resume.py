@@ -45,6 +45,11 @@ RESUMABLE_CHANGES = (
     "max_nonfinite_steps",
 )
 GROUPS = ("algo", "dataset", "model")
+#: What a cross-domain test_dataset takes from the dataset a checkpoint was trained on.
+TEST_DATASET_FOLLOWS = (
+    "image_size", "mean", "std", "n_way", "k_shot", "k_query", "eval_n_way", "eval_k_shot",
+    "eval_k_query",
+)  # fmt: skip
 
 
 def resume_state(
@@ -220,7 +225,8 @@ def eval_config(
     - the test tasks' shape: ``dataset.n_way`` / ``k_shot`` / ``k_query`` apply as
       ``dataset.eval_n_way`` / ``eval_k_shot`` / ``eval_k_query`` (the trained values stay, so
       the model is built as trained), and the ``eval_*`` keys themselves;
-    - test-time adaptation: the algorithm's ``eval_*`` keys (``algo.eval_inner_steps``, ...).
+    - test-time adaptation: the algorithm's ``eval_*`` keys (``algo.eval_inner_steps``, ...);
+    - cross-domain data: ``test_dataset=...`` and its ``test_dataset.*`` keys.
 
     Any other override must repeat the checkpoint's value (a training command pasted with
     ``mode=eval`` added): a different one would test something other than what was trained.
@@ -246,6 +252,17 @@ def eval_config(
         given, _, text = override.partition("=")
         key = given.lstrip("+~")
         if key.startswith("hydra.") or key.split("@", 1)[0] in _HYDRA_ONLY_GROUPS:
+            continue
+        if key == "test_dataset" or key.startswith("test_dataset."):
+            # Cross-domain: testing a checkpoint on other data is what mode=eval is for. Its
+            # task shape and input follow the checkpoint's dataset, as when training with it
+            # (composed against the command line's defaults, they would not), unless given.
+            saved["test_dataset"] = now["test_dataset"]
+            given_keys = {o.partition("=")[0].lstrip("+~") for o in overrides}
+            for name in TEST_DATASET_FOLLOWS:
+                if f"test_dataset.{name}" not in given_keys and name in saved.dataset:
+                    saved.test_dataset[name] = saved.dataset[name]
+            record["applied"][key] = text
             continue
         if key in GROUPS or key == "experiment":
             chosen = state["options"].get(key)
