@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 # torch/torchvision pinned to the versions this project is tested with; pyproject allows a range.
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-fast lint typecheck run bench clean
+.PHONY: install test test-fast lint typecheck run bench docs clean
 
 install: $(BIN)/metarun
 
@@ -13,7 +13,7 @@ $(BIN)/metarun: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/pip install $(TORCH_PIN)
-	$(BIN)/pip install -e '.[dev,bench,sweep,cluster,plot]'
+	$(BIN)/pip install -e '.[dev,bench,sweep,cluster,plot,docs]'
 	@touch $@
 
 test: install
@@ -30,5 +30,9 @@ run: install
 bench: install
 	$(BIN)/python scripts/bench_unroll.py
 
+# The documentation site into site/ (open site/index.html); strict, as tests/test_docs.py builds it.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache .mypy_cache .ruff_cache
