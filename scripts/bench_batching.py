@@ -10,6 +10,15 @@ memory depend on shapes, not pixel values.
 
     python scripts/bench_batching.py                      # everything (slow on 2 CPU cores)
     python scripts/bench_batching.py --part checkpoint    # memory vs inner steps only
+    python scripts/bench_batching.py --part default       # what a fixed default would cost
+
+``--part default`` (whether ``auto`` belongs in the default): for the runs a default or a preset
+starts (the default job, MAML / ANIL / MAML++ on Omniglot; real data, ``dataset.split=random``),
+one process builds the runner's algorithm with ``task_batching=loop``, ``vmap`` and ``auto``
+(its start-up measurement timed), times loop and full vmap in interleaved rounds on one
+meta-batch, and prints each fixed choice's step time over the fastest of the two, ``auto``'s
+pick, its start-up in steps, and the whole run's time with each default over the run with
+``auto`` (the run's ``outer_steps``, start-up included).
 
 Speed: each table row runs in a fresh process in which loop, full vmap, auto (after its
 start-up measurement) and higher are built side by side and timed in interleaved rounds (so a
@@ -244,9 +253,96 @@ def part_checkpoint(args) -> None:
         print(f"| {steps} | {m0:.0f} | {m1:.0f} | {s0:.2f} | {s1:.2f} |", flush=True)
 
 
+DEFAULT_ROWS: dict[str, list[str]] = {
+    "default job (MAML, sinusoid)": [],
+    "MAML, Omniglot 5-way 1-shot": ["dataset=omniglot"],
+    "experiment=omniglot_20way_1shot": ["experiment=omniglot_20way_1shot"],
+    "experiment=omniglot_mamlpp_5way_1shot": ["experiment=omniglot_mamlpp_5way_1shot"],
+    "ANIL, Omniglot 5-way 1-shot": ["algo=anil", "dataset=omniglot"],
+    "experiment=omniglot_cpu algo=maml": ["experiment=omniglot_cpu", "algo=maml"],
+}
+
+
+def part_default(args) -> None:
+    import tempfile
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from metarun.cli import config_dir
+    from metarun.config import validate
+    from metarun.config.store import register_configs
+    from metarun.runner.build import build_experiment
+
+    register_configs()
+    cache = tempfile.mkdtemp()
+    print(
+        f"\n## a fixed default against auto (device={args.device}, threads "
+        f"{torch.get_num_threads()}, median of {args.repeats} interleaved rounds)"
+    )
+    print(
+        "| run | loop ms | vmap ms | loop / fastest | vmap / fastest | auto picked | auto "
+        "start-up s (steps) | run time, default loop / auto | default vmap / auto |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, overrides in DEFAULT_ROWS.items():
+        if args.rows and not any(word in name for word in args.rows):
+            continue
+        if any("omniglot" in o for o in overrides):
+            overrides = [*overrides, "dataset.split=random", f"dataset.cache_dir={cache}"]
+        algos = {}
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            for mode in ("loop", "vmap", "auto"):
+                cfg = compose(
+                    "config",
+                    overrides=[*overrides, f"algo.task_batching={mode}", f"device={args.device}"],
+                    return_hydra_config=True,
+                )
+                HydraConfig.instance().set_config(cfg)
+                config = validate(cfg)
+                experiment = build_experiment(config, with_data=mode == "loop")
+                if mode == "loop":
+                    tasks = experiment.tasks
+                    batch = tasks.train.sample(
+                        config.meta_batch_size, torch.Generator().manual_seed(0)
+                    ).to(device_of(args))
+                algos[mode] = experiment.algorithm
+        auto = algos.pop("auto")
+        t0 = time.perf_counter()
+        auto.before_training(partial(lambda b: b, batch), device_of(args))
+        startup = time.perf_counter() - t0
+        pick = auto.task_batching.value
+        pick = pick if pick == "loop" else f"vmap/{auto.task_chunk_size or 'all'}"
+        fns = {mode: partial(algo.meta_train_step, batch) for mode, algo in algos.items()}
+        fns["auto"] = partial(auto.meta_train_step, batch)
+        for fn in fns.values():
+            fn()  # warm-up
+        times: dict[str, list[float]] = {m: [] for m in fns}
+        names = list(fns)
+        for r in range(args.repeats):
+            for mode in names[r % len(names) :] + names[: r % len(names)]:
+                times[mode].append(timed_once(fns[mode], device_of(args)))
+        med = {m: statistics.median(v) for m, v in times.items()}
+        fastest = min(med["loop"], med["vmap"])
+        steps = config.outer_steps
+        with_auto = steps * med["auto"] + startup
+        print(
+            f"| {name} | {med['loop'] * 1e3:.1f} | {med['vmap'] * 1e3:.1f} "
+            f"| {med['loop'] / fastest:.2f} | {med['vmap'] / fastest:.2f} | {pick} "
+            f"| {startup:.1f} ({startup / fastest:.0f}) "
+            f"| {steps * med['loop'] / with_auto:.2f} | {steps * med['vmap'] / with_auto:.2f} |",
+            flush=True,
+        )
+
+
+def device_of(args) -> torch.device:
+    return torch.device(args.device)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["all", "batching", "checkpoint"], default="all")
+    ap.add_argument("--part", choices=["all", "batching", "checkpoint", "default"], default="all")
+    ap.add_argument("--rows", nargs="+", help="--part default: rows whose name has one of these")
     ap.add_argument("--meta-batch", type=int, default=32)
     ap.add_argument("--queries", type=int, nargs="+", default=[1, 15])
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 5])
@@ -274,6 +370,8 @@ def main() -> None:
         part_batching(args)
     if args.part in ("all", "checkpoint"):
         part_checkpoint(args)
+    if args.part == "default":
+        part_default(args)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,14 @@ Speed: after one warm-up step each, the candidates are timed in interleaved roun
 real meta-batch, so slow drifts of a shared machine (other jobs, clock changes) hit all of them
 alike. Each candidate's time is the median of its rounds: the minimum would favour a candidate
 whose steps vary a lot (on a busy machine the many small kernels of the loop do), while
-training throughput follows the typical step. Hopeless candidates are dropped after one round,
-clearly slower ones after two; if the best are still within 5% after ``repeats`` rounds, a few
-more rounds separate them.
+training throughput follows the typical step.
+
+A busy machine only ever adds time, and one step can take 70x its quiet time (issue 24: 14.2 s
+for a 0.21 s step), so no single step decides anything: a candidate is dropped only after two of
+its own steps, when even the faster of them is more than ``DROP`` times the best median; the
+halving of vmap chunks stops only when two steps of a chunk say so. After ``repeats`` rounds
+only the candidates within 5% of the best go on, for at most ``max_extra_rounds`` more. The
+whole choice stops at ``max_seconds`` (``None``: no cap), keeping the fastest median so far.
 
 Gradients produced while measuring are discarded.
 """
@@ -36,16 +41,18 @@ from metarun.tasks import TaskBatch
 
 log = logging.getLogger(__name__)
 
-# Candidates slower than the best by these factors stop being timed: after one round only the
-# hopeless (one burst of load on a shared machine can slow a single step by a third), after two
-# rounds the clearly slower.
-DROP_AFTER_ROUND = (2.0, 1.25)
+# A candidate with two or more timed steps whose fastest is slower than the best median by this
+# factor stops being timed (its fastest step is what a quiet machine gives, or more).
+DROP = 1.25
 # Candidates within this fraction of the best after ``repeats`` rounds get extra rounds.
 CLOSE = 0.05
-# Halving the vmap chunk stops once a chunk's first timed step is this much slower than the
-# previous chunk's: step time against chunk size has one minimum (per-task overhead on one
-# side, poor cache use on the other).
+# Halving the vmap chunk stops once a chunk's fastest of two steps is this much slower than the
+# previous chunk's fastest: step time against chunk size has one minimum (per-task overhead on
+# one side, poor cache use on the other).
 CHUNK_STOP = 1.5
+# The whole measurement's cap, seconds: the README's 5-50 s on an idle machine; a busy one
+# keeps the fastest median measured by then.
+MAX_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -199,6 +206,7 @@ def choose_task_batching(
     memory_budget_mb: float | None = None,
     repeats: int = 3,
     max_extra_rounds: int | None = None,
+    max_seconds: float | None = MAX_SECONDS,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Choice:
     """Measures the candidates on ``batch``, sets the winner on ``algo`` and returns it.
@@ -209,11 +217,15 @@ def choose_task_batching(
         device: where it runs.
         memory_budget_mb: candidates using more are never run (``None``: no limit). If none
             fits, the loop (least memory) is used.
-        repeats: interleaved timed rounds for every candidate not dropped after the first.
+        repeats: interleaved timed rounds before only the close candidates go on (>= 2 for a
+            median that one slow step cannot move).
         max_extra_rounds: further rounds, only for candidates within 5% of the best
             (default: ``repeats``).
-        clock: seconds for timing steps; tests pass a simulated one so that the choice does
-            not depend on how busy the machine is.
+        max_seconds: cap on the whole measurement, warm-up steps included, on ``clock``
+            (``None``: none). When it runs out, the fastest median so far is kept (the loop's
+            warm-up and one timed step always run).
+        clock: seconds for timing steps and the cap; tests pass a simulated one so that the
+            choice does not depend on how busy the machine is.
 
     Raises:
         ValueError: if the algorithm cannot batch tasks.
@@ -237,7 +249,13 @@ def choose_task_batching(
     log_pre = algo.pre_adaptation_metrics
     algo.pre_adaptation_metrics = False
     start = time.perf_counter()
+    began = clock()
     timer = _Timer(algo, batch, device, clock)
+
+    def out_of_time() -> bool:
+        return max_seconds is not None and clock() - began >= max_seconds
+
+    timed_out = False
     try:
         # The modelled memory matters only under a budget; it costs one step of the loop.
         per_task = 0 if budget is None else task_graph_bytes(algo, batch)
@@ -255,8 +273,11 @@ def choose_task_batching(
             return False
 
         pool: list[_Candidate] = []
-        previous_chunk: float | None = None
+        previous: _Candidate | None = None  # the last vmap chunk measured
         for mode, chunk in candidates(len(batch)):
+            if pool and out_of_time():
+                timed_out = True
+                break
             c = _Candidate(mode, chunk, per_task * (1 if mode == "loop" else chunk or len(batch)))
             if not fits(c, "modelled "):
                 continue
@@ -270,21 +291,35 @@ def choose_task_batching(
             if not fits(c, "measured "):
                 continue
             pool.append(c)
-            if chunk is not None:
-                if previous_chunk is not None and c.seconds > CHUNK_STOP * previous_chunk:
-                    break  # past the minimum: smaller chunks only get slower
-                previous_chunk = c.seconds
+            if chunk is None:
+                continue
+            if previous is not None and min(c.times) > CHUNK_STOP * min(previous.times):
+                # Past the minimum, or one slow step: a second step of this chunk tells.
+                if out_of_time():
+                    timed_out = True
+                    break
+                c.times.append(timer.step(c))
+                if min(c.times) > CHUNK_STOP * min(previous.times):
+                    break  # smaller chunks only get slower
+            previous = c
         alive = list(pool)
-        for r in range(repeats + extra):
-            if r > 0:
-                # Rotating the order keeps any first/last-in-round effect off one candidate.
-                for c in alive[r % len(alive) :] + alive[: r % len(alive)]:
-                    c.times.append(timer.step(c))
+        r = 0
+        while not timed_out:
             best = min(c.seconds for c in alive)
-            limit = 1 + CLOSE if r + 1 >= repeats else DROP_AFTER_ROUND[min(r, 1)]
-            alive = [c for c in alive if c.seconds <= best * limit]
-            if len(alive) == 1 and r + 1 >= repeats:
-                break
+            alive = [c for c in alive if len(c.times) < 2 or min(c.times) <= DROP * best]
+            rounds = min(len(c.times) for c in alive)
+            if rounds >= repeats:
+                best = min(c.seconds for c in alive)
+                alive = [c for c in alive if c.seconds <= best * (1 + CLOSE)]
+                if len(alive) == 1 or rounds >= repeats + extra:
+                    break
+            # Rotating the order keeps any first/last-in-round effect off one candidate.
+            r += 1
+            for c in alive[r % len(alive) :] + alive[: r % len(alive)]:
+                if out_of_time():
+                    timed_out = True
+                    break
+                c.times.append(timer.step(c))
     finally:
         for p in algo.parameters():
             p.grad = None
@@ -298,6 +333,12 @@ def choose_task_batching(
     fastest = min(pool, key=lambda c: c.seconds)
     timer.select(fastest)
     chosen = fastest.choice()
+    if timed_out:
+        log.warning(
+            "task_batching=auto: measuring stopped at its cap of %g s (a busy machine?); kept "
+            "the fastest so far",
+            max_seconds,
+        )
     log.info(
         "task_batching=auto chose %s (measured in %.1f s); to make the same choice without "
         "measuring, e.g. to repeat this run bit for bit: %s",
