@@ -15,26 +15,19 @@ papers (no real data here).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import pickle
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from metarun.data.cifar_fs import CIFAR_FS_CLASSES  # noqa: E402
-from metarun.data.miniimagenet import MINIIMAGENET_CLASSES  # noqa: E402
+from metarun.testing import write_cifar, write_miniimagenet, write_tieredimagenet  # noqa: E402
 
 METARUN = str(Path(sys.executable).parent / "metarun")
-SPLITS = ("train", "val", "test")
 
 # (row, overrides choosing the preset or options, paper figure, dataset folder under the root)
 ROWS = [
@@ -64,96 +57,21 @@ ROWS = [
 ]
 
 
-def _class_images(
-    label: int, count: int, side: int, rng: np.random.Generator, upscale: int = 1
-) -> np.ndarray:
-    """A class: one faint 4x4 colour pattern under heavy noise, ``(count, S, S, 3)`` with
-    ``S = side * upscale`` (each pixel repeated, so that resizing back to ``side`` keeps the
-    noise: the runs use 28x28 (ImageNet formats, written at 84x84) or 32x32 (CIFAR))."""
-    pattern = np.random.default_rng(1000 + label).integers(0, 256, (4, 4, 3)) - 128
-    base = np.kron(128 + 0.3 * pattern, np.ones((side // 4, side // 4, 1)))
-    images = np.clip(base[None] + rng.normal(0, 80, (count, side, side, 3)), 0, 255)
-    images = images.repeat(upscale, axis=1).repeat(upscale, axis=2)
-    return images.astype(np.uint8)
-
-
-def write_cifar100(root: Path, per_class: int) -> None:
-    """cifar-100-python/ as torchvision extracts it (fine names only matter for the splits)."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    fine = sorted(n for names in CIFAR_FS_CLASSES.values() for n in names)
-    # The superclass of each fine class, as CIFAR-100's meta file orders them.
-    coarse_of = {n: i // 5 for i, n in enumerate(_CIFAR100_BY_SUPERCLASS)}
-    coarse = [f"super{i}" for i in range(20)]
-    rng = np.random.default_rng(0)
-    for name, count in (("train", per_class - per_class // 6), ("test", per_class // 6)):
-        images = np.concatenate([_class_images(i, count, 32, rng) for i in range(100)])
-        labels = np.repeat(np.arange(100), count)
-        entry = {
-            "data": images.transpose(0, 3, 1, 2).reshape(len(labels), -1),
-            "fine_labels": labels.tolist(),
-            "coarse_labels": [coarse_of[fine[i]] for i in labels],
-        }
-        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
-    meta = {"fine_label_names": fine, "coarse_label_names": coarse}
-    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
-
-
-# CIFAR-100's fine classes grouped by superclass, superclasses in their meta-file order.
-_CIFAR100_BY_SUPERCLASS = (
-    "beaver dolphin otter seal whale aquarium_fish flatfish ray shark trout orchid poppy rose "
-    "sunflower tulip bottle bowl can cup plate apple mushroom orange pear sweet_pepper clock "
-    "keyboard lamp telephone television bed chair couch table wardrobe bee beetle butterfly "
-    "caterpillar cockroach bear leopard lion tiger wolf bridge castle house road skyscraper "
-    "cloud forest mountain plain sea camel cattle chimpanzee elephant kangaroo fox porcupine "
-    "possum raccoon skunk crab lobster snail spider worm baby boy girl man woman crocodile "
-    "dinosaur lizard snake turtle hamster mouse rabbit shrew squirrel maple_tree oak_tree "
-    "palm_tree pine_tree willow_tree bicycle bus motorcycle pickup_truck train lawn_mower rocket "
-    "streetcar tank tractor"
-).split()
-
-
-def write_mini(root: Path, per_class: int) -> None:
-    """mini-imagenet-cache-{split}.pkl with the real wnids, 84x84."""
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    label = 0
-    for split in SPLITS:
-        wnids = MINIIMAGENET_CLASSES[split]
-        images = np.concatenate(
-            [_class_images(label + i, per_class, 28, rng, 3) for i in range(len(wnids))]
+def write_data(roots: dict[str, Path], needed: set[str], per_class: int) -> None:
+    """The fake datasets of the rows, 84x84 for the ImageNet formats (28x28 patterns, each pixel
+    repeated: the runs read them at 28x28) and one sixth of CIFAR's images in its test files."""
+    # Grouped by class (shuffle=False): the data the README's figures were made with.
+    if "mini" in needed:
+        write_miniimagenet(roots["mini"], per_class=per_class, side=28, upscale=3, shuffle=False)
+    if "cifar" in needed:
+        test = per_class // 6
+        write_cifar(
+            roots["cifar"], 100, per_class=per_class - test, test_per_class=test, shuffle=False
         )
-        label += len(wnids)
-        class_dict = {
-            w: list(range(i * per_class, (i + 1) * per_class)) for i, w in enumerate(wnids)
-        }
-        payload = {"image_data": images, "class_dict": class_dict}
-        (root / f"mini-imagenet-cache-{split}.pkl").write_bytes(pickle.dumps(payload, protocol=4))
-
-
-def write_tiered(root: Path, per_class: int) -> None:
-    """{split}_images_png.pkl + {split}_labels.pkl, classes of unequal sizes, 84x84."""
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(2)
-    first = 0
-    for split, classes in zip(SPLITS, (20, 8, 8), strict=True):
-        sizes = [per_class + int(rng.integers(0, per_class // 2 + 1)) for _ in range(classes)]
-        labels = np.concatenate([np.full(n, c) for c, n in enumerate(sizes)])
-        blobs = []
-        for c, n in enumerate(sizes):
-            for image in _class_images(first + c, n, 28, rng, 3):
-                buffer = io.BytesIO()
-                Image.fromarray(image).save(buffer, format="PNG")
-                blobs.append(np.frombuffer(buffer.getvalue(), dtype=np.uint8))
-        payload = {
-            "label_specific": labels.astype(np.int32),
-            "label_specific_str": [f"n{first + c:08d}" for c in range(classes)],
-            "label_general": (labels // 4).astype(np.int32),
-            "label_general_str": [f"super{i}" for i in range(classes // 4)],
-        }
-        (root / f"{split}_images_png.pkl").write_bytes(pickle.dumps(blobs, protocol=2))
-        (root / f"{split}_labels.pkl").write_bytes(pickle.dumps(payload, protocol=2))
-        first += classes
+    if "tiered" in needed:
+        write_tieredimagenet(
+            roots["tiered"], per_class=per_class, side=28, upscale=3, shuffle=False
+        )
 
 
 def run(
@@ -195,13 +113,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         roots = {"mini": work / "mini", "cifar": work / "cifar", "tiered": work / "tiered"}
-        needed = {r[3] for r in rows}
-        if "mini" in needed:
-            write_mini(roots["mini"], args.per_class)
-        if "cifar" in needed:
-            write_cifar100(roots["cifar"], args.per_class)
-        if "tiered" in needed:
-            write_tiered(roots["tiered"], args.per_class)
+        write_data(roots, {r[3] for r in rows}, args.per_class)
         print(
             f"FAKE data (faint colour patterns under noise), {args.steps} outer steps, 28x28 "
             f"(ImageNet formats) or 32x32 (CIFAR) images, {args.tasks} test tasks, "

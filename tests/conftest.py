@@ -88,3 +88,16 @@ def train(make_config: Callable[..., RunConfig], tiny: list[str]) -> Callable[..
         return api.run(make_config(args), run_dir, overrides=args)
 
     return _train
+
+
+@pytest.fixture
+def fake_omniglot(monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
+    """Omniglot-shaped random pools in place of what ``load_omniglot`` reads: 64 classes of 20
+    images per split (the 60-way presets fit), so classification runs without the data.
+    Returns the pools."""
+    import metarun.data
+
+    gen = torch.Generator().manual_seed(0)
+    pools = {s: torch.rand(64, 20, 1, 28, 28, generator=gen) for s in ("train", "val", "test")}
+    monkeypatch.setattr(metarun.data.omniglot, "load_omniglot", lambda root, **kw: pools)
+    return pools

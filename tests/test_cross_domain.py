@@ -9,9 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_image_folder import write_classes
-
 from metarun.runner.build import build_experiment
+from metarun.testing import write_image_folder as write_classes
 
 METARUN = str(Path(sys.executable).with_name("metarun"))
 SHAPE = [

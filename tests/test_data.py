@@ -21,6 +21,7 @@ from PIL import Image
 
 from metarun.data import FewShotTasks, SinusoidTasks, fixed_tasks, load_omniglot, omniglot
 from metarun.tasks import TaskBatch
+from metarun.testing import write_omniglot
 
 # --------------------------------------------------------------------------- sinusoid
 
@@ -204,49 +205,6 @@ def test_data_and_models_import_neither_hydra_nor_runner() -> None:
 # --------------------------------------------------------------------------- fake Omniglot
 
 
-def _png(character: int, alphabet: str, side: int = 12) -> bytes:
-    """A 1-bit white image with black (stroke) bars: row 1 as long as ``character``, row 3 as
-    long as a code of ``alphabet``'s name, and a dot at the lower left, so that every fake character
-    differs and rotations are distinguishable. Omniglot draws black strokes on white."""
-    image = Image.new("1", (side, side), 1)
-    for col in range(min(character, side)):
-        image.putpixel((col, 1), 0)
-    for col in range(1 + len(alphabet) % (side - 1)):
-        image.putpixel((col, 3), 0)
-    image.putpixel((0, side - 2), 0)
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
-
-
-def _fake_archive(
-    root: Path,
-    stem: str,
-    alphabets: dict[str, int],
-    *,
-    drawers: int = 3,
-    as_zip: bool = True,
-    side: int = 12,
-) -> dict[str, bytes]:
-    """Write ``<stem>.zip`` (or the folder ``<stem>/``) in the official layout."""
-    files = {}
-    for a, (alphabet, count) in enumerate(sorted(alphabets.items())):
-        for c in range(1, count + 1):
-            for d in range(1, drawers + 1):
-                name = f"{stem}/{alphabet}/character{c:02d}/{a:02d}{c:02d}_{d:02d}.png"
-                files[name] = _png(c, alphabet, side)
-    root.mkdir(parents=True, exist_ok=True)
-    if as_zip:
-        with zipfile.ZipFile(root / f"{stem}.zip", "w") as archive:
-            for name, data in files.items():
-                archive.writestr(name, data)
-    else:
-        for name, data in files.items():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            (root / name).write_bytes(data)
-    return files
-
-
 SMALL1 = {"Balinese": 1, "Greek": 2}
 SMALL2 = {"Greek": 2, "Tagalog": 2}  # Greek is in both archives, as in the official small sets
 
@@ -258,8 +216,8 @@ def _load(root: Path, **kwargs) -> dict[str, torch.Tensor]:
 
 def test_fake_zip_and_folder_read_the_same_and_dedup(tmp_path: Path) -> None:
     for stem, alphabets in (("small1", SMALL1), ("small2", SMALL2)):
-        _fake_archive(tmp_path / "zips", f"images_background_{stem}", alphabets, as_zip=True)
-        _fake_archive(tmp_path / "dirs", f"images_background_{stem}", alphabets, as_zip=False)
+        write_omniglot(tmp_path / "zips", f"images_background_{stem}", alphabets, as_zip=True)
+        write_omniglot(tmp_path / "dirs", f"images_background_{stem}", alphabets, as_zip=False)
     from_zip = _load(tmp_path / "zips", rotations=False)
     from_dir = _load(tmp_path / "dirs", rotations=False)
     # 1 + 2 + 2 + 2 characters, the two Greek ones counted once: 5 -> 3/1/1.
@@ -278,7 +236,7 @@ def test_fake_zip_and_folder_read_the_same_and_dedup(tmp_path: Path) -> None:
 
 
 def test_fake_rotations_make_four_classes_per_character(tmp_path: Path) -> None:
-    _fake_archive(tmp_path, "images_background", {"A": 5, "B": 5})
+    write_omniglot(tmp_path, "images_background", {"A": 5, "B": 5})
     plain = _load(tmp_path, rotations=False)
     rotated = _load(tmp_path, rotations=True)
     for split, pool in plain.items():
@@ -291,7 +249,7 @@ def test_fake_rotations_make_four_classes_per_character(tmp_path: Path) -> None:
 
 
 def test_fake_cache_is_reused_and_invalidated(tmp_path: Path, monkeypatch) -> None:
-    _fake_archive(tmp_path, "images_background_small1", SMALL1)
+    write_omniglot(tmp_path, "images_background_small1", SMALL1)
     calls = []
     decode = omniglot._decode_image
 
@@ -318,7 +276,7 @@ def test_fake_cache_is_reused_and_invalidated(tmp_path: Path, monkeypatch) -> No
 
 
 def test_unwritable_cache_dir_only_warns(tmp_path: Path, caplog) -> None:
-    _fake_archive(tmp_path, "images_background_small1", SMALL1)
+    write_omniglot(tmp_path, "images_background_small1", SMALL1)
     (tmp_path / "a_file").write_text("")
     blocked = tmp_path / "a_file" / "cache"  # cannot be created, even by root
     out = load_omniglot(
@@ -330,8 +288,8 @@ def test_unwritable_cache_dir_only_warns(tmp_path: Path, caplog) -> None:
 
 
 def test_fake_lake_split_uses_alphabet_groups(tmp_path: Path) -> None:
-    _fake_archive(tmp_path, "images_background", {"A": 10, "B": 10})
-    _fake_archive(tmp_path, "images_evaluation", {"Z": 3})
+    write_omniglot(tmp_path, "images_background", {"A": 10, "B": 10})
+    write_omniglot(tmp_path, "images_evaluation", {"Z": 3})
     out = _load(tmp_path, split="lake", rotations=False)
     assert {k: v.shape[0] for k, v in out.items()} == {"train": 18, "val": 2, "test": 3}
     # The evaluation alphabet is the test set: its characters 1, 2, 3 (row-1 bar lengths).
@@ -344,8 +302,8 @@ def test_fake_finn_split_sizes_and_order(tmp_path: Path) -> None:
     background["Bg29"] = 964 - 29 * 32
     evaluation = {f"Ev{i:02d}": 33 for i in range(20)}
     evaluation["Ev19"] = 659 - 19 * 33
-    _fake_archive(tmp_path, "images_background", background, drawers=1, side=4)
-    _fake_archive(tmp_path, "images_evaluation", evaluation, drawers=1, side=4)
+    write_omniglot(tmp_path, "images_background", background, drawers=1, side=4)
+    write_omniglot(tmp_path, "images_evaluation", evaluation, drawers=1, side=4)
     out = load_omniglot(tmp_path, split="finn", image_size=4, cache_dir=tmp_path / "cache")
     assert {k: v.shape for k, v in out.items()} == {
         "train": (4400, 1, 1, 4, 4),
@@ -385,7 +343,7 @@ def _load_reference(root: Path, keys: list[tuple[str, str]]) -> torch.Tensor:
 
 
 def test_bad_fractions_and_split_name(tmp_path: Path) -> None:
-    _fake_archive(tmp_path, "images_background_small1", SMALL1)
+    write_omniglot(tmp_path, "images_background_small1", SMALL1)
     with pytest.raises(ValueError, match=r"dataset\.fractions=\(0\.98, 0\.01, 0\.01\).*no class"):
         _load(tmp_path, fractions=(0.98, 0.01, 0.01))
     with pytest.raises(ValueError, match=r"dataset\.fractions must be 3 non-negative"):
@@ -459,8 +417,8 @@ def _serve(monkeypatch, files: dict[str, bytes]) -> None:
 
 def test_download_checks_md5_and_writes_atomically(tmp_path: Path, monkeypatch) -> None:
     built = tmp_path / "built"
-    _fake_archive(built, "images_background", {"A": 10})
-    _fake_archive(built, "images_evaluation", {"B": 2})
+    write_omniglot(built, "images_background", {"A": 10})
+    write_omniglot(built, "images_evaluation", {"B": 2})
     payload = {
         n: (built / n).read_bytes() for n in ("images_background.zip", "images_evaluation.zip")
     }

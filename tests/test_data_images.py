@@ -6,7 +6,6 @@ CI-sized run that learns."""
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import pickle
@@ -33,100 +32,23 @@ from metarun.data.miniimagenet import MINIIMAGENET_CLASSES, load_miniimagenet
 from metarun.data.tieredimagenet import PUBLISHED, load_tieredimagenet
 from metarun.runner import api
 from metarun.runner.build import build_experiment
+from metarun.testing import (
+    CIFAR100_CLASSES,
+    class_images,
+    write_cifar,
+    write_miniimagenet,
+    write_tieredimagenet,
+)
 
 METARUN = str(Path(sys.executable).parent / "metarun")
 
-# CIFAR-100's superclasses and their fine classes, as in the dataset's meta file (both name lists
-# are alphabetical there, so the label indices follow from the names).
-CIFAR100 = {
-    "aquatic_mammals": ["beaver", "dolphin", "otter", "seal", "whale"],
-    "fish": ["aquarium_fish", "flatfish", "ray", "shark", "trout"],
-    "flowers": ["orchid", "poppy", "rose", "sunflower", "tulip"],
-    "food_containers": ["bottle", "bowl", "can", "cup", "plate"],
-    "fruit_and_vegetables": ["apple", "mushroom", "orange", "pear", "sweet_pepper"],
-    "household_electrical_devices": ["clock", "keyboard", "lamp", "telephone", "television"],
-    "household_furniture": ["bed", "chair", "couch", "table", "wardrobe"],
-    "insects": ["bee", "beetle", "butterfly", "caterpillar", "cockroach"],
-    "large_carnivores": ["bear", "leopard", "lion", "tiger", "wolf"],
-    "large_man-made_outdoor_things": ["bridge", "castle", "house", "road", "skyscraper"],
-    "large_natural_outdoor_scenes": ["cloud", "forest", "mountain", "plain", "sea"],
-    "large_omnivores_and_herbivores": ["camel", "cattle", "chimpanzee", "elephant", "kangaroo"],
-    "medium_mammals": ["fox", "porcupine", "possum", "raccoon", "skunk"],
-    "non-insect_invertebrates": ["crab", "lobster", "snail", "spider", "worm"],
-    "people": ["baby", "boy", "girl", "man", "woman"],
-    "reptiles": ["crocodile", "dinosaur", "lizard", "snake", "turtle"],
-    "small_mammals": ["hamster", "mouse", "rabbit", "shrew", "squirrel"],
-    "trees": ["maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"],
-    "vehicles_1": ["bicycle", "bus", "motorcycle", "pickup_truck", "train"],
-    "vehicles_2": ["lawn_mower", "rocket", "streetcar", "tank", "tractor"],
-}
-COARSE = sorted(CIFAR100)
-FINE = sorted(n for names in CIFAR100.values() for n in names)
-COARSE_OF = {n: COARSE.index(c) for c, names in CIFAR100.items() for n in names}
-
-
-def _class_images(label: int, count: int, side: int, rng: np.random.Generator) -> np.ndarray:
-    """``count`` noisy copies of a class's own coarse colour pattern: ``(count, side, side, 3)``
-    uint8, learnable from one example."""
-    base = 128 + 0.3 * (np.random.default_rng(1000 + label).integers(0, 256, (4, 4, 3)) - 128)
-    base = np.kron(base, np.ones((side // 4, side // 4, 1)))
-    noise = rng.normal(0, 80, (count, side, side, 3))
-    return np.clip(base[None] + noise, 0, 255).astype(np.uint8)
-
-
-def write_cifar100(root: Path, train_per_class: int = 2, test_per_class: int = 1) -> Path:
-    """A tiny ``cifar-100-python/`` in torchvision's format: pickled dicts with ``data`` uint8
-    ``(N, 3072)`` channel-major rows, ``fine_labels``, ``coarse_labels``; ``meta`` with both
-    name lists."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name, per_class in (("train", train_per_class), ("test", test_per_class)):
-        images = np.concatenate([_class_images(i, per_class, 32, rng) for i in range(100)])
-        labels = np.repeat(np.arange(100), per_class)
-        order = rng.permutation(len(labels))  # the official files are not grouped by class
-        images, labels = images[order], labels[order]
-        entry = {
-            "filenames": [f"img_{i}.png" for i in range(len(labels))],
-            "batch_label": f"{name} batch",
-            "fine_labels": labels.tolist(),
-            "coarse_labels": [COARSE_OF[FINE[i]] for i in labels],
-            "data": images.transpose(0, 3, 1, 2).reshape(len(labels), -1),
-        }
-        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
-    meta = {"fine_label_names": FINE, "coarse_label_names": COARSE}
-    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
-    return folder
+COARSE = sorted(CIFAR100_CLASSES)
+FINE = sorted(n for names in CIFAR100_CLASSES.values() for n in names)
+COARSE_OF = {n: COARSE.index(c) for c, names in CIFAR100_CLASSES.items() for n in names}
 
 
 def _mini_classes(per_split: tuple[int, int, int]) -> dict[str, list[str]]:
     return {s: list(MINIIMAGENET_CLASSES[s][:n]) for s, n in zip(SPLITS, per_split, strict=True)}
-
-
-def write_mini_pickles(
-    root: Path, per_class: int = 4, side: int = 84, per_split=(3, 2, 2)
-) -> dict[str, np.ndarray]:
-    """``mini-imagenet-cache-{split}.pkl``: ``image_data`` uint8 ``(N, side, side, 3)`` with the
-    classes interleaved, ``class_dict`` wnid -> indices. Returns each split's images."""
-    root.mkdir(parents=True, exist_ok=True)
-    written = {}
-    rng = np.random.default_rng(1)
-    label = 0
-    for split, wnids in _mini_classes(per_split).items():
-        images = np.concatenate(
-            [_class_images(label + i, per_class, side, rng) for i in range(len(wnids))]
-        )
-        label += len(wnids)
-        order = rng.permutation(len(images))
-        shuffled = images[order]
-        position = np.argsort(order)  # where image j of the grouped array went
-        class_dict = {
-            w: position[i * per_class : (i + 1) * per_class].tolist() for i, w in enumerate(wnids)
-        }
-        payload = {"image_data": shuffled, "class_dict": class_dict}
-        (root / f"mini-imagenet-cache-{split}.pkl").write_bytes(pickle.dumps(payload, protocol=4))
-        written[split] = images
-    return written
 
 
 @pytest.fixture
@@ -171,7 +93,7 @@ def test_miniimagenet_lists_are_ravi_larochelle_64_16_20_disjoint_wnids():
 
 
 def test_cifar_fs_and_fc100_read_cifar100_into_uint8_pools(tmp_path):
-    folder = write_cifar100(tmp_path / "data")
+    folder = write_cifar(tmp_path / "data", 100, per_class=2, test_per_class=1)
     cache = tmp_path / "cache"
     for option, sizes in (("cifar_fs", (64, 16, 20)), ("fc100", (60, 20, 20))):
         pools = load_cifar_fewshot(tmp_path / "data", option, cache_dir=str(cache))
@@ -189,7 +111,7 @@ def test_cifar_fs_and_fc100_read_cifar100_into_uint8_pools(tmp_path):
 
 
 def test_decoded_pools_are_cached(tmp_path, monkeypatch):
-    write_cifar100(tmp_path / "data")
+    write_cifar(tmp_path / "data", 100, per_class=2, test_per_class=1)
     cache = tmp_path / "cache"
     first = load_cifar_fewshot(tmp_path / "data", "cifar_fs", cache_dir=str(cache))
     assert len(list(cache.glob("cifar_fs_*.pt"))) == 1
@@ -205,7 +127,7 @@ def test_decoded_pools_are_cached(tmp_path, monkeypatch):
 
 
 def test_miniimagenet_pickles_group_images_by_class_dict(tmp_path):
-    written = write_mini_pickles(tmp_path / "mini")
+    written = write_miniimagenet(tmp_path / "mini", per_class=4, classes=(3, 2, 2))
     pools = load_miniimagenet(tmp_path / "mini", cache_dir=str(tmp_path / "cache"))
     for split in SPLITS:
         pool = pools[split]
@@ -224,7 +146,7 @@ def test_miniimagenet_image_folders_and_csvs(tmp_path):
     for split, wnids in _mini_classes((2, 2, 2)).items():
         rows = [("filename", "label")]
         for c, wnid in enumerate(wnids):
-            images = _class_images(c, 3, 16, rng)
+            images = class_images(c, 3, 16, rng)
             for i, image in enumerate(images):
                 name = f"{wnid}{i + 1:08d}.jpg"
                 # PNG bytes under a .jpg name: lossless, so the decoded pixels are known.
@@ -243,7 +165,7 @@ def test_miniimagenet_image_folders_and_csvs(tmp_path):
 
 def test_a_class_in_two_splits_is_refused(tmp_path):
     root = tmp_path / "mini"
-    write_mini_pickles(root)
+    write_miniimagenet(root, per_class=4, classes=(3, 2, 2))
     test = pickle.loads((root / "mini-imagenet-cache-test.pkl").read_bytes())
     leaked = MINIIMAGENET_CLASSES["train"][0]
     test["class_dict"][leaked] = test["class_dict"].pop(next(iter(test["class_dict"])))
@@ -291,7 +213,7 @@ def test_missing_data_through_the_cli_is_a_usage_error(tmp_path):
 
 def test_a_damaged_pickle_names_the_file(tmp_path):
     root = tmp_path / "mini"
-    write_mini_pickles(root)
+    write_miniimagenet(root, per_class=4, classes=(3, 2, 2))
     (root / "mini-imagenet-cache-val.pkl").write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="mini-imagenet-cache-val.pkl"):
         load_miniimagenet(root, cache_dir=str(tmp_path / "cache"))
@@ -299,40 +221,11 @@ def test_a_damaged_pickle_names_the_file(tmp_path):
 
 def test_pickles_that_would_run_code_are_refused(tmp_path):
     root = tmp_path / "mini"
-    write_mini_pickles(root)
+    write_miniimagenet(root, per_class=4, classes=(3, 2, 2))
     evil = pickle.dumps({"image_data": os.system, "class_dict": {}})
     (root / "mini-imagenet-cache-train.pkl").write_bytes(evil)
     with pytest.raises(ValueError, match="refusing to load"):
         load_miniimagenet(root, cache_dir=str(tmp_path / "cache"))
-
-
-def write_tiered_pickles(root: Path, counts: dict[str, list[int]], side: int = 12) -> None:
-    """Ren et al.'s ``{split}_images_png.pkl`` (a list of uint8 arrays of PNG bytes) and
-    ``{split}_labels.pkl`` (label_specific/_str, label_general/_str), classes of unequal sizes,
-    images interleaved. Pixel (0, 0) of an image holds its class's global index."""
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(3)
-    first = 0
-    for split, sizes in counts.items():
-        labels = np.concatenate([np.full(n, c) for c, n in enumerate(sizes)])
-        labels = labels[rng.permutation(len(labels))]
-        blobs = []
-        for label in labels:
-            image = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
-            image[0, 0] = first + label
-            buffer = io.BytesIO()
-            Image.fromarray(image).save(buffer, format="PNG")
-            blobs.append(np.frombuffer(buffer.getvalue(), dtype=np.uint8))
-        names = [f"n{first + c:08d}" for c in range(len(sizes))]
-        payload = {
-            "label_specific": labels.astype(np.int32),
-            "label_specific_str": names,
-            "label_general": (labels // 2).astype(np.int32),  # two classes per superclass
-            "label_general_str": [f"super{c}" for c in range(len(sizes) // 2 + 1)],
-        }
-        (root / f"{split}_images_png.pkl").write_bytes(pickle.dumps(blobs, protocol=2))
-        (root / f"{split}_labels.pkl").write_bytes(pickle.dumps(payload, protocol=2))
-        first += len(sizes)
 
 
 def test_tieredimagenet_published_counts():
@@ -343,7 +236,7 @@ def test_tieredimagenet_published_counts():
 
 def test_tieredimagenet_pickles_give_ragged_uint8_pools(tmp_path):
     counts = {"train": [7, 3, 5, 4, 6], "val": [4, 5, 3], "test": [3, 6, 4]}
-    write_tiered_pickles(tmp_path / "tiered", counts)
+    write_tieredimagenet(tmp_path / "tiered", sizes=counts, side=12, pixels="marked")
     pools = load_tieredimagenet(tmp_path / "tiered", image_size=12, cache_dir=str(tmp_path / "c"))
     first = 0
     for split in SPLITS:
@@ -358,7 +251,7 @@ def test_tieredimagenet_pickles_give_ragged_uint8_pools(tmp_path):
 
 def test_ragged_tasks_draw_every_image_of_a_class_and_only_its_own(tmp_path):
     counts = {"train": [9, 3, 5, 4, 6], "val": [4, 5, 3], "test": [3, 6, 4]}
-    write_tiered_pickles(tmp_path / "tiered", counts)
+    write_tieredimagenet(tmp_path / "tiered", sizes=counts, side=12, pixels="marked")
     pool = load_tieredimagenet(tmp_path / "tiered", image_size=12, cache_dir=str(tmp_path / "c"))
     train = pool["train"]
     tasks = FewShotTasks(train.images, 5, 1, 2, offsets=train.offsets)
@@ -463,7 +356,7 @@ def test_augmentation_is_a_padded_crop_or_its_mirror_of_the_sampled_image():
 
 
 def test_only_training_tasks_are_augmented_and_pools_stay_uint8(tmp_path, make_config):
-    write_cifar100(tmp_path / "data", train_per_class=4, test_per_class=2)
+    write_cifar(tmp_path / "data", 100, per_class=4, test_per_class=2)
     run = make_config(
         [
             "dataset=cifar_fs",
@@ -557,11 +450,11 @@ def test_resnet12_fits_the_image_datasets_not_omniglot(make_config):
 def test_presets_take_a_step_on_fake_files(tmp_path, make_config, name, one_thread):
     data = tmp_path / "data"
     if name.startswith("cifarfs"):
-        write_cifar100(data, train_per_class=14, test_per_class=2)
+        write_cifar(data, 100, per_class=14, test_per_class=2)
         root = data
     else:
         root = data / "miniimagenet"
-        write_mini_pickles(root, per_class=16, side=84, per_split=(30, 5, 5))
+        write_miniimagenet(root, per_class=16, classes=(30, 5, 5))
     run = make_config(
         [
             f"experiment={name}",
@@ -591,7 +484,7 @@ def test_ci_sized_cifar_fs_run_learns_beyond_chance(tmp_path, make_config, one_t
     """MAML 5-way 1-shot on fake CIFAR-FS (each class a faint colour pattern under heavy noise):
     40 outer steps through the runner. Chance is 0.2; the same run stopped after 1 step scores
     0.42 +- 0.03 (a random Conv4 adapted for 3 steps), after 40 steps 0.70 +- 0.03."""
-    write_cifar100(tmp_path / "data", train_per_class=6, test_per_class=2)
+    write_cifar(tmp_path / "data", 100, per_class=6, test_per_class=2)
     args = [
         "dataset=cifar_fs",
         f"dataset.root={tmp_path / 'data'}",

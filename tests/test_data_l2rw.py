@@ -8,12 +8,10 @@ import io
 import os
 import pickle
 import socket
-import struct
 import tarfile
 import urllib.error
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -25,34 +23,19 @@ from metarun.data import (
     uniform_flip,
 )
 from metarun.data.download import DOWNLOAD_TIMEOUT_S
+from metarun.testing import (
+    cifar_batch,
+    fingerprints,
+    marked_label,
+    write_cifar,
+    write_mnist,
+    write_pickle,
+)
+
+# The name tests/test_distributed.py imports; remove once it imports metarun.testing.write_mnist.
+_fake_mnist = write_mnist
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _fingerprints(x: torch.Tensor) -> list[bytes]:
-    return [img.numpy().tobytes() for img in x]
-
-
-def _write_idx(path: Path, array: torch.Tensor) -> None:
-    """Write a uint8 tensor as an IDX file (gzipped when the name ends in .gz)."""
-    header = bytes([0, 0, 0x08, array.dim()]) + struct.pack(f">{array.dim()}I", *array.shape)
-    data = header + array.numpy().tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
-
-
-def _fake_mnist(folder: Path, prefix: str, counts: dict[int, int], marker: int, gz: bool) -> None:
-    """IDX files with ``counts[digit]`` images of each digit; image bytes 0..2 hold
-    ``(marker, index // 256, index % 256)`` so every image is unique and traceable."""
-    labels = torch.cat([torch.full((n,), d, dtype=torch.uint8) for d, n in counts.items()])
-    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(marker))]
-    images = torch.full((len(labels), 28, 28), 7, dtype=torch.uint8)
-    index = torch.arange(len(labels))
-    images[:, 0, 0], images[:, 0, 1], images[:, 0, 2] = marker, index // 256, index % 256
-    images[:, 1, 0] = labels * 20  # the digit, readable back from the image
-    suffix = ".gz" if gz else ""
-    _write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images)
-    _write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
 
 
 def _digit_of(x: torch.Tensor) -> torch.Tensor:
@@ -185,8 +168,8 @@ def test_real_deterministic_given_seed(mnist_root: Path) -> None:
 
 def test_source_split_train_reads_train_file_for_train_and_val(tmp_path: Path) -> None:
     # torchvision's layout with extracted files for one split, gzipped in raw/ for the other.
-    _fake_mnist(tmp_path / "MNIST" / "raw", "train", {4: 300, 9: 400, 1: 50}, marker=1, gz=False)
-    _fake_mnist(tmp_path / "raw", "t10k", {4: 60, 9: 70, 3: 20}, marker=2, gz=True)
+    write_mnist(tmp_path / "MNIST" / "raw", "train", {4: 300, 9: 400, 1: 50}, marker=1, gz=False)
+    write_mnist(tmp_path / "raw", "t10k", {4: 60, 9: 70, 3: 20}, marker=2, gz=True)
     data = load_mnist_imbalance(tmp_path, pos_ratio=0.9, n_train=350, n_val=4)
     assert int(data.train_y.sum()) == 315 and len(data.train_y) == 350
     assert (_marker_of(data.train_x) == 1).all() and (_marker_of(data.val_x) == 1).all()
@@ -198,7 +181,7 @@ def test_source_split_train_reads_train_file_for_train_and_val(tmp_path: Path) -
         (data.test_x, data.test_y),
     ):
         assert torch.equal(_digit_of(x), torch.where(y == 1, 9, 4))
-    train_val = _fingerprints(data.train_x) + _fingerprints(data.val_x)
+    train_val = fingerprints(data.train_x) + fingerprints(data.val_x)
     assert len(set(train_val)) == 354
 
     # Other digits, minority first: 1 vs 4 with 1 the minority.
@@ -208,8 +191,8 @@ def test_source_split_train_reads_train_file_for_train_and_val(tmp_path: Path) -
 
 
 def test_source_split_train_too_large_names_keys_and_fix(tmp_path: Path) -> None:
-    _fake_mnist(tmp_path / "mnist" / "raw", "train", {4: 30, 9: 100}, marker=1, gz=True)
-    _fake_mnist(tmp_path / "mnist" / "raw", "t10k", {4: 10, 9: 10}, marker=2, gz=True)
+    write_mnist(tmp_path / "mnist" / "raw", "train", {4: 30, 9: 100}, marker=1, gz=True)
+    write_mnist(tmp_path / "mnist" / "raw", "t10k", {4: 10, 9: 10}, marker=2, gz=True)
     with pytest.raises(ValueError) as error:
         load_mnist_imbalance(tmp_path, pos_ratio=0.9, n_train=200, n_val=10)
     message = str(error.value)
@@ -240,7 +223,7 @@ def test_source_split_train_too_large_names_keys_and_fix(tmp_path: Path) -> None
     ],
 )
 def test_mnist_bad_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:
-    _fake_mnist(tmp_path / "mnist" / "raw", "t10k", {4: 300, 9: 300}, marker=2, gz=True)
+    write_mnist(tmp_path / "mnist" / "raw", "t10k", {4: 300, 9: 300}, marker=2, gz=True)
     with pytest.raises(ValueError, match=message):
         load_mnist_imbalance(tmp_path, **{"source_split": "test", **kwargs})
 
@@ -253,7 +236,7 @@ def test_mnist_missing_and_corrupt_files(tmp_path: Path) -> None:
     assert str(tmp_path / "MNIST" / "raw") in message and str(tmp_path / "mnist" / "raw") in message
 
     # Only the test split present: source_split=train says what is missing and the way out.
-    _fake_mnist(tmp_path / "mnist" / "raw", "t10k", {4: 30, 9: 30}, marker=2, gz=True)
+    write_mnist(tmp_path / "mnist" / "raw", "t10k", {4: 30, 9: 30}, marker=2, gz=True)
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.gz.*source_split=test"):
         load_mnist_imbalance(tmp_path, source_split="train")
 
@@ -296,7 +279,7 @@ def test_mnist_download_places_files_atomically(tmp_path: Path, monkeypatch) -> 
     import torchvision.datasets.utils as tv_utils
 
     source = tmp_path / "source"
-    _fake_mnist(source, "t10k", {4: 40, 9: 80}, marker=3, gz=True)
+    write_mnist(source, "t10k", {4: 40, 9: 80}, marker=3, gz=True)
     calls: list[tuple[str, str]] = []
 
     def fake_download(url: str, root: str, filename: str, md5: str) -> None:
@@ -416,47 +399,8 @@ def test_flip_bad_arguments(call, error: type[Exception], message: str) -> None:
 # --------------------------------------------------------------------------- generated CIFAR
 
 
-def _cifar_batch(labels: list[int], marker: int, label_key: str) -> dict:
-    """A batch in the official format; image bytes 0..2 hold ``(marker, i // 256, i % 256)``
-    and byte 3 the true label, so every image is unique and carries its class."""
-    n = len(labels)
-    data = np.random.default_rng(marker).integers(0, 256, size=(n, 3072), dtype=np.uint8)
-    data[:, 0], data[:, 1], data[:, 2] = marker, np.arange(n) // 256, np.arange(n) % 256
-    data[:, 3] = labels
-    return {"batch_label": f"batch {marker}", label_key: labels, "data": data, "filenames": []}
-
-
-def _dump(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(pickle.dumps(obj, protocol=2))
-
-
-def _fake_cifar(root: Path, num_classes: int, per_class: int = 12, test_per_class: int = 2) -> Path:
-    """Official on-disk layout with ``per_class`` training images of each class."""
-    rng = np.random.default_rng(num_classes)
-    train = rng.permutation(np.repeat(np.arange(num_classes), per_class)).tolist()
-    test = rng.permutation(np.repeat(np.arange(num_classes), test_per_class)).tolist()
-    if num_classes == 10:
-        folder = root / "cifar-10-batches-py"
-        chunks = np.array_split(np.array(train), 5)
-        for i, chunk in enumerate(chunks, start=1):
-            _dump(folder / f"data_batch_{i}", _cifar_batch(chunk.tolist(), i, "labels"))
-        _dump(folder / "test_batch", _cifar_batch(test, 9, "labels"))
-        _dump(folder / "batches.meta", {"label_names": [f"c{i}" for i in range(10)]})
-    else:
-        folder = root / "cifar-100-python"
-        _dump(folder / "train", _cifar_batch(train, 1, "fine_labels") | {"coarse_labels": []})
-        _dump(folder / "test", _cifar_batch(test, 9, "fine_labels") | {"coarse_labels": []})
-        _dump(folder / "meta", {"fine_label_names": [f"c{i}" for i in range(100)]})
-    return folder
-
-
-def _true_label(x: torch.Tensor) -> torch.Tensor:
-    return (x.flatten(1)[:, 3] * 255).round().long()
-
-
 def test_cifar10_noisy_loader_on_official_format(tmp_path: Path) -> None:
-    _fake_cifar(tmp_path, 10, per_class=12)  # 120 training images, 20 test
+    write_cifar(tmp_path, 10, per_class=12, pixels="marked")  # 120 training images, 20 test
     data = load_cifar_noisy(tmp_path, noise=0.4, n_clean=25, seed=0)
     assert data.num_classes == 10 and data.background_class is None
     assert data.train_x.shape == (95, 3, 32, 32) and data.val_x.shape == (25, 3, 32, 32)
@@ -466,13 +410,13 @@ def test_cifar10_noisy_loader_on_official_format(tmp_path: Path) -> None:
     # Clean set: class-balanced (25 = 2 per class + 5 classes with one more), true labels.
     counts = torch.bincount(data.val_y, minlength=10)
     assert counts.sum() == 25 and set(counts.tolist()) == {2, 3}
-    assert torch.equal(data.val_y, _true_label(data.val_x))
+    assert torch.equal(data.val_y, marked_label(data.val_x))
     # Training pool: the rest, disjoint; true labels kept; exactly round(0.4 * 95) = 38 flipped.
-    assert not set(_fingerprints(data.train_x)) & set(_fingerprints(data.val_x))
-    assert len(set(_fingerprints(data.train_x) + _fingerprints(data.val_x))) == 120
-    assert torch.equal(data.train_y_true, _true_label(data.train_x))
+    assert not set(fingerprints(data.train_x)) & set(fingerprints(data.val_x))
+    assert len(set(fingerprints(data.train_x) + fingerprints(data.val_x))) == 120
+    assert torch.equal(data.train_y_true, marked_label(data.train_x))
     assert int((data.train_y != data.train_y_true).sum()) == 38
-    assert torch.equal(data.test_y, _true_label(data.test_x))  # the test set is clean
+    assert torch.equal(data.test_y, marked_label(data.test_x))  # the test set is clean
     # Channel-major rows become (C, H, W): byte 3 of a row is pixel (0, 0, 3).
     assert torch.equal((data.val_x[:, 0, 0, 3] * 255).round().long(), data.val_y)
 
@@ -483,7 +427,7 @@ def test_cifar10_noisy_loader_on_official_format(tmp_path: Path) -> None:
 
 
 def test_cifar100_background_noise(tmp_path: Path) -> None:
-    _fake_cifar(tmp_path / "cifar100", 100, per_class=3, test_per_class=1)
+    write_cifar(tmp_path / "cifar100", 100, per_class=3, test_per_class=1, pixels="marked")
     data = load_cifar_noisy(tmp_path, num_classes=100, noise_type="background", n_clean=100)
     assert torch.bincount(data.val_y, minlength=100).tolist() == [1] * 100
     assert data.train_x.shape == (200, 3, 32, 32) and data.test_x.shape == (100, 3, 32, 32)
@@ -492,7 +436,7 @@ def test_cifar100_background_noise(tmp_path: Path) -> None:
     changed = data.train_y != data.train_y_true
     assert (data.train_y[changed] == bg).all()
     assert int((data.train_y == bg).sum()) >= 80  # round(0.4 * 200) set to the background
-    assert torch.equal(data.train_y_true, _true_label(data.train_x))
+    assert torch.equal(data.train_y_true, marked_label(data.train_x))
     fixed = load_cifar_noisy(
         tmp_path, num_classes=100, noise_type="background", n_clean=100, background=7
     )
@@ -503,7 +447,7 @@ def test_cifar100_background_noise(tmp_path: Path) -> None:
 
 
 def test_cifar_reads_python2_era_pickles_and_refuses_foreign_code(tmp_path: Path) -> None:
-    folder = _fake_cifar(tmp_path, 10, per_class=4)
+    folder = write_cifar(tmp_path, 10, per_class=4, pixels="marked")
     # The official files (pickled under NumPy 1) name numpy.core, not numpy._core.
     for path in folder.iterdir():
         path.write_bytes(
@@ -532,7 +476,7 @@ def test_cifar_errors(tmp_path: Path) -> None:
     message = str(error.value)
     assert "cifar-10-batches-py/" in message and "data_batch_5" in message
     assert "dataset.download=true" in message
-    _fake_cifar(tmp_path, 10, per_class=3)
+    write_cifar(tmp_path, 10, per_class=3, pixels="marked")
     with pytest.raises(ValueError, match=r"dataset\.n_clean=30 leaves no training images"):
         load_cifar_noisy(tmp_path, n_clean=30)
     for kwargs, message in (
@@ -547,18 +491,18 @@ def test_cifar_errors(tmp_path: Path) -> None:
     # An imbalanced training set (one image of class 0) cannot give a balanced clean set.
     odd = tmp_path / "odd" / "cifar-10-batches-py"
     for i in range(1, 6):
-        _dump(
+        write_pickle(
             odd / f"data_batch_{i}",
-            _cifar_batch([0] if i == 1 else list(range(1, 10)), i, "labels"),
+            cifar_batch([0] if i == 1 else list(range(1, 10)), marker=i),
         )
-    _dump(odd / "test_batch", _cifar_batch([0, 1], 9, "labels"))
+    write_pickle(odd / "test_batch", cifar_batch([0, 1], marker=9))
     with pytest.raises(ValueError, match=r"dataset\.n_clean=20 takes 2 clean images of class 0 "):
         load_cifar_noisy(odd.parent, n_clean=20)
     # Labels beyond num_classes (e.g. CIFAR-100 labels in CIFAR-10 files); a wrong labels key.
-    _dump(odd / "data_batch_1", _cifar_batch([12], 1, "labels"))
+    write_pickle(odd / "data_batch_1", cifar_batch([12], marker=1))
     with pytest.raises(ValueError, match=r"train labels span \[1, 12\], not \[0, 10\)"):
         load_cifar_noisy(odd.parent, n_clean=1)
-    _dump(odd / "data_batch_1", _cifar_batch([1], 1, "fine_labels"))
+    write_pickle(odd / "data_batch_1", cifar_batch([1], marker=1, label_key="fine_labels"))
     with pytest.raises(ValueError, match=r"data_batch_1 \(KeyError: 'labels'\)"):
         load_cifar_noisy(odd.parent, n_clean=1)
 
@@ -586,7 +530,7 @@ def test_cifar_download_extracts_into_root(tmp_path: Path, monkeypatch) -> None:
     import torchvision.datasets.utils as tv_utils
 
     staged = tmp_path / "made"
-    _fake_cifar(staged, 10, per_class=4)
+    write_cifar(staged, 10, per_class=4, pixels="marked")
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w:gz") as tar:
         tar.add(staged / "cifar-10-batches-py", arcname="cifar-10-batches-py")

@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-# Generators of official-format files (pickled CIFAR batches).
-from test_data_l2rw import _fake_cifar, _fingerprints, _true_label
-
 from metarun.config import ConfigError
 from metarun.data.cifar_lt import Cifar10LTConfig, Cifar100LTConfig, load_cifar_lt, long_tail_counts
+from metarun.testing import fingerprints, marked_label, write_cifar
 
 
 def _profile(n_max: int, classes: int, factor: float) -> list[int]:
@@ -49,7 +47,7 @@ def test_profile_edge_cases() -> None:
     ("classes", "per_class", "clean", "factor"), [(10, 30, 2, 10), (100, 6, 1, 5)]
 )
 def test_loader_counts_clean_set_and_test_set(tmp_path, classes, per_class, clean, factor) -> None:
-    _fake_cifar(tmp_path, classes, per_class=per_class, test_per_class=2)
+    write_cifar(tmp_path, classes, per_class=per_class, test_per_class=2, pixels="marked")
     data = load_cifar_lt(
         tmp_path, num_classes=classes, imbalance=factor, n_clean_per_class=clean, seed=3
     )
@@ -57,9 +55,9 @@ def test_loader_counts_clean_set_and_test_set(tmp_path, classes, per_class, clea
     assert torch.bincount(data.train_y, minlength=classes).tolist() == expected
     # Clean set: balanced, true labels, disjoint from training.
     assert torch.bincount(data.val_y, minlength=classes).tolist() == [clean] * classes
-    assert torch.equal(data.val_y, _true_label(data.val_x))
-    assert torch.equal(data.train_y, _true_label(data.train_x))
-    assert not set(_fingerprints(data.train_x)) & set(_fingerprints(data.val_x))
+    assert torch.equal(data.val_y, marked_label(data.val_x))
+    assert torch.equal(data.train_y, marked_label(data.train_x))
+    assert not set(fingerprints(data.train_x)) & set(fingerprints(data.val_x))
     # Official test set, untouched and balanced.
     assert torch.bincount(data.test_y, minlength=classes).tolist() == [2] * classes
     assert (
@@ -69,19 +67,19 @@ def test_loader_counts_clean_set_and_test_set(tmp_path, classes, per_class, clea
 
 
 def test_loader_is_seeded(tmp_path) -> None:
-    _fake_cifar(tmp_path, 10, per_class=30)
+    write_cifar(tmp_path, 10, per_class=30, pixels="marked")
     a = load_cifar_lt(tmp_path, imbalance=10, n_clean_per_class=2, seed=0)
     b = load_cifar_lt(tmp_path, imbalance=10, n_clean_per_class=2, seed=0)
     c = load_cifar_lt(tmp_path, imbalance=10, n_clean_per_class=2, seed=1)
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.val_x, b.val_x)
-    assert set(_fingerprints(a.train_x)) != set(_fingerprints(c.train_x))
+    assert set(fingerprints(a.train_x)) != set(fingerprints(c.train_x))
     assert torch.equal(torch.bincount(a.train_y), torch.bincount(c.train_y))
 
 
 def test_loader_errors_name_the_fix(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="cifar-10-batches-py"):
         load_cifar_lt(tmp_path / "nothing")
-    _fake_cifar(tmp_path, 10, per_class=4)
+    write_cifar(tmp_path, 10, per_class=4, pixels="marked")
     with pytest.raises(ValueError, match="n_clean_per_class"):
         load_cifar_lt(tmp_path, n_clean_per_class=5)
     with pytest.raises(ValueError, match="dataset.num_classes must be 10"):

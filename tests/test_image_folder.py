@@ -5,38 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from metarun.config import ConfigError
 from metarun.data import image_folder
 from metarun.runner.build import build_tasks
-
-SIZES = ((20, 30), (40, 40), (17, 25))
-
-
-def write_classes(root: Path, classes: int, per_class: int, nested: bool = True) -> list[str]:
-    """``classes`` folders of ``per_class`` images each: a class is a colour under noise; files
-    alternate PNG/JPEG, sizes and colour/grey. Returns the class names."""
-    rng = np.random.default_rng(0)
-    names = []
-    for c in range(classes):
-        name = f"group{c % 3}/class{c:02d}" if nested else f"class{c:02d}"
-        folder = root / name
-        folder.mkdir(parents=True)
-        colour = np.random.default_rng(100 + c).integers(0, 256, 3)
-        for i in range(per_class):
-            h, w = SIZES[i % len(SIZES)]
-            pixels = np.clip(colour + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
-            image = Image.fromarray(pixels)
-            if i % 4 == 3:
-                image = image.convert("L")
-            suffix = ".png" if i % 2 == 0 else ".jpg"
-            image.save(folder / f"img{i}{suffix}")
-        names.append(name)
-    return names
+from metarun.testing import write_image_folder as write_classes
 
 
 def _config(make_config, root: Path, *extra: str):

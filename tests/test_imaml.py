@@ -263,16 +263,6 @@ def test_bad_values_are_refused_naming_the_key(make_config, override, message) -
         make_config(["algo=imaml", "dataset=omniglot", override])
 
 
-@pytest.fixture
-def fake_omniglot(monkeypatch):
-    """Omniglot-shaped random pools (24 classes of 20 images per split)."""
-    import metarun.data
-
-    gen = torch.Generator().manual_seed(0)
-    pools = {s: torch.rand(24, 20, 1, 28, 28, generator=gen) for s in ("train", "val", "test")}
-    monkeypatch.setattr(metarun.data.omniglot, "load_omniglot", lambda root, **kw: pools)
-
-
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_runs_a_couple_of_steps(make_config, tiny, tmp_path, fake_omniglot, preset):
     args = [

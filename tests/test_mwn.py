@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-# Generators of official-format files, and the tiny MNIST run of the L2RW tests.
-from test_data_l2rw import _fake_cifar, _fake_mnist
+# The tiny MNIST run of the L2RW tests.
 from test_runner_l2rw import MNIST_TINY
 from torch import nn
 
@@ -28,6 +27,7 @@ from metarun.runner import api
 from metarun.runner import logging as run_logging
 from metarun.runner.checkpoint import load_checkpoint
 from metarun.tasks import TaskBatch
+from metarun.testing import write_cifar, write_mnist
 from metarun.unroll import get_diff_optim, monkeypatch
 
 DT = torch.float64
@@ -265,7 +265,7 @@ def test_weight_net_optimizer_choices() -> None:
 @pytest.fixture
 def mnist_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
-    _fake_mnist(root / "mnist" / "raw", "t10k", {4: 40, 9: 60, 1: 5}, marker=1, gz=True)
+    write_mnist(root / "mnist" / "raw", "t10k", {4: 40, 9: 60, 1: 5}, marker=1, gz=True)
     return root
 
 
@@ -335,7 +335,7 @@ def test_curves_without_matplotlib_fall_back_to_text_and_csv(monkeypatch, tmp_pa
 
 def test_mwn_on_long_tailed_cifar_with_resnet32_one_step(make_config, tmp_path):
     root = tmp_path / "data"
-    _fake_cifar(root, 10, per_class=12)
+    write_cifar(root, 10, per_class=12, pixels="marked")
     args = [
         "algo=mwn",
         "dataset=cifar10_lt",

@@ -388,16 +388,6 @@ def test_presets_are_the_readme_commands(make_config, preset):
     assert make_config([f"experiment={preset}", "algo.transductive=true"]).algo.transductive
 
 
-@pytest.fixture
-def fake_omniglot(monkeypatch):
-    """Omniglot-shaped random pools (24 classes of 20 images per split)."""
-    import metarun.data
-
-    gen = torch.Generator().manual_seed(0)
-    pools = {s: torch.rand(24, 20, 1, 28, 28, generator=gen) for s in ("train", "val", "test")}
-    monkeypatch.setattr(metarun.data.omniglot, "load_omniglot", lambda root, **kw: pools)
-
-
 def _tags(run_dir: Path) -> set[str]:
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()

@@ -20,17 +20,6 @@ from metarun.runner.checkpoint import load_checkpoint
 from metarun.runner.evaluate import Stat
 from metarun.runner.trainer import Trainer
 
-
-@pytest.fixture
-def fake_omniglot(monkeypatch):
-    """Omniglot-shaped random pools (20 classes per split): classification without the data."""
-    import metarun.data
-
-    gen = torch.Generator().manual_seed(0)
-    pools = {s: torch.rand(20, 20, 1, 28, 28, generator=gen) for s in ("train", "val", "test")}
-    monkeypatch.setattr(metarun.data.omniglot, "load_omniglot", lambda root, **kw: pools)
-
-
 OMNIGLOT_TINY = [
     "dataset=omniglot",
     "dataset.k_query=2",

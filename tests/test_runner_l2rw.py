@@ -15,9 +15,6 @@ import torch
 from hydra.errors import ConfigCompositionException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-# Generators of official-format files (IDX for MNIST, pickled batches for CIFAR).
-from test_data_l2rw import _fake_cifar, _fake_mnist
-
 import metarun
 from metarun import cli
 from metarun.config import (
@@ -36,6 +33,7 @@ from metarun.config import (
 )
 from metarun.runner import api
 from metarun.runner.checkpoint import load_checkpoint
+from metarun.testing import write_cifar, write_mnist
 
 METARUN = str(Path(sys.executable).with_name("metarun"))
 
@@ -61,7 +59,7 @@ MNIST_TINY = [
 def mnist_files(tmp_path_factory) -> Path:
     """A data root with generated official-format MNIST test files (40 fours, 60 nines)."""
     root = tmp_path_factory.mktemp("data")
-    _fake_mnist(root / "mnist" / "raw", "t10k", {4: 40, 9: 60, 1: 5}, marker=1, gz=True)
+    write_mnist(root / "mnist" / "raw", "t10k", {4: 40, 9: 60, 1: 5}, marker=1, gz=True)
     return root
 
 
@@ -378,7 +376,7 @@ def test_l2rw_run_logs_tests_resumes_and_evaluates(run_l2rw, tmp_path):
 def test_cifar_l2rw_with_resnet32_two_steps(make_config, tmp_path):
     """Noisy CIFAR-10 from generated official-format pickles: flipped-label weight mass logged."""
     root = tmp_path / "data"
-    _fake_cifar(root, 10, per_class=12)  # 120 training images, 20 test
+    write_cifar(root, 10, per_class=12, pixels="marked")  # 120 training images, 20 test
     args = [
         "algo=l2rw",
         "dataset=cifar10_noisy",
@@ -477,7 +475,7 @@ def test_cifar_training_and_clean_batches_are_augmented_evaluation_sets_not(make
     from metarun.runner.build import build_experiment
 
     root = tmp_path / "data"
-    _fake_cifar(root, 10, per_class=12)
+    write_cifar(root, 10, per_class=12, pixels="marked")
     base = [
         "algo=erm",
         "dataset=cifar10_noisy",

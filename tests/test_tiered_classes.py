@@ -3,19 +3,17 @@ classes against it, on tiny fake files in Ren et al.'s format named by the real 
 
 from __future__ import annotations
 
-import io
 import logging
-import pickle
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from metarun.data.images import SPLITS
 from metarun.data.tiered_classes import SPLIT_OF, SUPERCLASS_OF, TIERED_CLASSES, TIERED_SPLIT
 from metarun.data.tieredimagenet import PUBLISHED, load_tieredimagenet, split_differences
+from metarun.testing import write_tieredimagenet
 
 SIDE = 4
 
@@ -102,26 +100,8 @@ def test_names_that_are_not_wnids_are_only_counted():
 
 
 def write_pickles(root: Path, names: dict[str, list[str]]) -> None:
-    """Ren et al.'s ``{split}_images_png.pkl`` / ``{split}_labels.pkl``, one PNG per class, the
-    classes and superclasses named by wnid as in the distributed files."""
-    root.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    Image.fromarray(np.zeros((SIDE, SIDE, 3), dtype=np.uint8)).save(buffer, format="PNG")
-    png = np.frombuffer(buffer.getvalue(), dtype=np.uint8)
-    for split in SPLITS:
-        supers = sorted({SUPERCLASS_OF.get(n, "n00000000") for n in names[split]})
-        payload = {
-            "label_specific": np.arange(len(names[split]), dtype=np.int32),
-            "label_specific_str": names[split],
-            "label_general": np.array(
-                [supers.index(SUPERCLASS_OF.get(n, "n00000000")) for n in names[split]],
-                dtype=np.int32,
-            ),
-            "label_general_str": supers,
-        }
-        blobs = [png] * len(names[split])
-        (root / f"{split}_images_png.pkl").write_bytes(pickle.dumps(blobs, protocol=2))
-        (root / f"{split}_labels.pkl").write_bytes(pickle.dumps(payload, protocol=2))
+    """Ren et al.'s files with one tiny image per class, the classes named ``names``."""
+    write_tieredimagenet(root, names=names, per_class=1, side=SIDE, pixels="marked")
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:

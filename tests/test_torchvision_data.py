@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_image_folder import write_classes
 from torch.utils.data import Dataset
 
 from metarun.data import torchvision_data
 from metarun.runner.build import build_tasks
+from metarun.testing import write_image_folder as write_classes
 
 
 class ColourDots(Dataset):
