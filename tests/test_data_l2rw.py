@@ -32,9 +32,6 @@ from metarun.testing import (
     write_pickle,
 )
 
-# The name tests/test_distributed.py imports; remove once it imports metarun.testing.write_mnist.
-_fake_mnist = write_mnist
-
 # --------------------------------------------------------------------------- helpers
 
 

@@ -82,10 +82,10 @@ def test_two_processes_match_one(tmp_path: Path, algo: str) -> None:
 
 def _mnist(tmp: Path, algo: str, batch_size: int) -> list[str]:
     """Overrides for a tiny run on generated MNIST test files (written under ``tmp``)."""
-    from test_data_l2rw import _fake_mnist
+    from metarun.testing import write_mnist
 
     data = tmp / "data"
-    _fake_mnist(data / "mnist" / "raw", "t10k", {4: 40, 9: 60, 1: 5}, marker=1, gz=True)
+    write_mnist(data / "mnist" / "raw", "t10k", {4: 40, 9: 60, 1: 5}, marker=1, gz=True)
     return [
         f"algo={algo}",
         "dataset=mnist_imbalance",

@@ -440,7 +440,9 @@ def test_eval_mode_tests_a_checkpoint_both_ways_and_load_predicts(train, tmp_pat
     for transductive in ("false", "true"):
         evaluated = train(
             tmp_path / f"eval_{transductive}",
-            [*args, "mode=eval", f"checkpoint={checkpoint}", f"algo.transductive={transductive}"],
+            # mode=eval takes the checkpoint's options (the CLI adds them), not a preset.
+            ["algo=reptile", "dataset=omniglot", *args[1:], "mode=eval",
+             f"checkpoint={checkpoint}", f"algo.transductive={transductive}"],  # fmt: skip
         )
         results[transductive] = evaluated.results["test"]["metrics"]["loss"]["mean"]
         assert evaluated.results["config"]["algo"]["transductive"] == (transductive == "true")

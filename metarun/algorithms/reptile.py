@@ -104,6 +104,8 @@ class ReptileConfig(AlgoSchema):
         ("inner_lr", "inner_steps"), "Nichol et al. 2018 (openai/supervised-reptile, Omniglot)"
     )
     chosen_for: ClassVar[tuple[str, ...]] = ("omniglot",)
+    # Evaluation only: training is the same either way (a checkpoint is tested both ways).
+    evaluation_keys: ClassVar[tuple[str, ...]] = ("transductive", "query_chunk_size")
     # Keys counting outer steps, each on when set (metarun.config.checks).
     schedule_keys: ClassVar[dict[str, str | None]] = {"anneal_steps": None}
 

@@ -303,7 +303,11 @@ def _test_time_key(trained: RunConfig, key: str) -> str | None:
         return key
     if group == "dataset" and TEST_SHAPE_KEYS.get(name) in fields:
         return f"dataset.{TEST_SHAPE_KEYS[name]}"
-    return f"{group}.{name}" if name.startswith("eval_") and name in fields else None
+    schema = getattr(trained, group)
+    evaluation_only = getattr(type(schema), "evaluation_keys", ())
+    if name in fields and (name.startswith("eval_") or name in evaluation_only):
+        return f"{group}.{name}"
+    return None
 
 
 def test_time_keys(trained: RunConfig) -> list[str]:

@@ -36,6 +36,9 @@ class AlgoSchema:
     chosen_defaults: ClassVar[dict[str, str]] = {}
     #: The datasets ``chosen_defaults`` were chosen for (empty: any data).
     chosen_for: ClassVar[tuple[str, ...]] = ()
+    #: Keys besides ``eval_*`` that only change how a trained model is tested, which
+    #: ``mode=eval`` may therefore set (Reptile's ``transductive``).
+    evaluation_keys: ClassVar[tuple[str, ...]] = ()
 
     def check_run(self, run: Any) -> None:
         """Checks of run-level keys this algorithm needs (``run``: the whole RunConfig)."""
