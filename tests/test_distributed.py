@@ -46,7 +46,7 @@ def _torchrun_cmd(args: list[str], run_dir: Path, procs: int = 2) -> list[str]:
 
 def _losses(run_dir: Path) -> list[float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["train/query_loss"] for r in rows if "train/query_loss" in r]
+    return [r["train/meta_loss"] for r in rows if "train/meta_loss" in r]
 
 
 @pytest.mark.slow

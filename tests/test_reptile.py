@@ -113,7 +113,7 @@ def test_outer_update_matches_hand_written_reference(inner, inner_batch_size):
     meta_opt.step()
     for name, p in algo.model.named_parameters():
         torch.testing.assert_close(p.detach(), expected[name], rtol=1e-10, atol=1e-12)
-    assert metrics["train/meta_loss"] == metrics["train/query_loss"] == metrics["train/post_loss"]
+    assert "train/meta_loss" in metrics and "train/query_loss" not in metrics
     assert int(algo.outer_step) == 1
 
 

@@ -108,9 +108,12 @@ class MetricTotals:
 
 
 def with_meta_loss(totals: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The outer objective under the name a user looks for (``train/meta_loss``), and under the
-    support/query vocabulary (``train/query_loss``): both are the post-adaptation query loss,
-    unless the algorithm reported its own meta-loss (MAML++'s multi-step loss)."""
-    totals.setdefault("train/meta_loss", totals["train/post_loss"])
-    totals["train/query_loss"] = totals["train/post_loss"]
+    """One tag per quantity: ``train/meta_loss`` is the outer objective, the query loss after
+    adaptation unless the algorithm reported its own (MAML++'s multi-step loss: then
+    ``train/post_loss`` keeps the final step's query loss); ``train/accuracy`` is the query
+    accuracy after adaptation, as ``val/accuracy`` and ``test/accuracy`` are."""
+    if "train/meta_loss" not in totals:
+        totals["train/meta_loss"] = totals.pop("train/post_loss")
+    if "train/post_accuracy" in totals:
+        totals["train/accuracy"] = totals.pop("train/post_accuracy")
     return totals

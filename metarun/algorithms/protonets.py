@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metarun import registry
-from metarun.algorithms.episodic import EpisodicAlgorithm
+from metarun.algorithms.episodic import EpisodicAlgorithm, with_meta_loss
 from metarun.algorithms.heads import find_head
 from metarun.registry import BuildContext, register
 from metarun.spec.bases import AlgoSchema
@@ -156,8 +156,7 @@ class ProtoNets(EpisodicAlgorithm):
                     # Summed on the device: the runner reads them on logged steps only.
                     totals[name] = totals.get(name, 0.0) + value.detach().double() / n
         # No adaptation before the prototypes, so no train/pre_* metrics.
-        totals["train/meta_loss"] = totals["train/query_loss"] = totals["train/post_loss"]
-        return totals
+        return with_meta_loss(totals)
 
     def evaluate_task(
         self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int

@@ -61,7 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from metarun import registry
-from metarun.algorithms.episodic import EpisodicAlgorithm
+from metarun.algorithms.episodic import EpisodicAlgorithm, with_meta_loss
 from metarun.algorithms.losses import task_loss, task_metrics
 from metarun.registry import BuildContext, register
 from metarun.spec.bases import AlgoSchema
@@ -442,10 +442,10 @@ class Reptile(EpisodicAlgorithm):
     def meta_train_step(self, batch: TaskBatch) -> dict[str, Any]:
         """Adapt every task, then leave ``a_t * (theta - mean_i phi_i)`` in ``.grad``.
 
-        Metrics: ``train/meta_loss`` (= ``train/query_loss`` = ``train/post_loss``) is the query
+        Metrics: ``train/meta_loss`` is the query
         loss after adaptation, computed without a graph with the query examples in one batch,
         as MAML's (Reptile does not differentiate it: it is the comparable diagnostic);
-        ``train/post_accuracy``, and ``train/pre_*`` before adaptation on logged steps. The
+        ``train/accuracy``, and ``train/pre_*`` before adaptation on logged steps. The
         runner's ``hypergrad/norm`` is then the norm of the (annealed) pseudo-gradient.
         """
         # The runner's count when it gave one (the same steps, without a read from the device).
@@ -480,8 +480,7 @@ class Reptile(EpisodicAlgorithm):
                 else:
                     p.grad.add_(pseudo)
             self.outer_step.add_(1)
-        totals["train/meta_loss"] = totals["train/query_loss"] = totals["train/post_loss"]
-        return totals
+        return with_meta_loss(totals)
 
     def evaluate_task(
         self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int

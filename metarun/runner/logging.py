@@ -22,7 +22,7 @@ _CURVE_AXES = {"weights/function": ("loss", "weight")}
 
 
 class RunLogger:
-    """Writes scalars keyed ``split/name`` (``train/query_loss``, ``val/accuracy``, ...).
+    """Writes scalars keyed ``split/name`` (``train/meta_loss``, ``val/accuracy``, ...).
 
     Args:
         run_dir: the run's output folder; TensorBoard files go to ``<run_dir>/tb``.

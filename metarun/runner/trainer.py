@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 # A step's metric: a float, or a 0-d tensor left on the device until a logged step reads it.
 Scalar = float | torch.Tensor
+# Training tasks (at least) whose loss before training divergence_factor multiplies.
+REFERENCE_TASKS = 16
 
 
 @dataclass
@@ -360,9 +362,6 @@ class Trainer:
             # Explicit all-reduce: DDP's hooks never see functional_call's fast weights.
             average_gradients(self.algorithm.meta_parameters(), self.dist)
             metrics = average_metrics(metrics, self.dist, self.experiment.device)
-        if "train/post_accuracy" in metrics:
-            # The headline tag, post-adaptation like val/accuracy and test/accuracy.
-            metrics.setdefault("train/accuracy", metrics["train/post_accuracy"])
         if logged:
             norms = hypergrad_norms(self.algorithm.model)
             if not cfg.log.hypergrad_layers:
@@ -475,28 +474,32 @@ class Trainer:
 
     def measure_loss_reference(self) -> float | None:
         """The loss of the current weights before any adaptation (``evaluate`` with 0 inner
-        steps: the query loss of the initial weights, a reweighting algorithm's clean loss), on
-        one meta-batch of training tasks drawn from a generator of its own, so that the run's
-        tasks and random streams are those of a run without it. None if it is not a positive
-        finite number (no bound then).
+        steps: the query loss of the initial weights, a reweighting algorithm's clean loss),
+        averaged over at least ``REFERENCE_TASKS`` training tasks, drawn a meta-batch at a time
+        from a generator of their own, so that the run's tasks and random streams are those of a
+        run without it. None if it is not a positive finite number (no bound then).
 
         The meta-loss of a run whose inner loop explodes is huge from its first step, so no
         bound relative to the meta-loss's own first values could see it; the loss before
         adaptation can, and a healthy meta-loss (MAML++'s weighted one, L2RW's weighted one,
-        a regression loss however large it starts) stays within a few times it.
+        a regression loss however large it starts) stays within a few times it. Several tasks,
+        not one meta-batch: a meta-batch of one sinusoid can have a loss 1/1000 of another's.
         """
         cfg = self.config
         device = self.experiment.device
         # seed + 1 draws the start-up hook's batches (runner.api); this is another stream.
         generator = torch.Generator().manual_seed(cfg.seed + 2)
-        batch = self.tasks.train.sample(cfg.meta_batch_size, generator).to(device)
         cuda = [device.index or 0] if device.type == "cuda" else []
+        losses: list[torch.Tensor] = []
         with torch.random.fork_rng(devices=cuda):
-            metrics = self.algorithm.evaluate(batch, 0)
-        values = metrics.get("pre/loss", metrics.get("post/loss"))
-        if values is None or values.numel() == 0:
-            return None
-        reference = float(values.detach().double().mean())
+            for _ in range(-(-REFERENCE_TASKS // cfg.meta_batch_size)):
+                batch = self.tasks.train.sample(cfg.meta_batch_size, generator).to(device)
+                metrics = self.algorithm.evaluate(batch, 0)
+                values = metrics.get("pre/loss", metrics.get("post/loss"))
+                if values is None:
+                    return None
+                losses.append(values.detach().double().flatten().cpu())
+        reference = float(torch.cat(losses).mean())
         return reference if math.isfinite(reference) and reference > 0 else None
 
     def _fixes(self) -> str:
@@ -673,8 +676,8 @@ def prefetch_depth(prefetch: int | None, device: torch.device) -> int:
 def _postfix(metrics: dict[str, float]) -> dict[str, str]:
     """Progress-bar postfix: the last logging interval's query loss and accuracy
     (post-adaptation)."""
-    # MAML reports the query loss; example reweighting (l2rw/erm) its training loss.
-    loss_key = "train/query_loss" if "train/query_loss" in metrics else "train/loss"
+    # The outer objective; example reweighting (l2rw/erm) reports its training loss.
+    loss_key = "train/meta_loss" if "train/meta_loss" in metrics else "train/loss"
     shown = {"loss": loss_key, "acc": "train/accuracy"}
     return {short: f"{metrics[key]:.3g}" for short, key in shown.items() if key in metrics}
 
