@@ -230,6 +230,11 @@ def _quiet_secondary_rank(argv: list[str]) -> None:
 def main() -> None:
     """Console-script entry point (``metarun``)."""
     global _started
+    if sys.argv[1:] == ["--version"]:
+        from metarun import __version__
+
+        print(f"metarun {__version__}")
+        return
     if _REGISTRY_ERROR is not None:
         print(f"error: {_REGISTRY_ERROR}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)

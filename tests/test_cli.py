@@ -414,3 +414,10 @@ def test_omniglot_short_run_beats_chance(tmp_path):
     assert metrics["accuracy"]["mean"] - metrics["accuracy"]["ci95"] > chance + 0.1
     assert metrics["accuracy"]["mean"] > metrics["pre_accuracy"]["mean"] + 0.1
     assert "test accuracy:" in result.stdout
+
+
+def test_version_is_the_package_version(tmp_path):
+    from metarun import __version__
+
+    result = _metarun(["--version"], tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"metarun {__version__}"
