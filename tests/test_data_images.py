@@ -405,7 +405,12 @@ PRESETS = {
 
 def test_the_presets_are_all_listed_here():
     names = {p.stem for p in (config_dir() / "experiment").glob("*.yaml")}
-    ours = {n for n in names if n.split("_")[0] in ("miniimagenet", "cifarfs", "fc100")}
+    # Cross-domain presets (miniimagenet_to_*) train with these and are tested elsewhere.
+    ours = {
+        n
+        for n in names
+        if n.split("_")[0] in ("miniimagenet", "cifarfs", "fc100") and "_to_" not in n
+    }
     assert ours == set(PRESETS)
 
 
