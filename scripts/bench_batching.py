@@ -281,10 +281,10 @@ def part_default(args) -> None:
         f"{torch.get_num_threads()}, median of {args.repeats} interleaved rounds)"
     )
     print(
-        "| run | loop ms | vmap ms | loop / fastest | vmap / fastest | auto picked | auto "
-        "start-up s (steps) | run time, default loop / auto | default vmap / auto |"
+        "| run | loop ms | vmap ms | loop / fastest | vmap / fastest | auto picked | auto ms | "
+        "auto start-up s (steps) | run time, default loop / auto | default vmap / auto |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, overrides in DEFAULT_ROWS.items():
         if args.rows and not any(word in name for word in args.rows):
             continue
@@ -329,7 +329,7 @@ def part_default(args) -> None:
         print(
             f"| {name} | {med['loop'] * 1e3:.1f} | {med['vmap'] * 1e3:.1f} "
             f"| {med['loop'] / fastest:.2f} | {med['vmap'] / fastest:.2f} | {pick} "
-            f"| {startup:.1f} ({startup / fastest:.0f}) "
+            f"| {med['auto'] * 1e3:.1f} | {startup:.1f} ({startup / fastest:.0f}) "
             f"| {steps * med['loop'] / with_auto:.2f} | {steps * med['vmap'] / with_auto:.2f} |",
             flush=True,
         )
