@@ -203,7 +203,9 @@ def checkpoint_config(
 
 
 #: mode=eval: run-level keys that say how to test, never what was trained; ``current`` gives them.
-EVAL_RUN_KEYS = ("eval", "seed", "device", "log", "name", "mode", "checkpoint")
+# save.* too: mode=eval writes no checkpoint, so a training command's save settings change
+# nothing there (a pasted command keeps working).
+EVAL_RUN_KEYS = ("eval", "seed", "device", "log", "save", "name", "mode", "checkpoint")
 #: ``dataset.*`` keys that say where the data are, not which data.
 DATA_LOCATION_KEYS = ("root", "download", "cache_dir")
 #: A task-shape key as training names it -> the key that sets it for validation and test tasks.
