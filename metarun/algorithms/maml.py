@@ -53,6 +53,11 @@ class MAMLConfig(AlgoSchema):
     adaptation_keys: ClassVar[tuple[str, ...]] = ("inner_lr", "inner_steps", "eval_inner_steps")
     #: Whether the algorithm runs MAML's unroll, where the MAML++ options live.
     takes_mamlpp_options: ClassVar[bool] = True
+    #: Keys counting outer steps, with the switch that turns each on (metarun.config.checks).
+    schedule_keys: ClassVar[dict[str, str | None]] = {
+        "msl_anneal_steps": "multi_step_loss",
+        "first_order_until": None,
+    }
 
     # The inner loop as chosen for the run's data: the dataset file's `adapt` block (MAML's
     # settings for that data; generic defaults, reported at start-up, where it has none).
