@@ -278,27 +278,39 @@ def decode_classes(files_by_class: dict[str, list[Any]], image_size: int) -> Cla
     return ClassPool(tuple(files_by_class), stacked.to(torch.uint8), offsets)
 
 
-def load_image_folder(config: ImageFolderConfig) -> dict[str, ClassPool]:
-    """The class pools of each split, decoded once and cached."""
-    root = Path(config.root).expanduser()
-    splits = split_classes(config, root)
+def cached_own_pools(
+    config: OwnImagesConfig, dataset: str, key: str, splits: dict[str, dict[str, list[Any]]]
+) -> dict[str, ClassPool]:
+    """Check the classes' sizes, then the pools decoded once and cached under ``key``."""
     enough_images(config, splits)
-    files = [f for split in SPLITS for fs in splits[split].values() for f in fs]
-    names = "|".join(f"{s}:{','.join(splits[s])}" for s in SPLITS)
-    key = f"{root.resolve()}|{names}|{fingerprint(files)}|size{config.image_size}"
     return cached_pools(
-        "image_folder",
-        key,
+        dataset,
+        f"{key}|size{config.image_size}",
         config.cache_dir,
         lambda: {s: decode_classes(splits[s], config.image_size) for s in SPLITS},
     )
 
 
-@register("dataset", "image_folder", ImageFolderConfig)
-def build_image_folder(config: ImageFolderConfig) -> TaskSources:
-    pools = load_image_folder(config)
+def own_task_sources(config: OwnImagesConfig, pools: dict[str, ClassPool]) -> TaskSources:
+    """The task sources of a user's images; a test-only dataset's test classes stand in for
+    the training and validation ones, so that every source exists (only the test one is
+    drawn from)."""
     if config.test_only:
-        # Only the test split is drawn from; the others are given its classes so that every
-        # source exists (a test-only dataset has no training or validation classes).
         pools = {split: pools["test"] for split in pools}
     return image_task_sources(config, pools)
+
+
+def load_image_folder(config: ImageFolderConfig) -> dict[str, ClassPool]:
+    """The class pools of each split, decoded once and cached."""
+    root = Path(config.root).expanduser()
+    splits = split_classes(config, root)
+    files = [f for split in SPLITS for fs in splits[split].values() for f in fs]
+    names = "|".join(f"{s}:{','.join(splits[s])}" for s in SPLITS)
+    return cached_own_pools(
+        config, "image_folder", f"{root.resolve()}|{names}|{fingerprint(files)}", splits
+    )
+
+
+@register("dataset", "image_folder", ImageFolderConfig)
+def build_image_folder(config: ImageFolderConfig) -> TaskSources:
+    return own_task_sources(config, load_image_folder(config))

@@ -25,8 +25,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from metarun.data.image_folder import OwnImagesConfig, cut_classes, decode_classes, enough_images
-from metarun.data.images import SPLITS, ClassPool, cached_pools, image_task_sources
+from metarun.data.image_folder import (
+    OwnImagesConfig,
+    cached_own_pools,
+    cut_classes,
+    own_task_sources,
+)
+from metarun.data.images import SPLITS, ClassPool
 from metarun.registry import register
 from metarun.spec.checks import require
 from metarun.tasks import TaskSources
@@ -152,24 +157,13 @@ def load_torchvision(config: TorchvisionConfig) -> dict[str, ClassPool]:
         sorted(by_class), list(config.split_fractions), config.split_seed, config.test_only
     )
     splits = {s: {n: by_class[n] for n in cuts[s]} for s in SPLITS}
-    enough_images(config, splits)
     key = (
         f"{config.target}|{config.root}|{sorted(config.kwargs.items())}|{config.parts}|"
-        f"{sizes}|{[list(splits[s]) for s in SPLITS]}|size{config.image_size}"
+        f"{sizes}|{[list(splits[s]) for s in SPLITS]}"
     )
-    return cached_pools(
-        "torchvision",
-        key,
-        config.cache_dir,
-        lambda: {s: decode_classes(splits[s], config.image_size) for s in SPLITS},
-    )
+    return cached_own_pools(config, "torchvision", key, splits)
 
 
 @register("dataset", "torchvision", TorchvisionConfig)
 def build_torchvision(config: TorchvisionConfig) -> TaskSources:
-    pools = load_torchvision(config)
-    if config.test_only:
-        # Only the test split is drawn from; the others are given its classes so that every
-        # source exists (a test-only dataset has no training or validation classes).
-        pools = {split: pools["test"] for split in pools}
-    return image_task_sources(config, pools)
+    return own_task_sources(config, load_torchvision(config))
