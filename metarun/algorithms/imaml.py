@@ -46,9 +46,8 @@ from metarun.algorithms.losses import task_loss, task_metrics
 from metarun.algorithms.reptile import InnerOptimizer
 from metarun.registry import BuildContext, register
 from metarun.spec.bases import AlgoSchema
-from metarun.spec.checks import require, require_optional_count
+from metarun.spec.checks import require, require_fixed_ways, require_optional_count
 from metarun.spec.enums import TaskBatching
-from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
 from metarun.unroll import SGD, Adam, functional_call, inner_loop
 from metarun.unroll.batched import batch_stats_buffers, decomposed_batch_norm, func_inner_loop
@@ -120,13 +119,7 @@ class IMAMLConfig(AlgoSchema):
         return {"algo.inner_lr": self.inner_lr}
 
     def check_run(self, run: Any) -> None:
-        train_ways, eval_ways = run.dataset.ways()
-        if train_ways != eval_ways:
-            raise ConfigError(
-                f"dataset.eval_n_way must equal dataset.n_way ({train_ways}) for algo=imaml, "
-                f"got {eval_ways} (its model's classifier has one output per training class; "
-                "leave dataset.eval_n_way unset)"
-            )
+        require_fixed_ways(self, run)
 
 
 @register("algo", "imaml", IMAMLConfig)

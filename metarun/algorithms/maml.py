@@ -28,15 +28,24 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from metarun import registry
 from metarun.algorithms.episodic import MetricTotals, with_meta_loss
 from metarun.algorithms.inner_loop import InnerLoopLearner
 from metarun.algorithms.inner_rates import InnerRates
 from metarun.algorithms.losses import task_metrics, task_metrics_per_task
-from metarun.algorithms.mamlpp import PerStepBatchNorm, msl_weights, step_forward, unroll
+from metarun.algorithms.mamlpp import (
+    PerStepBatchNorm,
+    StepwiseLoop,
+    check_options,
+    check_run_options,
+)
 from metarun.registry import BuildContext, register
 from metarun.spec.bases import AlgoSchema
-from metarun.spec.checks import require, require_inner_loop, require_optional_count
+from metarun.spec.checks import (
+    require,
+    require_fixed_ways,
+    require_inner_loop,
+    require_optional_count,
+)
 from metarun.spec.enums import BNPolicy, InnerLR, TaskBatching
 from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
@@ -114,64 +123,14 @@ class MAMLConfig(AlgoSchema):
                 f"algo.bn_policy={self.bn_policy.value} (tasks computed at once cannot share "
                 "running statistics; set algo.task_batching=loop)"
             )
-        require(
-            self.msl_anneal_steps >= 1,
-            "algo.msl_anneal_steps",
-            self.msl_anneal_steps,
-            ">= 1",
-            "algo.msl_anneal_steps=7500",
-        )
-        require_optional_count(
-            "algo.first_order_until", self.first_order_until, "algo.first_order_until=25000"
-        )
-        if self.first_order and self.first_order_until is not None:
-            raise ConfigError(
-                f"algo.first_order_until={self.first_order_until} needs second-order MAML, got "
-                "algo.first_order=true (every step would be first order; set "
-                "algo.first_order=false to anneal, or algo.first_order_until=null)"
-            )
-        if self.per_step_bn and self.checkpoint_inner and self.bn_policy is BNPolicy.running_stats:
-            raise ConfigError(
-                "algo.per_step_bn=true with algo.bn_policy=running_stats cannot use "
-                "algo.checkpoint_inner=true (recomputing a support forward would update the "
-                "per-step running statistics twice; set algo.checkpoint_inner=false)"
-            )
-
-    def mamlpp_options(self) -> list[str]:
-        """The MAML++ options this config turns on, as ``key=value`` overrides."""
-        on = [f"algo.{k}=true" for k in ("multi_step_loss", "per_step_bn") if getattr(self, k)]
-        if self.learn_inner_lr is InnerLR.per_layer_per_step:
-            on.append("algo.learn_inner_lr=per_layer_per_step")
-        if self.first_order_until is not None:
-            on.append(f"algo.first_order_until={self.first_order_until}")
-        return on
+        check_options(self)
 
     def step_sizes(self) -> dict[str, float]:
         return {"algo.inner_lr": self.inner_lr}
 
     def check_run(self, run: Any) -> None:
-        on = self.mamlpp_options()
-        if on and not self.takes_mamlpp_options:
-            # They live in MAML's unroll, which an algorithm with its own step does not run.
-            name = registry.option_of("algo", self).name
-            raise ConfigError(
-                f"{', '.join(on)}: MAML++ options of algo=maml, not supported by "
-                f"algo={name} (remove them, or use algo=maml)"
-            )
-        if self.per_step_bn and not getattr(run.model, "batch_norm", True):
-            raise ConfigError(
-                "algo.per_step_bn=true needs BatchNorm layers, got model.batch_norm=false "
-                "(set model.batch_norm=true or algo.per_step_bn=false)"
-            )
-        train_ways, eval_ways = run.dataset.ways()
-        if train_ways != eval_ways:
-            name = registry.option_of("algo", self).name
-            raise ConfigError(
-                f"dataset.eval_n_way must equal dataset.n_way ({train_ways}) for algo={name}, "
-                f"got {eval_ways} (its model's classifier has one output per training class; "
-                "leave dataset.eval_n_way unset, or use an algorithm without a classifier head "
-                "such as a metric-based learner)"
-            )
+        check_run_options(self, run)
+        require_fixed_ways(self, run)
 
 
 @dataclass
@@ -252,27 +211,26 @@ class MAML(InnerLoopLearner):
         self.per_step_bn = (
             PerStepBatchNorm(model, self.inner_steps) if config.per_step_bn else None
         )
-        # What the inner loop adapts: per-step BatchNorm weights are meta-learned, not adapted.
-        self._adapted_names = [
-            n
-            for n, p in model.named_parameters()
-            if p.requires_grad
-            and (self.per_step_bn is None or n not in self.per_step_bn.affine_names)
-        ]
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        # What the inner loop adapts: per-step BatchNorm weights are meta-learned, not adapted.
+        frozen = self.per_step_bn.affine_names if self.per_step_bn is not None else []
+        adapted = [n for n in trainable if n not in frozen]
         self._all_names = {n: n for n in trainable}
-        self._adapted = {n: n for n in self._adapted_names}
         per_step = self.learn_inner_lr is InnerLR.per_layer_per_step
         self.rates = InnerRates(
             self.learn_inner_lr,
             config.inner_lr,
-            {n: trainable[n] for n in self._adapted_names} if per_step else trainable,
+            {n: trainable[n] for n in adapted} if per_step else trainable,
             self.inner_steps,
         )
         self.rates.attach(self)
-        # The step-by-step unroll; with all of these off MAML runs its original loops.
-        self._stepwise = self.multi_step_loss or config.per_step_bn or per_step
         self._optimizer = SGD(lr=float(config.inner_lr))
+        # MAML++'s step-by-step loop when any of its options is on, else MAML's original loops.
+        self._stepwise = (
+            StepwiseLoop(self, self.per_step_bn, adapted)
+            if self.multi_step_loss or config.per_step_bn or per_step
+            else None
+        )
         if self.copy_initial_weights:
             log.warning(
                 "algo.copy_initial_weights=true: the inner loop starts from detached copies, so "
@@ -294,94 +252,22 @@ class MAML(InnerLoopLearner):
         return self.rates.hyper(self._all_names)
 
     def _forward(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        if self.per_step_bn is not None:
+        if self._stepwise is not None and self.per_step_bn is not None:
             # Adapted parameters: their BatchNorm weights are the last step's copy already.
-            return self._forward_at(params, x, self.inner_steps - 1, support=False)
+            return self._stepwise.forward_at(params, x, self.inner_steps - 1, support=False)
         return super()._forward(params, x)
 
-    def _forward_at(
-        self,
-        params: dict[str, Tensor],
-        x: Tensor,
-        step: int,
-        *,
-        support: bool,
-        initial: dict[str, Tensor] | None = None,
-    ) -> Tensor:
-        """The forward at inner step ``step`` (:func:`metarun.algorithms.mamlpp.step_forward`)."""
-        if self.per_step_bn is None:
-            return self._forward(params, x)
-        batch_stats = self.bn_policy is BNPolicy.batch_stats
-        return step_forward(
-            self.model, self.per_step_bn, self._stats_off, params, x, step,
-            batch_stats=batch_stats, support=support, initial=initial,
-        )  # fmt: skip
-
     def _pre_forward(self, x: Tensor) -> Tensor:
-        """The query forward before adaptation (step 0's BatchNorm copy, writing nothing)."""
-        params = get_params(self.model)
-        if self.per_step_bn is not None:
-            return self._forward_at(params, x, 0, support=False)
-        return self._forward(params, x)
+        """The query forward before adaptation (with per-step BatchNorm: step 0's copy)."""
+        if self._stepwise is not None:
+            return self._stepwise.pre_forward(x)
+        return self._forward(get_params(self.model), x)
 
     def _first_order_now(self) -> bool:
         """First order on this outer step: ``first_order``, or derivative-order annealing."""
         if self.first_order_until is not None and self.outer_step < self.first_order_until:
             return True
         return self.first_order
-
-    def _hyper_at(self, step: int) -> dict[str, object]:
-        """Inner-loop hyperparameters of inner step ``step`` (the step-by-step unroll); Meta-SGD's
-        rates of the per-step BatchNorm weights are not used: those are not adapted."""
-        return self.rates.hyper(self._adapted, step)
-
-    def _unroll(
-        self,
-        initial: dict[str, Tensor],
-        sx: Tensor,
-        sy: Tensor,
-        steps: int,
-        *,
-        track: bool,
-        grad: GradBackend = GradBackend.autograd,
-        query: tuple[Tensor, Tensor] | None = None,
-    ) -> tuple[dict[str, Tensor], Tensor | None, Tensor | None]:
-        """MAML++'s step-by-step inner loop (:func:`metarun.algorithms.mamlpp.unroll`)."""
-        # Evaluation (no query) may run any number of steps, 0 included: no weights there.
-        weights = None
-        if self.multi_step_loss and query is not None:
-            weights = msl_weights(steps, self.outer_step, self.msl_anneal_steps)
-        return unroll(
-            initial,
-            sx,
-            sy,
-            steps,
-            step_loss=lambda t: self._support_loss(sx, sy, t, initial),
-            query_loss=lambda p, qx, qy, t, init: self._loss(
-                self._forward_at(p, qx, t, support=False, initial=init), qy
-            ),
-            query_forward=lambda p, qx, t: self._forward_at(p, qx, t, support=False),
-            optimizer=self._optimizer,
-            hyper_at=self._hyper_at,
-            trainable=self._adapted_names,
-            bn=self.per_step_bn,
-            last_step=self.inner_steps - 1,
-            first_order=self._first_order_now(),
-            track=track,
-            checkpoint=self.checkpoint_inner and track,
-            grad=grad,
-            query=query,
-            weights=weights,
-            loss=self._loss,
-        )
-
-    def _support_loss(
-        self, sx: Tensor, sy: Tensor, step: int, initial: dict[str, Tensor]
-    ) -> Callable[[dict[str, Tensor]], Tensor]:
-        def inner_loss(p: dict[str, Tensor]) -> Tensor:
-            return self._loss(self._forward_at(p, sx, step, support=True, initial=initial), sy)
-
-        return inner_loss
 
     def _metrics(self, out: Tensor, y: Tensor) -> dict[str, Tensor]:
         return task_metrics(self.task_type, out, y)
@@ -391,8 +277,8 @@ class MAML(InnerLoopLearner):
 
     def _adapt(self, sx: Tensor, sy: Tensor, steps: int, *, track: bool) -> dict[str, Tensor]:
         params = get_params(self.model, copy=self.copy_initial_weights or not track)
-        if self._stepwise:
-            return self._unroll(params, sx, sy, steps, track=track)[0]
+        if self._stepwise is not None:
+            return self._stepwise.run(params, sx, sy, steps, track=track)[0]
 
         def inner_loss(p: dict[str, Tensor]) -> Tensor:
             return self._loss(self._forward(p, sx), sy)
@@ -416,9 +302,9 @@ class MAML(InnerLoopLearner):
         totals = MetricTotals()
 
         def on_tasks(tasks: TaskBatch, losses: Tensor, outs: Tensor, batched: bool) -> None:
-            if self._stepwise or not batched:
+            if self._stepwise is not None or not batched:
                 totals.add("post", self._task_metrics(outs, tasks.query_y))
-                if self._stepwise:
+                if self._stepwise is not None:
                     totals.add("meta", {"loss": losses})
             else:
                 # Each task's meta-loss is its query loss after adaptation: only the accuracy
@@ -438,9 +324,9 @@ class MAML(InnerLoopLearner):
         return with_meta_loss(totals.means(len(batch)))
 
     def _one_task(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
-        if self._stepwise:
+        if self._stepwise is not None:
             initial = get_params(self.model, copy=self.copy_initial_weights)
-            _, meta_loss, out = self._unroll(
+            _, meta_loss, out = self._stepwise.run(
                 initial, sx, sy, self.inner_steps, track=True, query=(qx, qy)
             )
             assert meta_loss is not None and out is not None  # given a query
@@ -484,8 +370,8 @@ class MAML(InnerLoopLearner):
     ) -> tuple[Tensor, Tensor]:
         """One task's meta-loss and query outputs, for ``torch.func.vmap`` (a method, not a
         closure made per step, so that ``compile=true`` compiles it once)."""
-        if self._stepwise:
-            _, meta_loss, query_out = self._unroll(
+        if self._stepwise is not None:
+            _, meta_loss, query_out = self._stepwise.run(
                 p, sx, sy, self.inner_steps, track=True, grad=GradBackend.func, query=(qx, qy)
             )
             assert meta_loss is not None and query_out is not None  # given a query

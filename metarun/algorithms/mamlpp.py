@@ -4,7 +4,9 @@ statistics (:class:`PerStepBatchNorm`, :func:`step_forward`); per-layer per-step
 :class:`metarun.algorithms.inner_rates.InnerRates`' ``per_layer_per_step``. The options are keys
 of :class:`metarun.algorithms.maml.MAMLConfig` (``algo.multi_step_loss``,
 ``algo.learn_inner_lr=per_layer_per_step``, ``algo.per_step_bn``, ``algo.first_order_until``),
-``algo=mamlpp`` turns them on.
+checked here (:func:`check_options`, :func:`check_run_options`); ``algo=mamlpp`` turns them on.
+MAML composes a :class:`StepwiseLoop` when any of them is on and runs its original loops
+otherwise.
 
 References:
     Antoniou, Edwards & Storkey, "How to train your MAML", ICLR 2019, Sec. 4.
@@ -12,14 +14,18 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor, nn
 
+from metarun import registry
+from metarun.spec.checks import require, require_optional_count
+from metarun.spec.enums import BNPolicy, InnerLR
 from metarun.spec.errors import ConfigError
-from metarun.unroll import GradBackend, functional_call, inner_loop
+from metarun.unroll import GradBackend, functional_call, get_params, inner_loop
 from metarun.unroll.batched import func_inner_loop
-from metarun.unroll.optimizers import FunctionalOptimizer, Params
+from metarun.unroll.optimizers import Params
 
 # Antoniou et al.'s code keeps every non-final step at a small share of the loss while
 # annealing (0.03 split over the steps), so that no step's loss vanishes before the switch to
@@ -139,97 +145,179 @@ class PerStepBatchNorm(nn.Module):
         return {n: self.get_buffer(_slot(t, n)) for n in self.stat_names}
 
 
-def step_forward(
-    model: nn.Module,
-    bn: PerStepBatchNorm,
-    stats_off: dict[str, Tensor | None],
-    params: Params,
-    x: Tensor,
-    step: int,
-    *,
-    batch_stats: bool,
-    support: bool,
-    initial: Params | None = None,
-) -> Tensor:
-    """The forward at inner step ``step``: that step's BatchNorm weights (from ``initial`` for
-    step 0, when given) and running statistics. Only a ``support`` forward in training mode
-    writes statistics; a query forward in training normalises with its own batch and writes
-    nothing (no leakage into support steps). ``batch_stats``: never use running statistics."""
-    if initial is not None:
-        params = {**params, **bn.params_at(step, initial)}
-    buffers: dict[str, Tensor | None]
-    if batch_stats or (model.training and not support):
-        buffers = dict(stats_off)
-    else:
-        buffers = dict(bn.stats_at(model, step))
-    return functional_call(model, params, x, buffers=buffers)
+def options_on(config: Any) -> list[str]:
+    """The MAML++ options a MAML-shaped config turns on, as ``key=value`` overrides."""
+    on = [f"algo.{k}=true" for k in ("multi_step_loss", "per_step_bn") if getattr(config, k)]
+    if config.learn_inner_lr is InnerLR.per_layer_per_step:
+        on.append("algo.learn_inner_lr=per_layer_per_step")
+    if config.first_order_until is not None:
+        on.append(f"algo.first_order_until={config.first_order_until}")
+    return on
 
 
-def unroll(
-    initial: Params,
-    sx: Tensor,
-    sy: Tensor,
-    steps: int,
-    *,
-    step_loss: Callable[[int], Callable[[Params], Tensor]],
-    query_loss: Callable[[Params, Tensor, Tensor, int, Params], Tensor],
-    query_forward: Callable[[Params, Tensor, int], Tensor],
-    loss: Callable[[Tensor, Tensor], Tensor],
-    optimizer: FunctionalOptimizer,
-    hyper_at: Callable[[int], dict[str, object]],
-    trainable: Sequence[str],
-    bn: PerStepBatchNorm | None,
-    last_step: int,
-    first_order: bool,
-    track: bool,
-    checkpoint: bool,
-    grad: GradBackend,
-    query: tuple[Tensor, Tensor] | None,
-    weights: list[float] | None,
-) -> tuple[Params, Tensor | None, Tensor | None]:
-    """The inner loop one step at a time: step ``t``'s rates (``hyper_at(t)``) and BatchNorm
-    copy (``step_loss(t)``), and with the multi-step loss the query loss after every step.
+def check_options(config: Any) -> None:
+    """The checks of the MAML++ keys of a MAML-shaped config, on their own."""
+    require(
+        config.msl_anneal_steps >= 1,
+        "algo.msl_anneal_steps",
+        config.msl_anneal_steps,
+        ">= 1",
+        "algo.msl_anneal_steps=7500",
+    )
+    require_optional_count(
+        "algo.first_order_until", config.first_order_until, "algo.first_order_until=25000"
+    )
+    if config.first_order and config.first_order_until is not None:
+        raise ConfigError(
+            f"algo.first_order_until={config.first_order_until} needs second-order MAML, got "
+            "algo.first_order=true (every step would be first order; set "
+            "algo.first_order=false to anneal, or algo.first_order_until=null)"
+        )
+    running_stats = config.bn_policy is BNPolicy.running_stats
+    if config.per_step_bn and config.checkpoint_inner and running_stats:
+        raise ConfigError(
+            "algo.per_step_bn=true with algo.bn_policy=running_stats cannot use "
+            "algo.checkpoint_inner=true (recomputing a support forward would update the "
+            "per-step running statistics twice; set algo.checkpoint_inner=false)"
+        )
+
+
+def check_run_options(config: Any, run: Any) -> None:
+    """The MAML++ checks that need the whole run: an algorithm whose own step does not run
+    MAML's unroll (``takes_mamlpp_options = False``) refuses them; per-step BatchNorm needs
+    BatchNorm layers."""
+    on = options_on(config)
+    if on and not config.takes_mamlpp_options:
+        name = registry.option_of("algo", config).name
+        raise ConfigError(
+            f"{', '.join(on)}: MAML++ options of algo=maml, not supported by "
+            f"algo={name} (remove them, or use algo=maml)"
+        )
+    if config.per_step_bn and not getattr(run.model, "batch_norm", True):
+        raise ConfigError(
+            "algo.per_step_bn=true needs BatchNorm layers, got model.batch_norm=false "
+            "(set model.batch_norm=true or algo.per_step_bn=false)"
+        )
+
+
+class StepwiseLoop:
+    """The inner loop one step at a time, as MAML composes it when a MAML++ option is on: step
+    ``t``'s rates and BatchNorm copy, and with the multi-step loss the query loss after every
+    step, weighted by :func:`msl_weights` at the learner's ``outer_step``.
 
     Args:
-        initial: the initial parameters (the model's own, or copies).
-        sx, sy: the support set of one task (``step_loss`` closes over it).
-        steps: inner steps.
+        learner: the MAML learner whose model, loss, inner optimizer, rates, BatchNorm policy,
+            derivative order (``_first_order_now()``) and ``outer_step`` it uses.
+        bn: per-step BatchNorm (None: the model's own BatchNorm at every step).
         trainable: what the steps update (per-step BatchNorm weights are meta-learned only).
-        last_step: the last training step: query forwards after adaptation use its BatchNorm
-            copy, whatever the number of steps (as ``predict`` does, which does not know it).
-        grad: the inner gradient engine (``func`` under ``vmap``).
-        query: ``(qx, qy)`` in training: the meta-loss is then returned.
-        weights: the multi-step loss weights (None: the final step's query loss alone).
-
-    Returns:
-        ``(adapted, meta_loss, out)``: the adapted parameters (with the BatchNorm weights that
-        query forwards use), and with ``query`` the meta-loss and the final query output (else
-        ``None``, ``None``).
     """
-    params = {n: p for n, p in initial.items() if bn is None or n not in bn.affine_names}
-    meta_loss: Tensor | None = None
-    for t in range(steps):
-        if grad is GradBackend.func:
-            params = func_inner_loop(
-                step_loss(t), params, optimizer, 1, hyper=hyper_at(t), first_order=first_order,
-                trainable=trainable,
-            )  # fmt: skip
+
+    def __init__(self, learner: Any, bn: PerStepBatchNorm | None, trainable: list[str]) -> None:
+        self.learner = learner
+        self.bn = bn
+        self.trainable = trainable
+        self._rate_names = {n: n for n in trainable}
+        # Query forwards after adaptation use the last training step's BatchNorm copy, whatever
+        # the number of steps (as ``predict`` does, which does not know it).
+        self.last_step = learner.inner_steps - 1
+
+    def forward_at(
+        self,
+        params: Params,
+        x: Tensor,
+        step: int,
+        *,
+        support: bool,
+        initial: Params | None = None,
+    ) -> Tensor:
+        """The forward at inner step ``step``: that step's BatchNorm weights (from ``initial``
+        for step 0, when given) and running statistics. Only a ``support`` forward in training
+        mode writes statistics; a query forward in training normalises with its own batch and
+        writes nothing (no leakage into support steps)."""
+        learner, bn = self.learner, self.bn
+        if bn is None:
+            return learner._forward(params, x)  # type: ignore[no-any-return]
+        if initial is not None:
+            params = {**params, **bn.params_at(step, initial)}
+        model = learner.model
+        buffers: dict[str, Tensor | None]
+        if learner.bn_policy is BNPolicy.batch_stats or (model.training and not support):
+            buffers = dict(learner._stats_off)
         else:
-            params = inner_loop(
-                step_loss(t), params, optimizer, 1, hyper=hyper_at(t), first_order=first_order,
-                track_higher_grads=track, checkpoint=checkpoint,
-            ).params  # fmt: skip
-        if weights is not None and t < steps - 1:
-            qx, qy = query  # type: ignore[misc]  # weights imply a query
-            term = weights[t] * query_loss(params, qx, qy, t, initial)
-            meta_loss = term if meta_loss is None else meta_loss + term
-    adapted = params if bn is None else {**params, **bn.params_at(last_step, initial)}
-    if query is None:
-        return adapted, None, None
-    qx, qy = query
-    out = query_forward(adapted, qx, last_step)
-    final = loss(out, qy)
-    if weights is not None:
-        final = weights[-1] * final
-    meta_loss = final if meta_loss is None else meta_loss + final
-    return adapted, meta_loss, out
+            buffers = dict(bn.stats_at(model, step))
+        return functional_call(model, params, x, buffers=buffers)
+
+    def pre_forward(self, x: Tensor) -> Tensor:
+        """The query forward before adaptation (step 0's BatchNorm copy, writing nothing)."""
+        return self.forward_at(get_params(self.learner.model), x, 0, support=False)
+
+    def run(
+        self,
+        initial: Params,
+        sx: Tensor,
+        sy: Tensor,
+        steps: int,
+        *,
+        track: bool,
+        grad: GradBackend = GradBackend.autograd,
+        query: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Params, Tensor | None, Tensor | None]:
+        """Adapt ``initial`` on one task's support set.
+
+        Args:
+            initial: the initial parameters (the model's own, or copies).
+            steps: inner steps (evaluation may run any number, 0 included).
+            track: keep the graph of the inner steps (training).
+            grad: the inner gradient engine (``func`` under ``vmap``).
+            query: ``(qx, qy)`` in training: the meta-loss is then returned.
+
+        Returns:
+            ``(adapted, meta_loss, out)``: the adapted parameters (with the BatchNorm weights
+            that query forwards use), and with ``query`` the meta-loss and the final query
+            output (else ``None``, ``None``).
+        """
+        learner, bn = self.learner, self.bn
+        weights = None
+        if learner.multi_step_loss and query is not None:
+            weights = msl_weights(steps, learner.outer_step, learner.msl_anneal_steps)
+        first_order = learner._first_order_now()
+        params = {n: p for n, p in initial.items() if bn is None or n not in bn.affine_names}
+        meta_loss: Tensor | None = None
+        for t in range(steps):
+            step_loss = self._support_loss(sx, sy, t, initial)
+            hyper = learner.rates.hyper(self._rate_names, t)
+            if grad is GradBackend.func:
+                params = func_inner_loop(
+                    step_loss, params, learner._optimizer, 1, hyper=hyper,
+                    first_order=first_order, trainable=self.trainable,
+                )  # fmt: skip
+            else:
+                params = inner_loop(
+                    step_loss, params, learner._optimizer, 1, hyper=hyper,
+                    first_order=first_order, track_higher_grads=track,
+                    checkpoint=learner.checkpoint_inner and track,
+                ).params  # fmt: skip
+            if weights is not None and t < steps - 1:
+                qx, qy = query  # type: ignore[misc]  # weights imply a query
+                out = self.forward_at(params, qx, t, support=False, initial=initial)
+                term = weights[t] * learner._loss(out, qy)
+                meta_loss = term if meta_loss is None else meta_loss + term
+        adapted = params if bn is None else {**params, **bn.params_at(self.last_step, initial)}
+        if query is None:
+            return adapted, None, None
+        qx, qy = query
+        out = self.forward_at(adapted, qx, self.last_step, support=False)
+        final = learner._loss(out, qy)
+        if weights is not None:
+            final = weights[-1] * final
+        meta_loss = final if meta_loss is None else meta_loss + final
+        return adapted, meta_loss, out
+
+    def _support_loss(
+        self, sx: Tensor, sy: Tensor, step: int, initial: Params
+    ) -> Callable[[Params], Tensor]:
+        def inner_loss(p: Params) -> Tensor:
+            out = self.forward_at(p, sx, step, support=True, initial=initial)
+            return self.learner._loss(out, sy)  # type: ignore[no-any-return]
+
+        return inner_loss

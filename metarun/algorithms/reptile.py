@@ -60,13 +60,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from metarun import registry
 from metarun.algorithms.episodic import EpisodicAlgorithm, with_meta_loss
 from metarun.algorithms.losses import task_loss, task_metrics
 from metarun.registry import BuildContext, register
 from metarun.spec.bases import AlgoSchema
-from metarun.spec.checks import require, require_inner_loop, require_optional_count
-from metarun.spec.errors import ConfigError
+from metarun.spec.checks import (
+    require,
+    require_fixed_ways,
+    require_inner_loop,
+    require_optional_count,
+)
 from metarun.tasks import TaskBatch
 from metarun.unroll import functional_call, get_params
 from metarun.unroll.batched import batch_stats_buffers
@@ -174,14 +177,7 @@ class ReptileConfig(AlgoSchema):
         return {"algo.inner_lr": self.inner_lr}
 
     def check_run(self, run: Any) -> None:
-        train_ways, eval_ways = run.dataset.ways()
-        if train_ways != eval_ways:
-            name = registry.option_of("algo", self).name
-            raise ConfigError(
-                f"dataset.eval_n_way must equal dataset.n_way ({train_ways}) for algo={name}, "
-                f"got {eval_ways} (its model's classifier has one output per training class; "
-                "leave dataset.eval_n_way unset)"
-            )
+        require_fixed_ways(self, run)
 
 
 def minibatch_indices(

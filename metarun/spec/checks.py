@@ -102,3 +102,19 @@ def require_inner_loop(
         ">= 0",
         f"algo.eval_inner_steps={eval_steps}",
     )
+
+
+def require_fixed_ways(schema: Any, run: Any) -> None:
+    """An algorithm whose model has one output per training class (a classifier head) tests on
+    as many classes as it trains on: ``dataset.eval_n_way`` must equal ``dataset.n_way``."""
+    from metarun import registry  # the registry imports the spec package
+
+    train_ways, eval_ways = run.dataset.ways()
+    if train_ways != eval_ways:
+        name = registry.option_of("algo", schema).name
+        raise ConfigError(
+            f"dataset.eval_n_way must equal dataset.n_way ({train_ways}) for algo={name}, "
+            f"got {eval_ways} (its model's classifier has one output per training class; "
+            "leave dataset.eval_n_way unset, or use an algorithm without a classifier head "
+            "such as a metric-based learner)"
+        )
