@@ -11,6 +11,8 @@ commit adding an algorithm lists only new files and that line).
 from __future__ import annotations
 
 from metarun.algorithms import maml  # noqa: F401
+from metarun.algorithms import fomaml  # noqa: F401
+from metarun.algorithms import mamlpp  # noqa: F401
 from metarun.algorithms import metasgd  # noqa: F401
 from metarun.algorithms import anil  # noqa: F401
 from metarun.algorithms import reptile  # noqa: F401
@@ -18,3 +20,4 @@ from metarun.algorithms import protonets  # noqa: F401
 from metarun.algorithms import imaml  # noqa: F401
 from metarun.algorithms import l2rw  # noqa: F401
 from metarun.algorithms import mwn  # noqa: F401
+from metarun.algorithms import maml_rl  # noqa: F401

@@ -44,12 +44,12 @@ from metarun.algorithms.inner_loop import InnerLoopLearner
 from metarun.algorithms.inner_rates import InnerRates
 from metarun.algorithms.losses import task_metrics_per_task
 from metarun.algorithms.maml import MAMLConfig
-from metarun.registry import BuildContext, register
+from metarun.registry import register
 from metarun.spec.enums import BNPolicy
 from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
-from metarun.unroll import SGD, functional_call, get_params, inner_loop
-from metarun.unroll.batched import batch_stats_buffers, func_inner_loop
+from metarun.unroll import functional_call, get_params
+from metarun.unroll.batched import batch_stats_buffers
 from metarun.unroll.optimizers import Params
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,6 @@ class ANIL(InnerLoopLearner):
             self.inner_steps,
         )
         self.rates.attach(self)
-        self._optimizer = SGD(lr=float(config.inner_lr))
         if self.copy_initial_weights:
             log.warning(
                 "algo.copy_initial_weights=true: each task's head starts from a detached copy, "
@@ -120,10 +119,6 @@ class ANIL(InnerLoopLearner):
                 "meta-learned",
                 self.head,
             )
-
-    @classmethod
-    def from_config(cls, config: ANILConfig, model: nn.Module, context: BuildContext) -> ANIL:
-        return cls(model, config, task_type=context.task_type)
 
     @property
     def _head_module(self) -> nn.Module:
@@ -211,28 +206,15 @@ class ANIL(InnerLoopLearner):
         """The head after ``steps`` inner steps on ``(features, y)``; ``batched``: written with
         ``torch.func.grad`` to run under ``vmap``."""
 
-        def inner_loss(h: Params) -> Tensor:
-            return self._loss(self._head_forward(h, features), y)
-
-        if batched:
-            return func_inner_loop(
-                inner_loss,
-                head,
-                self._optimizer,
-                steps,
-                hyper=self._hyper(),
-                first_order=self.first_order,
-            )
-        return inner_loop(
-            inner_loss,
+        return self._steps(
+            lambda h: self._loss(self._head_forward(h, features), y),
             head,
-            self._optimizer,
             steps,
             hyper=self._hyper(),
             first_order=self.first_order,
-            track_higher_grads=track,
-            checkpoint=self.checkpoint_inner and track,
-        ).params
+            track=track,
+            func=batched,
+        )
 
     def _task(
         self,
@@ -308,10 +290,3 @@ class ANIL(InnerLoopLearner):
             head = self._adapt_head(self._head_of(params), features, support_y, steps, track=False)
         params.update({f"{self.head}.{n}": p for n, p in head.items()})
         return params
-
-    def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        with self.eval_mode(), torch.no_grad():
-            return self._forward(params, x)
-
-    def log_scalars(self) -> dict[str, float]:
-        return self.rates.log_scalars()

@@ -29,37 +29,32 @@ import torch
 from torch import Tensor, nn
 
 from metarun.algorithms.episodic import MetricTotals, with_meta_loss
-from metarun.algorithms.inner_loop import InnerLoopLearner
+from metarun.algorithms.inner_loop import InnerLoopConfig, InnerLoopLearner
 from metarun.algorithms.inner_rates import InnerRates
-from metarun.algorithms.losses import task_metrics, task_metrics_per_task
-from metarun.algorithms.mamlpp import (
+from metarun.algorithms.losses import task_metrics_per_task
+from metarun.algorithms.stepwise import (
     PerStepBatchNorm,
     StepwiseLoop,
     check_options,
     check_run_options,
 )
-from metarun.registry import BuildContext, register
-from metarun.spec.bases import AlgoSchema
+from metarun.registry import register
 from metarun.spec.checks import (
-    require,
     require_fixed_ways,
-    require_inner_loop,
-    require_optional_count,
 )
-from metarun.spec.enums import BNPolicy, InnerLR, TaskBatching
-from metarun.spec.errors import ConfigError
+from metarun.spec.enums import InnerLR
 from metarun.tasks import TaskBatch
-from metarun.unroll import SGD, GradBackend, get_params, inner_loop
-from metarun.unroll.batched import decomposed_batch_norm, func_inner_loop
+from metarun.unroll import GradBackend, get_params
+from metarun.unroll.batched import decomposed_batch_norm
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class MAMLConfig(AlgoSchema):
-    """``algo=maml``: Finn et al. 2017, second-order unless ``first_order``."""
+class MAMLConfig(InnerLoopConfig):
+    """``algo=maml``: Finn et al. 2017, second-order unless ``first_order``; the inner-loop keys
+    of :class:`~metarun.algorithms.inner_loop.InnerLoopConfig` and MAML++'s options."""
 
-    adaptation_keys: ClassVar[tuple[str, ...]] = ("inner_lr", "inner_steps", "eval_inner_steps")
     #: Whether the algorithm runs MAML's unroll, where the MAML++ options live.
     takes_mamlpp_options: ClassVar[bool] = True
     #: Keys counting outer steps, with the switch that turns each on (metarun.config.checks).
@@ -68,24 +63,6 @@ class MAMLConfig(AlgoSchema):
         "first_order_until": None,
     }
 
-    # The inner loop as chosen for the run's data: the dataset file's `adapt` block (MAML's
-    # settings for that data; generic defaults, reported at start-up, where it has none).
-    inner_lr: float = "${adapt.inner_lr}"  # type: ignore[assignment]  # interpolation
-    inner_steps: int = "${adapt.inner_steps}"  # type: ignore[assignment]
-    # Adaptation steps at validation/test time; the paper uses more than in training on Omniglot.
-    eval_inner_steps: int = "${adapt.eval_inner_steps}"  # type: ignore[assignment]
-    first_order: bool = False
-    # True: the model's weights get no meta-gradient (only e.g. learned inner lrs are meta-learned).
-    copy_initial_weights: bool = False
-    learn_inner_lr: InnerLR = InnerLR.off
-    bn_policy: BNPolicy = BNPolicy.batch_stats
-    # auto: measured at start-up (vmap wins for small models, the loop for conv nets with many
-    # queries on a CPU); loop: the least memory.
-    task_batching: TaskBatching = TaskBatching.auto
-    task_chunk_size: int | None = None  # tasks per vmapped chunk; null = the whole meta-batch
-    memory_budget_mb: float | None = None  # task_batching=auto: skip faster but bigger choices
-    # Recompute inner forwards in the meta-backward: less memory on long unrolls (loop only).
-    checkpoint_inner: bool = False
     # MAML++ (Antoniou et al. 2019, Sec. 4), each off by default; learn_inner_lr=
     # per_layer_per_step is its LSLR. Multi-step loss: the query loss after every inner step,
     # weighted, annealed over msl_anneal_steps outer steps to the final step's alone.
@@ -98,85 +75,20 @@ class MAMLConfig(AlgoSchema):
     first_order_until: int | None = None
 
     def __post_init__(self) -> None:
-        require_inner_loop(
-            self.inner_lr, self.inner_steps, self.eval_inner_steps, lr="0.01", eval_steps="10"
-        )
-        require_optional_count(
-            "algo.task_chunk_size", self.task_chunk_size, "algo.task_chunk_size=8"
-        )
-        require(
-            self.memory_budget_mb is None or self.memory_budget_mb > 0,
-            "algo.memory_budget_mb",
-            self.memory_budget_mb,
-            "> 0 or null",
-            "algo.memory_budget_mb=4000",
-        )
-        if self.checkpoint_inner and self.task_batching is TaskBatching.vmap:
-            raise ConfigError(
-                "algo.checkpoint_inner=true needs algo.task_batching=loop or auto, got "
-                "algo.task_batching=vmap (torch.func transforms do not support activation "
-                "checkpointing; auto uses the loop)"
-            )
-        if self.task_batching is TaskBatching.vmap and self.bn_policy is not BNPolicy.batch_stats:
-            raise ConfigError(
-                f"algo.task_batching=vmap needs algo.bn_policy=batch_stats, got "
-                f"algo.bn_policy={self.bn_policy.value} (tasks computed at once cannot share "
-                "running statistics; set algo.task_batching=loop)"
-            )
+        super().__post_init__()
         check_options(self)
-
-    def step_sizes(self) -> dict[str, float]:
-        return {"algo.inner_lr": self.inner_lr}
 
     def check_run(self, run: Any) -> None:
         check_run_options(self, run)
         require_fixed_ways(self, run)
 
 
-@dataclass
-class FOMAMLConfig(MAMLConfig):
-    """``algo=fomaml``: first-order MAML (Finn et al. 2017, Sec. 5.2), i.e. MAML without
-    second derivatives."""
-
-    first_order: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.first_order:
-            raise ConfigError(
-                "algo.first_order must be true for algo=fomaml, got False "
-                "(use algo=maml for second-order MAML)"
-            )
-
-
-@dataclass
-class MAMLPPConfig(MAMLConfig):
-    """``algo=mamlpp``: MAML++ (Antoniou, Edwards & Storkey 2019), i.e. MAML with its options
-    on: the multi-step loss, per-layer per-step learned inner rates and per-step BatchNorm
-    weights and statistics, over 5 inner steps. Derivative-order annealing needs the run's
-    length (``algo.first_order_until``; the ``omniglot_mamlpp_*`` presets set it). Its own schema
-    so that checkpoints and results record ``algo=mamlpp``; every key is MAML's and each option
-    can be turned off."""
-
-    chosen_defaults: ClassVar[dict[str, str]] = {
-        "inner_steps": "Antoniou et al. 2019: 5 inner steps in training and at test"
-    }
-
-    inner_steps: int = 5
-    eval_inner_steps: int = "${.inner_steps}"  # type: ignore[assignment]  # interpolation
-    learn_inner_lr: InnerLR = InnerLR.per_layer_per_step
-    multi_step_loss: bool = True
-    per_step_bn: bool = True
-
-
-@register("algo", "mamlpp", MAMLPPConfig)
-@register("algo", "fomaml", FOMAMLConfig)
 @register("algo", "maml", MAMLConfig)
 class MAML(InnerLoopLearner):
     """Model-agnostic meta-learning on :mod:`metarun.unroll`'s functional layer, with its
     relatives as options: first order, learned inner rates (scalar, Meta-SGD's elementwise,
     MAML++'s per layer and step), MAML++'s multi-step loss, per-step BatchNorm and
-    derivative-order annealing (:mod:`metarun.algorithms.mamlpp`).
+    derivative-order annealing (:mod:`metarun.algorithms.stepwise`).
 
     Args:
         model: the network whose initial weights are meta-learned.
@@ -201,16 +113,11 @@ class MAML(InnerLoopLearner):
         super().__init__(model, config, task_type=task_type, **keys)
         config = self.config
         self.learn_inner_lr = config.learn_inner_lr
-        self._has_batch_norm = any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
-        )
         self.multi_step_loss = config.multi_step_loss
         self.msl_anneal_steps = config.msl_anneal_steps
         self.first_order_until = config.first_order_until
         self.outer_step = 0  # set by the runner before each step (set_step)
-        self.per_step_bn = (
-            PerStepBatchNorm(model, self.inner_steps) if config.per_step_bn else None
-        )
+        self.per_step_bn = PerStepBatchNorm(model, self.inner_steps) if config.per_step_bn else None
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         # What the inner loop adapts: per-step BatchNorm weights are meta-learned, not adapted.
         frozen = self.per_step_bn.affine_names if self.per_step_bn is not None else []
@@ -224,7 +131,6 @@ class MAML(InnerLoopLearner):
             self.inner_steps,
         )
         self.rates.attach(self)
-        self._optimizer = SGD(lr=float(config.inner_lr))
         # MAML++'s step-by-step loop when any of its options is on, else MAML's original loops.
         self._stepwise = (
             StepwiseLoop(self, self.per_step_bn, adapted)
@@ -237,10 +143,6 @@ class MAML(InnerLoopLearner):
                 "the model's initial weights receive NO meta-gradient and are not meta-learned "
                 "(hypergrad/norm stays 0). Set algo.copy_initial_weights=false for MAML."
             )
-
-    @classmethod
-    def from_config(cls, config: MAMLConfig, model: nn.Module, context: BuildContext) -> MAML:
-        return cls(model, config, task_type=context.task_type)
 
     # -- runner hooks ------------------------------------------------------------------------
     def set_step(self, step: int) -> None:
@@ -269,31 +171,19 @@ class MAML(InnerLoopLearner):
             return True
         return self.first_order
 
-    def _metrics(self, out: Tensor, y: Tensor) -> dict[str, Tensor]:
-        return task_metrics(self.task_type, out, y)
-
-    def _task_metrics(self, out: Tensor, y: Tensor) -> dict[str, Tensor]:
-        return task_metrics_per_task(self.task_type, out, y)
-
     def _adapt(self, sx: Tensor, sy: Tensor, steps: int, *, track: bool) -> dict[str, Tensor]:
         params = get_params(self.model, copy=self.copy_initial_weights or not track)
         if self._stepwise is not None:
             return self._stepwise.run(params, sx, sy, steps, track=track)[0]
 
-        def inner_loss(p: dict[str, Tensor]) -> Tensor:
-            return self._loss(self._forward(p, sx), sy)
-
-        result = inner_loop(
-            inner_loss,
+        return self._steps(
+            lambda p: self._loss(self._forward(p, sx), sy),
             params,
-            self._optimizer,
             steps,
             hyper=self._hyper(),
             first_order=self._first_order_now(),
-            track_higher_grads=track,
-            checkpoint=self.checkpoint_inner and track,
+            track=track,
         )
-        return result.params
 
     # -- protocol ----------------------------------------------------------------------------
     def meta_train_step(self, batch: TaskBatch) -> dict[str, Any]:
@@ -303,7 +193,7 @@ class MAML(InnerLoopLearner):
 
         def on_tasks(tasks: TaskBatch, losses: Tensor, outs: Tensor, batched: bool) -> None:
             if self._stepwise is not None or not batched:
-                totals.add("post", self._task_metrics(outs, tasks.query_y))
+                totals.add("post", task_metrics_per_task(self.task_type, outs, tasks.query_y))
                 if self._stepwise is not None:
                     totals.add("meta", {"loss": losses})
             else:
@@ -318,7 +208,7 @@ class MAML(InnerLoopLearner):
                     pre = torch.func.vmap(self._pre_forward)(tasks.query_x)
                 else:
                     pre = self._pre_forward(tasks.query_x[0])[None]
-                totals.add("pre", self._task_metrics(pre, tasks.query_y))
+                totals.add("pre", task_metrics_per_task(self.task_type, pre, tasks.query_y))
 
         self.run_tasks(batch, self._one_task, self._batched_tasks, on_tasks)
         return with_meta_loss(totals.means(len(batch)))
@@ -326,11 +216,7 @@ class MAML(InnerLoopLearner):
     def _one_task(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
         if self._stepwise is not None:
             initial = get_params(self.model, copy=self.copy_initial_weights)
-            _, meta_loss, out = self._stepwise.run(
-                initial, sx, sy, self.inner_steps, track=True, query=(qx, qy)
-            )
-            assert meta_loss is not None and out is not None  # given a query
-            return meta_loss, out
+            return self._stepwise.task(initial, sx, sy, qx, qy)
         params = self._adapt(sx, sy, self.inner_steps, track=True)
         out = self._forward(params, qx)
         return self._loss(out, qy), out
@@ -346,11 +232,8 @@ class MAML(InnerLoopLearner):
         # Only the double backward of the native batch norm has the wrong vmap rule; first order
         # never differentiates an inner gradient, and the native kernel is 15-30% faster there.
         # Without batch norm the mode would only tax every other op (it intercepts them all).
-        bn_mode = (
-            decomposed_batch_norm
-            if self._has_batch_norm and not first_order
-            else contextlib.nullcontext
-        )
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        bn_mode = decomposed_batch_norm if has_bn and not first_order else contextlib.nullcontext
 
         def run(chunk: TaskBatch) -> tuple[Tensor, Tensor]:
             with bn_mode():
@@ -371,22 +254,15 @@ class MAML(InnerLoopLearner):
         """One task's meta-loss and query outputs, for ``torch.func.vmap`` (a method, not a
         closure made per step, so that ``compile=true`` compiles it once)."""
         if self._stepwise is not None:
-            _, meta_loss, query_out = self._stepwise.run(
-                p, sx, sy, self.inner_steps, track=True, grad=GradBackend.func, query=(qx, qy)
-            )
-            assert meta_loss is not None and query_out is not None  # given a query
-            return meta_loss, query_out
+            return self._stepwise.task(p, sx, sy, qx, qy, grad=GradBackend.func)
 
-        def inner_loss(q: dict[str, Tensor]) -> Tensor:
-            return self._loss(self._forward(q, sx), sy)
-
-        adapted = func_inner_loop(
-            inner_loss,
+        adapted = self._steps(
+            lambda q: self._loss(self._forward(q, sx), sy),
             p,
-            self._optimizer,
             self.inner_steps,
             hyper=hyper,
             first_order=first_order,
+            func=True,
         )
         out = self._forward(adapted, qx)
         return self._loss(out, qy), out
@@ -413,14 +289,3 @@ class MAML(InnerLoopLearner):
         steps = self.eval_inner_steps if steps is None else steps
         with self.eval_mode():
             return self._adapt(support_x, support_y, steps, track=False)
-
-    def predict(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        with self.eval_mode(), torch.no_grad():
-            return self._forward(params, x)
-
-    def log_scalars(self) -> dict[str, float]:
-        return self.rates.log_scalars()
-
-
-def _key(name: str) -> str:
-    return name.replace(".", "__")
