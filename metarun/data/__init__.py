@@ -49,3 +49,4 @@ __all__ += ["load_image_folder"]
 from metarun.data.torchvision_data import load_torchvision  # noqa: E402
 
 __all__ += ["load_torchvision"]
+from metarun.data import navigation2d  # noqa: E402,F401  (meta-RL environments)

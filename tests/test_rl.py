@@ -1,0 +1,265 @@
+"""MAML-RL (algo=maml_rl) on 2D navigation: the meta-gradient through the policy-gradient inner
+step against float64 finite differences, TRPO's KL constraint, exact resume, and a short run whose
+adapted policy beats the unadapted one."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from metarun.algorithms.maml_rl import MAMLRL, MAMLRLConfig
+from metarun.data.navigation2d import GoalTasks, Navigation2D, Navigation2DConfig
+from metarun.models.mlp import MLP
+from metarun.rl import Batch, trpo_step
+from metarun.rl.episodes import discounted_returns, gae, linear_baseline
+from metarun.rl.policy import gaussian_kl, gaussian_log_prob
+from metarun.runner import api
+from metarun.runner.checkpoint import load_checkpoint
+from metarun.runner.trainer import Trainer
+
+# A navigation run of a few seconds: short episodes, a small policy, few tasks.
+TINY_RL = [
+    "algo=maml_rl",
+    "dataset=navigation2d",
+    "dataset.horizon=20",
+    "model.hidden=[32,32]",
+    "meta_batch_size=4",
+    "algo.fast_batch_size=5",
+    "outer_steps=4",
+    "eval.every=0",
+    "eval.num_tasks=8",
+    "eval.batch_size=8",
+    "eval.curve_steps=[]",
+    "log.every=1",
+    "save.every=2",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "device=cpu",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Small matrices: one thread is several times faster than two contending for the cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _algo(first_order: bool = False, inner_lr: float = 0.3) -> MAMLRL:
+    config = MAMLRLConfig(
+        inner_lr=inner_lr, inner_steps=1, eval_inner_steps=1, first_order=first_order
+    )
+    algo = MAMLRL(MLP(2, (6,), 2), config, Navigation2DConfig())
+    with torch.no_grad():
+        algo.log_std.fill_(-0.3)
+    return algo.double()
+
+
+def _fixed_batch(tasks: int, samples: int, generator: torch.Generator) -> Batch:
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    mask = torch.ones(tasks, samples, dtype=torch.float64)
+    mask[:, -2:] = 0.0  # an episode that ended early: its last steps must not count
+    return Batch(randn(tasks, samples, 2), randn(tasks, samples, 2), randn(tasks, samples), mask)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_meta_gradient_matches_finite_differences(first_order):
+    """The gradient of the meta-objective (surrogate of the adapted policy on fixed post-
+    adaptation episodes, adapted by one VPG step on fixed pre-adaptation episodes) against
+    central differences in float64; first order: against the objective with the inner
+    gradient held at its value at the initial parameters."""
+    g = torch.Generator().manual_seed(0)
+    algo = _algo(first_order)
+    inner = (_fixed_batch(3, 9, g),)
+    post = _fixed_batch(3, 9, g)
+    old_logp = torch.randn(3, 9, generator=g, dtype=torch.float64) * 0.1 - 2.0
+    theta = {k: v.detach() for k, v in algo.params().items()}
+    leaves = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+    grad = torch.autograd.grad(algo.surrogate(leaves, inner, post, old_logp), list(leaves.values()))
+    analytic = dict(zip(leaves, grad))
+
+    if first_order:
+        # theta' = theta - lr * g(theta0): the inner gradient is a constant.
+        def task(batch: Batch, i: int) -> Batch:
+            return Batch(*(t[i] for t in batch))
+
+        inner_grad = [
+            dict(zip(leaves, torch.autograd.grad(
+                algo.inner_loss(leaves, task(inner[0], i)), list(leaves.values())
+            )))
+            for i in range(3)
+        ]  # fmt: skip
+        valid = float(post.mask[0].sum())
+
+        def objective(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            total = torch.zeros((), dtype=torch.float64)
+            for i in range(3):
+                adapted = {k: p[k] - 0.3 * inner_grad[i][k] for k in p}
+                task_post = task(post, i)
+                ratio = (algo._log_prob(adapted, task_post.observations, task_post.actions)
+                         - old_logp[i]).exp()  # fmt: skip
+                total = total - (ratio * task_post.advantages * task_post.mask).sum() / valid
+            return total / 3
+    else:
+
+        def objective(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return algo.surrogate(p, inner, post, old_logp)
+
+    eps = 1e-6
+    with torch.no_grad():
+        for key, value in theta.items():
+            numeric = torch.zeros_like(value)
+            for index in range(value.numel()):
+                bump = torch.zeros_like(value).view(-1)
+                bump[index] = eps
+                bump = bump.view_as(value)
+                up = objective({**theta, key: value + bump})
+                down = objective({**theta, key: value - bump})
+                numeric.view(-1)[index] = (up - down) / (2 * eps)
+            torch.testing.assert_close(analytic[key], numeric, rtol=1e-6, atol=1e-8, msg=key)
+    if not first_order:
+        # Second order differs from first order: the check above saw the inner Hessian.
+        fo = _algo(True)
+        fo.load_state_dict(algo.state_dict())
+        leaves = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+        fo_grad = torch.autograd.grad(
+            fo.surrogate(leaves, inner, post, old_logp), list(leaves.values())
+        )
+        assert not all(torch.allclose(a, b) for a, b in zip(grad, fo_grad))
+
+
+def test_trpo_step_satisfies_its_kl_constraint():
+    """On a Gaussian policy with fixed samples: the step lowers the surrogate, keeps the mean KL
+    within max_kl, and reaches the constraint's boundary to first order (the quadratic model
+    is close at a small max_kl), along the natural gradient."""
+    g = torch.Generator().manual_seed(1)
+    n = 400
+    old = {
+        "mean": torch.zeros(2, dtype=torch.float64),
+        "log_std": torch.zeros(2, dtype=torch.float64),
+    }
+    actions = torch.randn(n, 2, generator=g, dtype=torch.float64)
+    adv = (
+        actions[:, 0] + 0.5 * actions[:, 1] + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    )
+    old_logp = gaussian_log_prob(old["mean"], old["log_std"], actions)
+
+    def loss(p):
+        return -(
+            (gaussian_log_prob(p["mean"], p["log_std"], actions) - old_logp).exp() * adv
+        ).mean()
+
+    def kl(p):
+        return gaussian_kl(old["mean"], old["log_std"], p["mean"], p["log_std"])
+
+    for max_kl in (1e-3, 1e-2, 5e-2):
+        out = trpo_step(loss, kl, old, max_kl=max_kl)
+        new = {k: old[k] + out.step[k] for k in old}
+        assert out.backtracks >= 0
+        assert float(kl(new)) <= max_kl
+        assert float(loss(new)) < float(loss(old))
+        if max_kl == 1e-3:
+            assert float(kl(new)) > 0.9 * max_kl  # no backtracking needed: on the boundary
+            # Fisher of a unit Gaussian: diag(1, 1, 2, 2); the step is F^-1 (-grad), scaled.
+            point = {k: v.clone().requires_grad_(True) for k, v in old.items()}
+            grad = torch.autograd.grad(loss(point), [point["mean"], point["log_std"]])
+            natural = torch.cat([-grad[0], -grad[1] / 2])
+            step = torch.cat([out.step["mean"], out.step["log_std"]])
+            assert torch.nn.functional.cosine_similarity(step, natural, dim=0) > 0.999
+
+
+def test_meta_train_step_reports_a_step_within_max_kl():
+    algo = _algo(inner_lr=0.1).float()
+    algo.config.fast_batch_size = 4
+    algo.dataset = Navigation2DConfig(horizon=15)
+    batch = GoalTasks(-0.5, 0.5).sample(3, torch.Generator().manual_seed(0))
+    metrics = algo.meta_train_step(batch)
+    assert 0 < float(metrics["train/kl"]) <= algo.config.max_kl
+    assert float(metrics["train/meta_loss"]) < float(metrics["train/meta_loss_before"])
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in algo.meta_parameters())
+
+
+def test_advantages_with_a_linear_baseline():
+    """Returns-to-go, GAE with lambda=1 equals returns minus the baseline, and the linear-feature
+    baseline fits returns that are linear in its features exactly."""
+    rewards = torch.tensor([[[1.0, 2.0, 3.0, 0.0]]], dtype=torch.float64)
+    mask = torch.tensor([[[1.0, 1.0, 1.0, 0.0]]], dtype=torch.float64)
+    returns = discounted_returns(rewards, 0.5)
+    torch.testing.assert_close(
+        returns, torch.tensor([[[2.75, 3.5, 3.0, 0.0]]], dtype=torch.float64)
+    )
+    values = torch.tensor([[[0.5, 1.0, 1.5, 9.0]]], dtype=torch.float64)
+    torch.testing.assert_close(gae(rewards, values, mask, 0.5, 1.0), (returns - values) * mask)
+    g = torch.Generator().manual_seed(2)
+    obs = torch.randn(2, 5, 7, 2, generator=g, dtype=torch.float64)
+    full = torch.ones(2, 5, 7, dtype=torch.float64)
+    target = 3 * obs[..., 0] - obs[..., 1].square() + 0.5
+    torch.testing.assert_close(
+        linear_baseline(obs, full, target, reg=1e-10), target, atol=1e-6, rtol=0
+    )
+
+
+def test_navigation_dynamics_follow_the_authors_environment():
+    env = Navigation2D(horizon=5)
+    goals = torch.tensor([[0.05, 0.0], [-0.3, 0.2]])
+    obs = env.reset(goals, 2)
+    assert obs.shape == (2, 2, 2) and not obs.any()
+    # Actions are clipped to [-1, 1] and scaled by 0.1; the first task's goal is reached.
+    obs, reward, done = env.step(torch.tensor([[[0.5, 0.0], [5.0, 0.0]]] * 2))
+    torch.testing.assert_close(obs[0], torch.tensor([[0.05, 0.0], [0.1, 0.0]]))
+    torch.testing.assert_close(reward[0], torch.tensor([0.0, -0.05]))
+    assert done[0].tolist() == [True, False] and not done[1].any()
+
+
+@pytest.fixture
+def train_rl(make_config):
+    def _run(run_dir, overrides=()):
+        args = [*TINY_RL, *overrides]
+        return api.run(make_config(args), run_dir, overrides=args)
+
+    return _run
+
+
+def test_resume_is_exact(train_rl, tmp_path, monkeypatch):
+    once = train_rl(tmp_path / "once")
+    assert once.step == 4
+    original = Trainer.train_step
+
+    def preempted(self, **kwargs):
+        metrics = original(self, **kwargs)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    monkeypatch.setattr(Trainer, "train_step", preempted)
+    cut = train_rl(tmp_path / "cut")
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert cut.stopped_by == "SIGTERM" and cut.step == 2
+    resumed = train_rl(tmp_path / "cut", ["resume=true"])
+    assert resumed.step == 4
+    a = load_checkpoint(tmp_path / "once/checkpoints/last.pt")["algorithm"]
+    b = load_checkpoint(tmp_path / "cut/checkpoints/last.pt")["algorithm"]
+    assert a.keys() == b.keys() and "log_std" in a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert once.results["test"]["metrics"] == resumed.results["test"]["metrics"]
+
+
+def test_short_run_adapts_better_than_it_starts(train_rl, tmp_path):
+    """After a few outer steps, one policy-gradient step on a new goal raises the return on it
+    (mean over the fixed test goals, beyond the 95% interval of the difference's noise)."""
+    summary = train_rl(
+        tmp_path / "run", ["dataset.horizon=50", "outer_steps=3", "eval.num_tasks=16"]
+    )
+    metrics = summary.results["test"]["metrics"]
+    post, pre = metrics["return"], metrics["pre_return"]
+    assert post["n"] == pre["n"] == 16
+    assert post["mean"] > pre["mean"] + pre["ci95"], (pre, post)
