@@ -50,3 +50,4 @@ from metarun.data.torchvision_data import load_torchvision  # noqa: E402
 
 __all__ += ["load_torchvision"]
 from metarun.data import navigation2d  # noqa: E402,F401  (meta-RL environments)
+from metarun.data import locomotion  # noqa: E402,F401  (MuJoCo: metarun[rl])

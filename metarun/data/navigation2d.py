@@ -52,8 +52,11 @@ class Navigation2D:
         self._goals = torch.zeros(0, 1, 2)
         self._state = torch.zeros(0, 0, 2)
 
-    def reset(self, tasks: Tensor, episodes: int) -> Tensor:
-        """``tasks``: ``(T, 2)`` goals -> ``(T, N, 2)`` start positions (the origin)."""
+    def reset(
+        self, tasks: Tensor, episodes: int, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """``tasks``: ``(T, 2)`` goals -> ``(T, N, 2)`` start positions (the origin: the
+        ``generator`` is not used)."""
         self._goals = tasks.to(self.device, self.dtype).unsqueeze(1)  # (T, 1, 2)
         self._state = torch.zeros(tasks.shape[0], episodes, 2, device=self.device, dtype=self.dtype)
         return self._state.clone()

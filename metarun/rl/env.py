@@ -35,9 +35,10 @@ class VectorEnv(Protocol):
     action_dim: int
     horizon: int
 
-    def reset(self, tasks: Tensor, episodes: int) -> Tensor:
-        """Start ``episodes`` episodes of each of the ``(T, task_dim)`` tasks; returns the first
-        observations ``(T, N, observation_dim)``."""
+    def reset(self, tasks: Tensor, episodes: int, generator: torch.Generator) -> Tensor:
+        """Start ``episodes`` episodes of each of the ``(T, task_dim)`` tasks (any randomness
+        of the initial states from ``generator``); returns the first observations
+        ``(T, N, observation_dim)``."""
         ...
 
     def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:

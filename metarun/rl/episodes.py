@@ -72,7 +72,7 @@ def sample_episodes(
     The action noise is drawn on the CPU from ``generator`` alone (then moved to the tasks'
     device), so the episodes depend only on the policy, the tasks and the generator's state.
     """
-    obs = env.reset(tasks, episodes)  # (T, N, O)
+    obs = env.reset(tasks, episodes, generator)  # (T, N, O)
     t, n = obs.shape[:2]
     alive = torch.ones(t, n, dtype=obs.dtype, device=obs.device)
     observations, actions, rewards, masks = [], [], [], []
