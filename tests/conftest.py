@@ -78,16 +78,52 @@ def make_config(compose_cfg: Compose) -> Callable[..., RunConfig]:
     return _make
 
 
+Train = Callable[..., RunSummary]
+
+
 @pytest.fixture
-def train(make_config: Callable[..., RunConfig], tiny: list[str]) -> Callable[..., RunSummary]:
+def train_with(make_config: Callable[..., RunConfig], tiny: list[str]) -> Callable[..., Train]:
+    """``train_with(settings)`` -> ``train(run_dir, overrides)``: a tiny run (``tiny``, then
+    ``settings``, then ``overrides``) as the CLI does it. A test file that adds its own settings
+    to every run overrides ``train`` with ``train_with(ITS_SETTINGS)``."""
+
+    def _with(settings: Sequence[str]) -> Train:
+        def _train(run_dir: Path, overrides: Sequence[str] = ()) -> RunSummary:
+            args = [*tiny, *settings, *overrides]
+            return api.run(make_config(args), run_dir, overrides=args)
+
+        return _train
+
+    return _with
+
+
+@pytest.fixture
+def train(train_with: Callable[..., Train]) -> Train:
     """``train(run_dir, overrides)``: a tiny run (``tiny`` plus ``overrides``) as the CLI does
-    it. Test files that add their own settings to every run define their own ``train``."""
+    it."""
+    return train_with(())
 
-    def _train(run_dir: Path, overrides: Sequence[str] = ()) -> RunSummary:
-        args = [*tiny, *overrides]
-        return api.run(make_config(args), run_dir, overrides=args)
 
-    return _train
+@pytest.fixture
+def float64_default() -> Iterator[None]:
+    """float64 as torch's default dtype for the test: torch.optim keeps scalar state (step,
+    NAdam's mu_product, ASGD's eta) in the default dtype, and float64 comparisons need it float64
+    too, or torch's own float32 rounding dominates the error."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def mnist_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root with generated official-format MNIST test files (40 fours, 60 nines and 5
+    ones), which ``helpers.MNIST_IMBALANCE`` reads."""
+    from metarun.testing import write_mnist
+
+    root = tmp_path_factory.mktemp("data")
+    write_mnist(root / "mnist" / "raw", "t10k", {4: 40, 9: 60, 1: 5}, marker=1, gz=True)
+    return root
 
 
 @pytest.fixture

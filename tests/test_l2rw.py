@@ -3,37 +3,15 @@ and a look-ahead that leaves the model and its optimizer untouched."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from helpers import CentralDifference, SmallNet, ThreadAllReduce, run_in_threads, small_batch
 
 from metarun.algorithms.l2rw import ERM, L2RW, Shards, normalise_weights
 from metarun.tasks import TaskBatch
 
 DT = torch.float64
-
-
-class SmallNet(nn.Module):
-    def __init__(self, bn: bool = False) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(4, 6)
-        self.bn = nn.BatchNorm1d(6) if bn else nn.Identity()
-        self.fc2 = nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.tanh(self.bn(self.fc1(x))))
-
-
-def _data():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(8, 4, dtype=DT, generator=g)
-    y = torch.randint(0, 3, (8,), generator=g)
-    vx = torch.randn(6, 4, dtype=DT, generator=g)
-    vy = torch.randint(0, 3, (6,), generator=g)
-    return x, y, vx, vy
 
 
 def _algo(opt_fn, bn: bool = False, **kw) -> L2RW:
@@ -54,7 +32,7 @@ def _algo(opt_fn, bn: bool = False, **kw) -> L2RW:
 )
 def test_eps_gradient_matches_finite_differences(opt_fn) -> None:
     algo = _algo(opt_fn)
-    x, y, vx, vy = _data()
+    x, y, vx, vy = small_batch()
     # Give the optimizer some state first so the look-ahead starts from it.
     F.cross_entropy(algo.model(x), y).backward()
     algo.optimizer.step()
@@ -66,14 +44,15 @@ def test_eps_gradient_matches_finite_differences(opt_fn) -> None:
         e[i] = h
         up = algo._lookahead_val_loss(e, x, y, vx, vy)[0].item()
         down = algo._lookahead_val_loss(-e, x, y, vx, vy)[0].item()
-        assert grad[i].item() == pytest.approx((up - down) / (2 * h), rel=1e-6, abs=1e-12)
+        # The absolute part is the roundoff of the difference (was abs=1e-12, below it).
+        assert grad[i].item() == CentralDifference(up, down, h).approx(rel=1e-6)
 
 
 def test_eps_gradient_closed_form_for_plain_sgd() -> None:
     """One SGD step: d L_val / d eps_i = -lr * grad L_val(theta) . grad l_i(theta)."""
     lr = 0.05
     algo = _algo(lambda p: torch.optim.SGD(p, lr=lr))
-    x, y, vx, vy = _data()
+    x, y, vx, vy = small_batch()
     params = list(algo.model.parameters())
     g_val = torch.autograd.grad(F.cross_entropy(algo.model(vx), vy), params)
     expected = []
@@ -97,7 +76,7 @@ def test_normalise_weights_edge_cases() -> None:
 
 def test_lookahead_leaves_model_buffers_and_optimizer_untouched() -> None:
     algo = _algo(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), bn=True)
-    x, y, vx, vy = _data()
+    x, y, vx, vy = small_batch()
     F.cross_entropy(algo.model(x), y).backward()
     algo.optimizer.step()
     algo.optimizer.zero_grad()
@@ -114,7 +93,7 @@ def test_lookahead_leaves_model_buffers_and_optimizer_untouched() -> None:
 
 
 def test_train_step_uses_weights_and_erm_is_uniform() -> None:
-    x, y, vx, vy = _data()
+    x, y, vx, vy = small_batch()
     batch = TaskBatch(x[None], y[None], vx[None], vy[None], support_info=y[None].clone())
     algo = _algo(lambda p: torch.optim.SGD(p, lr=0.1))
     w = algo.example_weights(x, y, vx, vy)
@@ -139,7 +118,7 @@ def test_needs_optimizer_and_valid_lookahead_lr() -> None:
     with pytest.raises(ValueError, match="algo.lookahead_lr must be > 0"):
         L2RW(SmallNet(), lookahead_lr=0.0)
     algo = L2RW(SmallNet().to(DT))
-    x, y, vx, vy = _data()
+    x, y, vx, vy = small_batch()
     with pytest.raises(RuntimeError, match="attach_optimizer"):
         algo.eps_gradient(x, y, vx, vy)
 
@@ -149,7 +128,7 @@ def test_lookahead_takes_the_optimizers_current_rate() -> None:
     must step with that rate. A fresh SGD step is linear in the rate, so halving the rate halves
     the eps-gradient (-lr * <grad clean loss, grad loss_i>)."""
     algo = _algo(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
-    x, y, vx, vy = _data()
+    x, y, vx, vy = small_batch()
     full = algo.eps_gradient(x, y, vx, vy)
     from metarun.config import MetaOptimizerConfig, ScheduleName
     from metarun.runner.build import LRSchedule
@@ -161,30 +140,11 @@ def test_lookahead_takes_the_optimizers_current_rate() -> None:
     torch.testing.assert_close(algo.eps_gradient(x, y, vx, vy), full / 10, rtol=1e-10, atol=0)
 
 
-class _ThreadAllReduce:
-    """A stand-in for torch.distributed among threads: every thread sums the same tensors in
-    the same order, so all get identical results."""
-
-    def __init__(self, n: int) -> None:
-        self.slots: list[torch.Tensor | None] = [None] * n
-        self.barrier = threading.Barrier(n, timeout=60)
-
-    def for_rank(self, rank: int):
-        def all_reduce(t: torch.Tensor) -> None:
-            self.slots[rank] = t.clone()
-            self.barrier.wait()
-            total = sum(s for s in self.slots if s is not None)
-            self.barrier.wait()
-            t.copy_(total)
-
-        return all_reduce
-
-
 @pytest.mark.parametrize("kind", ["l2rw", "erm"])
 def test_data_parallel_step_equals_the_whole_batch_step(kind: str) -> None:
     """Two processes, each with half of the training and clean examples, then the runner's
     gradient and metric averaging: the single-process step on the whole batch (float64)."""
-    x, y, vx, vy = _data()
+    x, y, vx, vy = small_batch()
     flipped = y.clone()
     flipped[::3] = (flipped[::3] + 1) % 3
     batch = TaskBatch(x[None], y[None], vx[None], vy[None], support_info=flipped[None])
@@ -205,7 +165,7 @@ def test_data_parallel_step_equals_the_whole_batch_step(kind: str) -> None:
 
     whole = make()
     expected = whole.meta_train_step(batch)
-    reduce = _ThreadAllReduce(2)
+    reduce = ThreadAllReduce(2)
     ranks = [make() for _ in range(2)]
     for rank, algo in enumerate(ranks):
         algo.set_shards(Shards(rank, 2, reduce.for_rank(rank)))
@@ -214,11 +174,7 @@ def test_data_parallel_step_equals_the_whole_batch_step(kind: str) -> None:
     def step(rank: int) -> None:
         results[rank] = ranks[rank].meta_train_step(batch)
 
-    threads = [threading.Thread(target=step, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(step)
     assert all(results), "a rank failed"
     for p, a, b in zip(whole.model.parameters(), *(r.model.parameters() for r in ranks)):
         torch.testing.assert_close((a.grad + b.grad) / 2, p.grad, rtol=1e-10, atol=1e-14)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CentralDifference, central_difference
 from torch import nn
 
 import metarun.unroll as mu
@@ -105,20 +106,6 @@ def _meta_loss(kind: str, opt_name: str, copy: bool, model: nn.Module, override:
     return meta, p0
 
 
-def _fd_directional(f: Callable[[], torch.Tensor], tensors: list[torch.Tensor], dirs, eps=1e-6):
-    def shift(scale: float) -> None:
-        with torch.no_grad():
-            for t, d in zip(tensors, dirs):
-                t.add_(scale * eps * d)
-
-    shift(1.0)
-    up = f().item()
-    shift(-2.0)
-    down = f().item()
-    shift(1.0)
-    return (up - down) / (2 * eps)
-
-
 @pytest.mark.parametrize("copy", [True, False], ids=["copy", "nocopy"])
 @pytest.mark.parametrize("opt_name", list(OPTS))
 @pytest.mark.parametrize("kind", ["mlp", "conv", "lstm"])
@@ -138,20 +125,21 @@ def test_meta_gradient_matches_finite_differences(kind: str, opt_name: str, copy
     targets = list(model.parameters()) + hyper
     dirs = [torch.randn(t.shape, dtype=DT, generator=gen) for t in targets]
     analytic = sum((g * d).sum() for g, d in zip(grads, dirs)).item()
-    numeric = _fd_directional(
+    numeric = central_difference(
         lambda: _meta_loss(kind, opt_name, copy, model, override)[0], targets, dirs
     )
-    assert analytic == pytest.approx(numeric, rel=1e-6, abs=1e-9)
+    # The absolute part is the difference's roundoff (2e-9 |loss| at h=1e-6): abs=1e-9 was below.
+    assert analytic == numeric.approx(rel=1e-6)
 
     # Each hyperparameter on its own, so a wrong-but-small hypergradient cannot hide.
     for i, h in enumerate(hyper):
         g_h = grads[len(wrt) + i].item()
-        num_h = _fd_directional(
+        num_h = central_difference(
             lambda: _meta_loss(kind, opt_name, copy, model, override)[0],
             [h],
             [torch.ones((), dtype=DT)],
         )
-        assert g_h == pytest.approx(num_h, rel=1e-5, abs=1e-9)
+        assert g_h == num_h.approx(rel=1e-5)
 
 
 def _toy(copy: bool, w0: float = 0.7):
@@ -182,8 +170,8 @@ def test_toy_case_copy_initial_weights() -> None:
     meta.backward()
     assert model.weight.grad is not None
     eps = 1e-6
-    fd = (_toy(False, 0.7 + eps)[1].item() - _toy(False, 0.7 - eps)[1].item()) / (2 * eps)
-    assert model.weight.grad.item() == pytest.approx(fd, rel=1e-7)
+    fd = CentralDifference(_toy(False, 0.7 + eps)[1].item(), _toy(False, 0.7 - eps)[1].item(), eps)
+    assert model.weight.grad.item() == fd.approx(rel=1e-7)
     assert model.weight.grad.item() != 0.0
 
 
@@ -206,7 +194,7 @@ def test_per_parameter_learning_rates_functional_api() -> None:
     targets = [lrs[n] for n in names] + list(model.parameters())
     dirs = [torch.randn(t.shape, dtype=DT, generator=gen) for t in targets]
     analytic = sum((g * d).sum() for g, d in zip(grads, dirs)).item()
-    assert analytic == pytest.approx(_fd_directional(meta, targets, dirs), rel=1e-6)
+    assert analytic == central_difference(meta, targets, dirs).approx(rel=1e-6)
     # Different lrs per parameter give different adapted weights than one shared lr.
     assert not torch.allclose(grads[0], grads[0].mean().expand_as(grads[0]))
 

@@ -8,15 +8,8 @@ from torch import nn
 
 import metarun.unroll as mu
 
-
-@pytest.fixture(autouse=True)
-def _float64_default():
-    # torch.optim keeps scalar state (step, NAdam's mu_product) in the default dtype; float64
-    # comparisons need it float64 too, or torch's own float32 rounding dominates the error.
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# float64 comparisons with torch.optim need its scalar state in float64 too.
+pytestmark = pytest.mark.usefixtures("float64_default")
 
 
 CASES = [

@@ -1,0 +1,195 @@
+"""Helpers several test files share (fixtures live in ``conftest.py``; fake data files in
+:mod:`metarun.testing`). pytest puts ``tests/`` on ``sys.path``, so a test imports them as
+``from helpers import ...``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+METARUN = str(Path(sys.executable).with_name("metarun"))
+BIN = Path(sys.executable).parent
+
+# The MNIST imbalance dataset on a 50-image pool of the files ``conftest.mnist_files`` writes.
+MNIST_IMBALANCE = [
+    "dataset=mnist_imbalance",
+    "dataset.source_split=test",
+    "dataset.pos_ratio=0.9",
+    "dataset.n_train=50",
+    "dataset.n_val=4",
+    "dataset.n_test=10",
+    "dataset.batch_size=8",
+]
+
+# A few seconds: 4 steps of L2RW or MWN on it.
+MNIST_TINY = [
+    *MNIST_IMBALANCE,
+    "outer_steps=4",
+    "log.every=2",
+    "eval.every=2",
+    "save.every=2",
+    "log.progress=false",
+    "device=cpu",
+]
+
+
+# ------------------------------------------------------------------------------ real processes
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a ``metarun`` subprocess: Hydra's short error reports, and one thread
+    per process (the runs are tiny, and equal thread counts keep float results comparable
+    between processes)."""
+    env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_metarun(
+    args: Sequence[str],
+    cwd: Path,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 180,
+    command: Sequence[str] = (METARUN,),
+) -> subprocess.CompletedProcess[str]:
+    """``metarun *args`` (or ``command *args``) in ``cwd``, output captured as text."""
+    return subprocess.run(
+        [*command, *args],
+        cwd=cwd,
+        env=cli_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run's ``metrics.jsonl``, one dict a logged step."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------- finite differences
+
+# How many float64 roundings the value of a small network's loss carries, at most, relative to
+# its size: a generous count, so that the bound is never the reason a correct gradient fails.
+_ROUNDINGS = 10
+
+
+@dataclass(frozen=True)
+class CentralDifference:
+    """``(f(x + h d) - f(x - h d)) / 2h`` with what its rounding allows.
+
+    Each of the two values carries up to ``_ROUNDINGS * eps * |f|`` of rounding, so the
+    quotient carries ``_ROUNDINGS * eps * |f| / h``: an absolute tolerance below that fails by
+    chance (issue 19: 1.1e-10 against ``abs=1e-10`` on a loaded machine), whatever the gradient.
+    """
+
+    up: float
+    down: float
+    h: float
+
+    @property
+    def value(self) -> float:
+        return (self.up - self.down) / (2 * self.h)
+
+    @property
+    def roundoff(self) -> float:
+        eps = torch.finfo(torch.float64).eps
+        return _ROUNDINGS * eps * max(abs(self.up), abs(self.down)) / self.h
+
+    def approx(self, rel: float) -> Any:
+        """``pytest.approx`` of the difference: ``rel`` for the truncation error, the roundoff
+        as the absolute part."""
+        return pytest.approx(self.value, rel=rel, abs=self.roundoff)
+
+
+def central_difference(
+    f: Callable[[], torch.Tensor | float],
+    tensors: Sequence[torch.Tensor],
+    dirs: Sequence[torch.Tensor],
+    h: float = 1e-6,
+) -> CentralDifference:
+    """The central difference of ``f()`` along ``dirs``, moving ``tensors`` in place (restored
+    after)."""
+
+    def shift(scale: float) -> None:
+        with torch.no_grad():
+            for t, d in zip(tensors, dirs):
+                t.add_(scale * h * d)
+
+    shift(1.0)
+    up = float(f())
+    shift(-2.0)
+    down = float(f())
+    shift(1.0)
+    return CentralDifference(up, down, h)
+
+
+# ------------------------------------------------------------------ L2RW and MWN step oracles
+
+
+class SmallNet(nn.Module):
+    """A two-layer tanh classifier (4 -> 6 -> 3), with BatchNorm if asked."""
+
+    def __init__(self, bn: bool = False) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.bn = nn.BatchNorm1d(6) if bn else nn.Identity()
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.bn(self.fc1(x))))
+
+
+def small_batch(
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8 training and 6 clean examples for :class:`SmallNet`: ``(x, y, clean_x, clean_y)``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, dtype=dtype, generator=g)
+    y = torch.randint(0, 3, (8,), generator=g)
+    vx = torch.randn(6, 4, dtype=dtype, generator=g)
+    vy = torch.randint(0, 3, (6,), generator=g)
+    return x, y, vx, vy
+
+
+class ThreadAllReduce:
+    """A stand-in for torch.distributed among threads: every thread sums the same tensors in
+    the same order, so all get identical results."""
+
+    def __init__(self, n: int) -> None:
+        self.slots: list[torch.Tensor | None] = [None] * n
+        self.barrier = threading.Barrier(n, timeout=60)
+
+    def for_rank(self, rank: int) -> Callable[[torch.Tensor], None]:
+        def all_reduce(t: torch.Tensor) -> None:
+            self.slots[rank] = t.clone()
+            self.barrier.wait()
+            total = sum(s for s in self.slots if s is not None)
+            self.barrier.wait()
+            t.copy_(total)
+
+        return all_reduce
+
+
+def run_in_threads(work: Callable[[int], None], n: int = 2) -> None:
+    """``work(rank)`` for each rank in its own thread, joined."""
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
