@@ -283,7 +283,7 @@ def test_unwritable_cache_dir_only_warns(tmp_path: Path, caplog) -> None:
         tmp_path, split="random", fractions=(0.34, 0.33, 0.33), image_size=12, cache_dir=blocked
     )
     assert sum(v.shape[0] for v in out.values()) == 3 * 4
-    assert "could not write the Omniglot cache" in caplog.text
+    assert "could not write the omniglot cache" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "images_background_small1.zip"]
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,8 +30,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from metarun.data.download import downloaded, replace_into
-from metarun.data.pickles import load_numpy_pickle
+from metarun.data.download import downloaded, find_under, not_found_message, replace_into
+from metarun.data.pickles import load_numpy_pickle, text
 from metarun.data.supervised import (
     SplitData,
     random_crop_flip,
@@ -54,19 +55,24 @@ _LAYOUT: dict[int, dict[str, Any]] = {
         "train": [f"data_batch_{i}" for i in range(1, 6)],
         "test": ["test_batch"],
         "labels": "labels",
+        "meta": "batches.meta",
         "subdirs": ("", "cifar10", "cifar"),
         "dataset": "CIFAR10",  # torchvision.datasets class holding url, filename and MD5
+        "archive": ("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
     },
     100: {
         "folder": "cifar-100-python",
         "train": ["train"],
         "test": ["test"],
         "labels": "fine_labels",
+        "meta": "meta",
         "subdirs": ("", "cifar100", "cifar"),
         "dataset": "CIFAR100",
+        "archive": ("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
     },
 }
 _SIDE = 32
+FILES_100 = ("train", "test")
 
 
 # --------------------------------------------------------------------------- label noise
@@ -186,51 +192,113 @@ def background_flip(
 # --------------------------------------------------------------------------- files
 
 
-def _read_batch(path: Path, label_key: str) -> tuple[Tensor, Tensor]:
-    """One pickled batch -> ``(images (N, 3, 32, 32) uint8, labels (N,) int64)``."""
+def _unpickle(path: Path) -> Any:
     try:
         # latin1: the official files were pickled by Python 2 (keys and names are byte strings).
-        entry = load_numpy_pickle(io.BytesIO(path.read_bytes()))
-        data, labels = entry["data"], entry[label_key]
+        return load_numpy_pickle(io.BytesIO(path.read_bytes()))
     except Exception as error:  # corrupt bytes raise anything from EOFError to IndexError
         raise ValueError(
             f"cannot read the CIFAR batch {path} ({type(error).__name__}: {error}). Fix: delete "
             f"its folder and set dataset.download=true, or replace it with the official file"
         ) from error
-    images = torch.as_tensor(data)
-    targets = torch.as_tensor(labels, dtype=torch.long)
+
+
+def read_batch(path: Path, label_keys: Sequence[str]) -> tuple[Tensor, list[Tensor]]:
+    """One pickled batch -> ``images (N, 3, 32, 32)`` uint8 and one ``(N,)`` int64 tensor per
+    name in ``label_keys`` (``labels``; ``fine_labels``, ``coarse_labels``).
+
+    Raises:
+        ValueError: the file is damaged or not in the official format, naming it and the fix.
+    """
+    fix = "Fix: replace it with the official file"
+    entry = _unpickle(path)
+    try:
+        entry = {text(k): v for k, v in entry.items()}
+        images = torch.as_tensor(entry["data"])
+        labels = [torch.as_tensor(entry[key], dtype=torch.long) for key in label_keys]
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"{path}: expected a dict with data and {', '.join(label_keys)} "
+            f"({type(error).__name__}: {error}). {fix}"
+        ) from None
     if images.dtype != torch.uint8 or images.dim() != 2 or images.shape[1] != 3 * _SIDE * _SIDE:
         raise ValueError(
             f"{path}: 'data' must be uint8 of shape (N, {3 * _SIDE * _SIDE}), got "
-            f"{images.dtype} {tuple(images.shape)}. Fix: replace it with the official file"
+            f"{images.dtype} {tuple(images.shape)}. {fix}"
         )
-    if targets.shape != (images.shape[0],):
+    for key, targets in zip(label_keys, labels, strict=True):
+        if targets.shape != (images.shape[0],):
+            raise ValueError(
+                f"{path}: {images.shape[0]} images but {tuple(targets.shape)} {key!r}. {fix}"
+            )
+    return images.reshape(-1, 3, _SIDE, _SIDE), labels
+
+
+def cifar_folder(
+    root: Path, num_classes: int, *, download: bool = False, meta: bool = False, option: str = ""
+) -> Path:
+    """The ``cifar-10-batches-py/`` or ``cifar-100-python/`` folder under ``root`` (or its
+    ``cifar10``/``cifar100``/``cifar`` subfolder), downloaded first when missing and
+    ``download``; ``meta``: the label names' file is needed too.
+
+    Raises:
+        FileNotFoundError: not there and ``download=False``; the message names every folder
+            looked in and the fix (``option`` names the dataset option it is for).
+        DownloadError: ``download=True`` but the download failed.
+    """
+    layout = _LAYOUT[num_classes]
+    names = layout["train"] + layout["test"] + ([layout["meta"]] if meta else [])
+
+    def present(folder: Path) -> bool:
+        return all((folder / layout["folder"] / name).is_file() for name in names)
+
+    found = find_under(root, layout["subdirs"], present)
+    if found is None and download:
+        _download(root, num_classes)
+        found = find_under(root, layout["subdirs"], present)
+    if found is None:
+        filename, md5 = layout["archive"]
+        raise FileNotFoundError(
+            not_found_message(
+                f"CIFAR-{num_classes}" + (f" (for dataset={option})" if option else ""),
+                root,
+                layout["subdirs"],
+                f"{layout['folder']}/ holding {', '.join(names)}",
+                f"set dataset.root=<folder holding {layout['folder']}/>, or set "
+                f"dataset.download=true on a machine with network (the official {filename}, "
+                f"MD5 {md5})",
+            )
+        )
+    return found / layout["folder"]
+
+
+def read_cifar100(folder: Path) -> tuple[Tensor, Tensor, Tensor, list[str], list[str]]:
+    """The 60,000 images of ``cifar-100-python/`` (train then test), channels last.
+
+    Returns:
+        ``images (N, 32, 32, 3)`` uint8, ``fine (N,)`` and ``coarse (N,)`` int64 labels, the
+        fine and the coarse label names.
+
+    Raises:
+        ValueError: a file is damaged or not in the official format.
+    """
+    meta = _unpickle(folder / "meta")
+    try:
+        meta = {text(k): v for k, v in meta.items()}
+        fine_names = [text(n) for n in meta["fine_label_names"]]
+        coarse_names = [text(n) for n in meta["coarse_label_names"]]
+    except (AttributeError, KeyError, TypeError) as error:
         raise ValueError(
-            f"{path}: {images.shape[0]} images but {tuple(targets.shape)} {label_key!r}. Fix: "
-            f"replace it with the official file"
-        )
-    return images.reshape(-1, 3, _SIDE, _SIDE), targets
-
-
-def _find(root: Path, num_classes: int) -> Path | None:
-    layout = _LAYOUT[num_classes]
-    for sub in layout["subdirs"]:
-        folder = (root / sub if sub else root) / layout["folder"]
-        if all((folder / name).is_file() for name in layout["train"] + layout["test"]):
-            return folder
-    return None
-
-
-def _not_found_message(root: Path, num_classes: int) -> str:
-    layout = _LAYOUT[num_classes]
-    looked_in = ", ".join(str(root / sub if sub else root) for sub in layout["subdirs"])
-    names = ", ".join(layout["train"] + layout["test"])
-    return (
-        f"CIFAR-{num_classes} not found for dataset.root={str(root)!r} (resolved: "
-        f"{root.resolve()}): looked for {layout['folder']}/ holding {names} in {looked_in}. "
-        f"Fix: set dataset.root=<folder holding {layout['folder']}/>, or set "
-        f"dataset.download=true on a machine with network"
-    )
+            f"{folder / 'meta'}: expected a dict with fine_label_names and coarse_label_names "
+            f"({type(error).__name__}: {error}). Fix: delete {folder} and set "
+            "dataset.download=true, or replace it with the official files"
+        ) from None
+    parts = [read_batch(folder / name, ("fine_labels", "coarse_labels")) for name in FILES_100]
+    # (N, 3, 32, 32) channel-major rows -> channels last, as the other image pools.
+    images = torch.cat([p[0] for p in parts]).permute(0, 2, 3, 1).contiguous()
+    fine = torch.cat([p[1][0] for p in parts])
+    coarse = torch.cat([p[1][1] for p in parts])
+    return images, fine, coarse, fine_names, coarse_names
 
 
 def _download(root: Path, num_classes: int) -> None:
@@ -256,9 +324,9 @@ def _download(root: Path, num_classes: int) -> None:
 
 def _read_split(folder: Path, num_classes: int, split: str) -> tuple[Tensor, Tensor]:
     layout = _LAYOUT[num_classes]
-    parts = [_read_batch(folder / name, layout["labels"]) for name in layout[split]]
+    parts = [read_batch(folder / name, [layout["labels"]]) for name in layout[split]]
     images = torch.cat([p[0] for p in parts])
-    labels = torch.cat([p[1] for p in parts])
+    labels = torch.cat([p[1][0] for p in parts])
     if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
         raise ValueError(
             f"{folder}: {split} labels span [{int(labels.min())}, {int(labels.max())}], not "
@@ -371,13 +439,7 @@ def load_cifar_noisy(
         )
     if n_clean < 1:
         raise ValueError(f"dataset.n_clean must be >= 1, got {n_clean} (set e.g. 1000)")
-    root = Path(root).expanduser()
-    folder = _find(root, num_classes)
-    if folder is None and download:
-        _download(root, num_classes)
-        folder = _find(root, num_classes)
-    if folder is None:
-        raise FileNotFoundError(_not_found_message(root, num_classes))
+    folder = cifar_folder(Path(root).expanduser(), num_classes, download=download)
 
     train_images, train_labels = _read_split(folder, num_classes, "train")
     test_images, test_labels = _read_split(folder, num_classes, "test")
@@ -522,6 +584,15 @@ class Cifar100NoisyConfig(Cifar10NoisyConfig):
     _classes: ClassVar[int] = 100
 
 
+def cifar_sources(config: Any, data: SplitData) -> TaskSources:
+    """The training and clean batches of a CIFAR option (``batch_size``, ``clean_batch_size``,
+    ``augment``, ``crop_padding``)."""
+    augment = (
+        functools.partial(random_crop_flip, padding=config.crop_padding) if config.augment else None
+    )
+    return reweighting_sources(data, config.batch_size, config.clean_batch_size, augment)
+
+
 @register("dataset", "cifar100_noisy", Cifar100NoisyConfig)
 @register("dataset", "cifar10_noisy", Cifar10NoisyConfig)
 def build_cifar_noisy(config: Cifar10NoisyConfig) -> TaskSources:
@@ -535,7 +606,4 @@ def build_cifar_noisy(config: Cifar10NoisyConfig) -> TaskSources:
         download=config.download,
         background=config.background,
     )
-    augment = (
-        functools.partial(random_crop_flip, padding=config.crop_padding) if config.augment else None
-    )
-    return reweighting_sources(data, config.batch_size, config.clean_batch_size, augment)
+    return cifar_sources(config, data)

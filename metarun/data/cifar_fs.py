@@ -19,10 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-import torch
-from torch import Tensor
-
-from metarun.data.download import downloaded, replace_into
+from metarun.data.cifar import cifar_folder, read_cifar100
 from metarun.data.images import (
     SPLITS,
     ClassPool,
@@ -30,20 +27,14 @@ from metarun.data.images import (
     cached_pools,
     fingerprint,
     image_task_sources,
-    load_pickle,
     resize_images,
-    root_hint,
     stack_classes,
-    text,
 )
 from metarun.registry import register
 from metarun.tasks import TaskSources
 
 logger = logging.getLogger(__name__)
 
-FOLDER = "cifar-100-python"
-FILES = ("train", "test", "meta")
-_SUBDIRS = ("", "cifar100", "cifar")
 _SIDE = 32
 
 # Bertinetto et al. 2019 (R2D2), the CIFAR-FS split files of github.com/bertinetto/r2d2, as
@@ -88,95 +79,6 @@ CIFAR_MEAN = [0.5074, 0.4867, 0.4411]
 CIFAR_STD = [0.2675, 0.2566, 0.2763]
 
 
-def _find(root: Path) -> Path | None:
-    for sub in _SUBDIRS:
-        folder = (root / sub if sub else root) / FOLDER
-        if all((folder / name).is_file() for name in FILES):
-            return folder
-    return None
-
-
-def not_found_message(root: Path, option: str) -> str:
-    looked_in = ", ".join(str(root / sub if sub else root) for sub in _SUBDIRS)
-    return (
-        f"CIFAR-100 (for dataset={option}) not found for {root_hint(root)}: looked for "
-        f"{FOLDER}/ holding {', '.join(FILES)} in {looked_in}. Fix: set dataset.root=<folder "
-        f"holding {FOLDER}/>, or set dataset.download=true on a machine with network (the "
-        f"official cifar-100-python.tar.gz, MD5 eb9058c3a382ffc7106e4002c42a8d85)"
-    )
-
-
-def _download(root: Path) -> None:
-    # Imported here: torchvision.datasets takes about a second to import.
-    import torchvision.datasets
-    from torchvision.datasets.utils import extract_archive
-
-    spec = torchvision.datasets.CIFAR100
-    dest = root / FOLDER
-    fix = (
-        f"extract the official {spec.filename} (MD5 {spec.tgz_md5}) into {root} yourself, so "
-        f"that {dest} holds {', '.join(FILES)}"
-    )
-    with downloaded(spec.url, spec.filename, spec.tgz_md5, into=root, fix=fix) as archive:
-        extract_archive(str(archive), str(archive.parent))
-        dest.mkdir(parents=True, exist_ok=True)
-        for path in sorted((archive.parent / FOLDER).iterdir()):
-            replace_into(path, dest / path.name)
-
-
-def read_cifar100(folder: Path) -> tuple[Tensor, Tensor, Tensor, list[str], list[str]]:
-    """The 60,000 images of ``cifar-100-python/`` (train then test).
-
-    Returns:
-        ``images (N, 32, 32, 3)`` uint8, ``fine (N,)`` and ``coarse (N,)`` int64 labels, the
-        fine and the coarse label names.
-
-    Raises:
-        ValueError: a file is damaged or not in the official format.
-    """
-    fix = f"delete {folder} and set dataset.download=true, or replace it with the official files"
-    meta = load_pickle(folder / "meta", fix)
-    try:
-        meta = {text(k): v for k, v in meta.items()}
-        fine_names = [text(n) for n in meta["fine_label_names"]]
-        coarse_names = [text(n) for n in meta["coarse_label_names"]]
-    except (AttributeError, KeyError, TypeError) as error:
-        raise ValueError(
-            f"{folder / 'meta'}: expected a dict with fine_label_names and coarse_label_names "
-            f"({type(error).__name__}: {error}). Fix: {fix}"
-        ) from None
-    parts = []
-    for name in ("train", "test"):
-        batch = load_pickle(folder / name, fix)
-        try:
-            batch = {text(k): v for k, v in batch.items()}
-            data = torch.as_tensor(batch["data"])
-            fine = torch.as_tensor(batch["fine_labels"], dtype=torch.long)
-            coarse = torch.as_tensor(batch["coarse_labels"], dtype=torch.long)
-        except (AttributeError, KeyError, TypeError, ValueError) as error:
-            raise ValueError(
-                f"{folder / name}: expected a dict with data, fine_labels and coarse_labels "
-                f"({type(error).__name__}: {error}). Fix: {fix}"
-            ) from None
-        if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != 3 * _SIDE * _SIDE:
-            raise ValueError(
-                f"{folder / name}: 'data' must be uint8 (N, {3 * _SIDE * _SIDE}), got "
-                f"{data.dtype} {tuple(data.shape)}. Fix: {fix}"
-            )
-        if fine.shape != (data.shape[0],) or coarse.shape != (data.shape[0],):
-            raise ValueError(f"{folder / name}: labels do not match the images. Fix: {fix}")
-        # The rows are channel-major (R plane, G plane, B plane): (N, 3, 32, 32) -> channels last.
-        images = data.view(-1, 3, _SIDE, _SIDE).permute(0, 2, 3, 1).contiguous()
-        parts.append((images, fine, coarse))
-    return (
-        torch.cat([p[0] for p in parts]),
-        torch.cat([p[1] for p in parts]),
-        torch.cat([p[2] for p in parts]),
-        fine_names,
-        coarse_names,
-    )
-
-
 def split_classes(
     option: str, fine_names: list[str], coarse_of: dict[str, int]
 ) -> dict[str, tuple[str, ...]]:
@@ -213,14 +115,8 @@ def load_cifar_fewshot(
         FileNotFoundError: no ``cifar-100-python/`` and ``download=False``.
         ValueError: damaged files, or class names missing from them.
     """
-    root = Path(root).expanduser()
-    folder = _find(root)
-    if folder is None and download:
-        _download(root)
-        folder = _find(root)
-    if folder is None:
-        raise FileNotFoundError(not_found_message(root, option))
-    files = [folder / name for name in FILES]
+    folder = cifar_folder(Path(root).expanduser(), 100, download=download, meta=True, option=option)
+    files = [folder / name for name in ("train", "test", "meta")]
 
     def decode() -> dict[str, ClassPool]:
         images, fine, coarse, fine_names, _ = read_cifar100(folder)

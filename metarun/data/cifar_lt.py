@@ -19,7 +19,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -32,14 +31,13 @@ from torch import Tensor
 from metarun.data.cifar import (
     _LAYOUT,
     _clean_split,
-    _download,
-    _find,
-    _not_found_message,
     _read_split,
     _to_float,
     check_cifar_batches,
+    cifar_folder,
+    cifar_sources,
 )
-from metarun.data.supervised import SplitData, random_crop_flip, reweighting_sources
+from metarun.data.supervised import SplitData
 from metarun.registry import register
 from metarun.spec.bases import SUPERVISED, DatasetSchema
 from metarun.spec.checks import require
@@ -123,13 +121,7 @@ def load_cifar_lt(
         raise ValueError(
             f"dataset.n_clean_per_class must be >= 1, got {n_clean_per_class} (set e.g. 10)"
         )
-    root = Path(root).expanduser()
-    folder = _find(root, num_classes)
-    if folder is None and download:
-        _download(root, num_classes)
-        folder = _find(root, num_classes)
-    if folder is None:
-        raise FileNotFoundError(_not_found_message(root, num_classes))
+    folder = cifar_folder(Path(root).expanduser(), num_classes, download=download)
     images, labels = _read_split(folder, num_classes, "train")
     test_images, test_labels = _read_split(folder, num_classes, "test")
 
@@ -269,7 +261,4 @@ def build_cifar_lt(config: Cifar10LTConfig) -> TaskSources:
         seed=config.seed,
         download=config.download,
     )
-    augment = (
-        functools.partial(random_crop_flip, padding=config.crop_padding) if config.augment else None
-    )
-    return reweighting_sources(data, config.batch_size, config.clean_batch_size, augment)
+    return cifar_sources(config, data)

@@ -1,4 +1,8 @@
-"""Downloads, one helper for every data set: MD5-checked, atomic, and quick to fail offline.
+"""Finding and downloading data files, one helper each for every data set.
+
+:func:`find_under` looks for a data set's files in ``dataset.root`` and the subfolders it may
+sit in, and :func:`not_found_message` says in one form what was looked for where and the fix.
+Downloads are MD5-checked, atomic, and quick to fail offline.
 
 Built on torchvision's downloader (:func:`torchvision.datasets.utils.download_url`, whose MD5
 check is :func:`~torchvision.datasets.utils.check_integrity`). A file is written into a staging
@@ -17,7 +21,7 @@ import os
 import socket
 import tempfile
 import urllib.error
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -30,6 +34,33 @@ DOWNLOAD_TIMEOUT_S = 30.0
 # What a failed download raises: URLError (no network, DNS), socket timeouts and resets (OSError),
 # torchvision's RuntimeError on a checksum mismatch, a truncated HTTP response.
 DOWNLOAD_ERRORS = (urllib.error.URLError, OSError, RuntimeError, http.client.HTTPException)
+
+
+def root_hint(root: Path) -> str:
+    """``dataset.root`` as given and as resolved, for messages."""
+    return f"dataset.root={str(root)!r} (resolved: {root.resolve()})"
+
+
+def find_under(root: Path, subdirs: Sequence[str], present: Callable[[Path], bool]) -> Path | None:
+    """The first of ``root/sub`` for ``sub`` in ``subdirs`` (``""``: ``root`` itself) that
+    holds the files, as ``present(folder)`` says; ``None`` if none does."""
+    for sub in subdirs:
+        folder = root / sub if sub else root
+        if present(folder):
+            return folder
+    return None
+
+
+def not_found_message(
+    what: str, root: Path, subdirs: Sequence[str], looked_for: str, fix: str
+) -> str:
+    """The one form of every data set's "not found" message: what, for which ``dataset.root``,
+    the files looked for, every folder looked in, and the fix."""
+    looked_in = ", ".join(str(root / sub if sub else root) for sub in subdirs)
+    return (
+        f"{what} not found for {root_hint(root)}: looked for {looked_for} in {looked_in}. "
+        f"Fix: {fix}"
+    )
 
 
 class DownloadError(ValueError, RuntimeError):

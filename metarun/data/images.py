@@ -15,7 +15,7 @@ import io
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeAlias
@@ -77,14 +77,20 @@ def open_image(image: ImageLike) -> Image.Image:
     )
 
 
+def decode_image(image: Image.Image, image_size: int, channels: int = 3) -> Image.Image:
+    """An image file's pixels as the file-based loaders decode them: RGB (``channels=3``:
+    miniImageNet's and tieredImageNet's image folders and pickles of PNGs) or 8-bit grey
+    (``channels=1``: Omniglot), resized with LANCZOS (antialiased) to ``image_size`` when it
+    differs."""
+    converted = image.convert("RGB" if channels == 3 else "L")
+    if converted.size != (image_size, image_size):
+        converted = converted.resize((image_size, image_size), Image.Resampling.LANCZOS)
+    return converted
+
+
 def decode_rgb(image: Image.Image, image_size: int) -> Image.Image:
-    """An image file's pixels as the file-based loaders decode them (miniImageNet's and
-    tieredImageNet's image folders and pickles of PNGs): RGB, resized with LANCZOS to
-    ``image_size`` when it differs."""
-    rgb = image.convert("RGB")
-    if rgb.size != (image_size, image_size):
-        rgb = rgb.resize((image_size, image_size), Image.Resampling.LANCZOS)
-    return rgb
+    """:func:`decode_image` in RGB."""
+    return decode_image(image, image_size, 3)
 
 
 def normalise(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -132,9 +138,8 @@ class ClassPool:
                 f"{len(self.names)} class names for {self.images.shape[0]} classes of images"
             )
 
-
-def root_hint(root: Path) -> str:
-    return f"dataset.root={str(root)!r} (resolved: {root.resolve()})"
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def fingerprint(paths: Sequence[Path]) -> str:
@@ -180,11 +185,6 @@ def load_pickle(path: Path, fix: str) -> Any:
         ) from error
 
 
-def text(value: Any) -> str:
-    """A key or name from a pickle, as ``str`` (Python 2 pickles hold bytes)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 # --------------------------------------------------------------------------- cache
 
 
@@ -196,11 +196,15 @@ def default_cache_dir() -> Path:
 def cached_pools(
     dataset: str,
     key: str,
-    cache_dir: str | None,
+    cache_dir: str | Path | None,
     decode: Callable[[], dict[str, ClassPool]],
+    splits: Sequence[str] = SPLITS,
 ) -> dict[str, ClassPool]:
     """The decoded pools of ``dataset`` from the cache file keyed by ``key`` (the sources'
     fingerprints and the decoding settings), or ``decode()`` then written there.
+
+    ``splits`` names the pools ``decode`` returns: the three splits, or one pool of every class
+    where the split is drawn after loading (Omniglot: another seed needs no new decode).
 
     A cache that cannot be read or written only costs a decode (logged): data folders are often
     shared or read-only.
@@ -219,7 +223,7 @@ def cached_pools(
                     state[split]["images"],
                     state[split].get("offsets"),
                 )
-                for split in SPLITS
+                for split in splits
             }
         except Exception as error:  # a corrupt cache only costs a re-decode
             logger.warning(
@@ -230,6 +234,7 @@ def cached_pools(
             return pools
     pools = decode()
     _save(
+        dataset,
         path,
         {
             s: {"names": list(p.names), "images": p.images, "offsets": p.offsets}
@@ -239,7 +244,7 @@ def cached_pools(
     return pools
 
 
-def _save(path: Path, state: dict[str, Any]) -> None:
+def _save(dataset: str, path: Path, state: dict[str, Any]) -> None:
     tmp_path: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,8 +259,9 @@ def _save(path: Path, state: dict[str, Any]) -> None:
         logger.info("cached decoded images in %s", path)
     except OSError as error:
         logger.warning(
-            "could not write the cache %s (%s); set dataset.cache_dir to a writable folder to "
-            "avoid decoding on every run",
+            "could not write the %s cache %s (%s); set dataset.cache_dir to a writable folder "
+            "to avoid decoding on every run",
+            dataset,
             path,
             error,
         )
@@ -288,8 +294,9 @@ def stack_classes(
 
 
 @dataclass
-class FewShotImageConfig(DatasetSchema):
-    """Keys shared by the RGB few-shot image datasets (each subclass sets its defaults)."""
+class FewShotConfig(DatasetSchema):
+    """Keys every few-shot image dataset shares: where the files are, the image size, the cache,
+    and the task shape (ways, shots, queries; the evaluation's own)."""
 
     root: str = "data"
     image_size: int = 84
@@ -300,20 +307,16 @@ class FewShotImageConfig(DatasetSchema):
     k_query: int = 15
     eval_k_shot: int | None = None
     eval_k_query: int | None = None
-    # Classes per validation/test task; null = n_way (ProtoNets trains with more ways).
+    # Classes per validation/test task; null = n_way. Metric-based learners train with more
+    # ways than they test with (Snell et al. 2017: 60-way training, 5- and 20-way test).
     eval_n_way: int | None = None
-    # Random crop (zero padding of augment_padding pixels) + horizontal flip of training tasks'
-    # images, as the MetaOptNet and ProtoNets pipelines; off for the MAML presets (Finn et al.
-    # 2017 use none).
-    augment: bool = False
-    augment_padding: int = 8
-    # Per-channel statistics of the images in [0, 1] (subclasses: the dataset's own).
-    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
-    std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
 
     models: ClassVar[tuple[str, ...]] = ("conv4", "resnet12")
     #: The option name, for messages.
     option: ClassVar[str] = "images"
+    #: The smallest ``dataset.image_size`` and the example its message suggests.
+    min_image_size: ClassVar[int] = 8
+    image_size_example: ClassVar[str] = "dataset.image_size=84"
 
     def ways(self) -> tuple[int, int]:
         return self.n_way, self.eval_n_way or self.n_way
@@ -332,12 +335,38 @@ class FewShotImageConfig(DatasetSchema):
         require_optional_count("dataset.eval_k_shot", self.eval_k_shot, "dataset.eval_k_shot=1")
         require_optional_count("dataset.eval_k_query", self.eval_k_query, "dataset.eval_k_query=15")
         require(
-            self.image_size >= 8,
+            self.image_size >= self.min_image_size,
             "dataset.image_size",
             self.image_size,
-            ">= 8",
-            "dataset.image_size=84",
+            f">= {self.min_image_size}",
+            self.image_size_example,
         )
+
+    def normalisation(self) -> tuple[list[float] | None, list[float] | None, int]:
+        """``(mean, std, augment_padding)`` of the tasks' images: none by default (the pools
+        are used as decoded, in ``[0, 1]``)."""
+        return None, None, 0
+
+
+@dataclass
+class FewShotImageConfig(FewShotConfig):
+    """Keys shared by the RGB few-shot image datasets (each subclass sets its defaults)."""
+
+    # Random crop (zero padding of augment_padding pixels) + horizontal flip of training tasks'
+    # images, as the MetaOptNet and ProtoNets pipelines; off for the MAML presets (Finn et al.
+    # 2017 use none).
+    augment: bool = False
+    augment_padding: int = 8
+    # Per-channel statistics of the images in [0, 1] (subclasses: the dataset's own).
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+
+    def image_channels(self) -> int:
+        """Colour channels of the images the model sees."""
+        return 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         require(
             self.augment_padding >= 0,
             "dataset.augment_padding",
@@ -345,11 +374,17 @@ class FewShotImageConfig(DatasetSchema):
             ">= 0",
             "dataset.augment_padding=8",
         )
+        channels = self.image_channels()
+        names = "(R, G, B)" if channels == 3 else f"(one per channel: dataset.channels={channels})"
         for key, values, example in (
             ("dataset.mean", self.mean, "dataset.mean=[0.47,0.45,0.41]"),
             ("dataset.std", self.std, "dataset.std=[0.28,0.27,0.28]"),
         ):
-            require(len(values) == 3, key, list(values), "3 values (R, G, B)", example)
+            if channels != 3:
+                example = f"{key}=[{0.0 if key == 'dataset.mean' else 1.0}]"
+            require(
+                len(values) == channels, key, list(values), f"{channels} values {names}", example
+            )
         require(
             all(s > 0 for s in self.std),
             "dataset.std",
@@ -358,13 +393,21 @@ class FewShotImageConfig(DatasetSchema):
             "dataset.std=[0.28,0.27,0.28]",
         )
 
+    def normalisation(self) -> tuple[list[float] | None, list[float] | None, int]:
+        return list(self.mean), list(self.std), self.augment_padding if self.augment else 0
+
     def check_model(self, model: Any) -> None:
+        channels = self.image_channels()
         require_image_model(
             model,
             n_way=self.n_way,
             image_size=self.image_size,
-            channels=3,
-            colours=f"3 for dataset={self.option} (RGB)",
+            channels=channels,
+            colours=(
+                f"3 for dataset={self.option} (RGB)"
+                if channels == 3
+                else f"{channels} for dataset={self.option} with dataset.channels={channels}"
+            ),
         )
 
     def transform(self, image: ImageLike) -> Tensor:
@@ -381,30 +424,36 @@ class FewShotImageConfig(DatasetSchema):
         return normalise(pixels, self.mean, self.std)
 
 
-def _per_class(pool: ClassPool) -> str:
-    if pool.offsets is None:
-        return str(int(pool.images.shape[1]))
+def _per_class(pool: ClassPool | Tensor) -> str:
+    if isinstance(pool, Tensor) or pool.offsets is None:
+        images = pool if isinstance(pool, Tensor) else pool.images
+        return str(int(images.shape[1]))
     counts = pool.offsets.diff()
     return f"{int(counts.min())}-{int(counts.max())}"
 
 
-def image_task_sources(config: FewShotImageConfig, pools: dict[str, ClassPool]) -> TaskSources:
-    """Training tasks (augmented when ``dataset.augment``) and fixed-seed val/test sources."""
+def image_task_sources(
+    config: FewShotConfig, pools: Mapping[str, ClassPool | Tensor]
+) -> TaskSources:
+    """Training tasks (normalised and augmented as ``config.normalisation()`` says) and
+    fixed-seed val/test sources, from :class:`ClassPool` s or float ``(C, M, *input_shape)``
+    pools."""
     logger.info(
         "%s: %s classes (train/val/test), %s images per class, %dpx",
         config.option,
-        "/".join(str(len(pools[s].names)) for s in SPLITS),
+        "/".join(str(len(pools[s])) for s in SPLITS),
         "/".join(_per_class(pools[s]) for s in SPLITS),
         config.image_size,
     )
     n, eval_n = config.ways()
     shot, query = config.k_shot, config.k_query
     eval_shot, eval_query = config.eval_k_shot or shot, config.eval_k_query or query
-    mean, std = list(config.mean), list(config.std)
-    padding = config.augment_padding if config.augment else 0
+    mean, std, padding = config.normalisation()
 
     def tasks(split: str, ways: int, shots: int, queries: int, augment: int = 0) -> FewShotTasks:
         pool = pools[split]
+        if isinstance(pool, Tensor):
+            return FewShotTasks(pool, ways, shots, queries, augment_padding=augment)
         return FewShotTasks(
             pool.images,
             ways,

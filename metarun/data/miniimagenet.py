@@ -27,6 +27,8 @@ from typing import ClassVar
 import torch
 from PIL import Image
 
+from metarun.data.download import find_under
+from metarun.data.download import not_found_message as _not_found
 from metarun.data.images import (
     SPLITS,
     ClassPool,
@@ -36,9 +38,8 @@ from metarun.data.images import (
     image_task_sources,
     load_pickle,
     resize_images,
-    root_hint,
-    text,
 )
+from metarun.data.pickles import text
 from metarun.registry import register
 from metarun.tasks import TaskSources
 
@@ -93,28 +94,29 @@ def _expected(split: str) -> str:
 
 
 def not_found_message(root: Path) -> str:
-    looked_in = ", ".join(str(root / sub if sub else root) for sub in _SUBDIRS)
-    return (
-        f"miniImageNet not found for {root_hint(root)}: looked in {looked_in} for either (a) "
-        f"the pickled caches {'; '.join(_expected(s) for s in SPLITS)}, or (b) Ravi & "
+    return _not_found(
+        "miniImageNet",
+        root,
+        _SUBDIRS,
+        f"either (a) the pickled caches {'; '.join(_expected(s) for s in SPLITS)}, or (b) Ravi & "
         f"Larochelle's train.csv, val.csv and test.csv (38,400/9,600/12,000 rows of "
         f"filename,label, from github.com/twitter/meta-learning-lstm, data/miniImagenet/) with "
         f"the images they name in images/<filename> (or <label>/<filename>). There is no "
-        f"download. Fix: put either set of files in one of these folders, or set "
-        f"dataset.root=<folder holding them>. Verify: metarun loads them and checks the shapes, "
-        f"the 600 images per class and the 64/16/20 classes, and logs the counts it found"
+        f"download",
+        "put either set of files in one of these folders, or set dataset.root=<folder holding "
+        "them>. Verify: metarun loads them and checks the shapes, the 600 images per class and "
+        "the 64/16/20 classes, and logs the counts it found",
     )
 
 
 def _find(root: Path) -> tuple[str, Path] | None:
-    for sub in _SUBDIRS:
-        folder = root / sub if sub else root
-        if all((folder / PICKLE.format(split=s)).is_file() for s in SPLITS):
-            return "pickle", folder
-    for sub in _SUBDIRS:
-        folder = root / sub if sub else root
-        if all((folder / f"{s}.csv").is_file() for s in SPLITS):
-            return "csv", folder
+    for kind, present in (
+        ("pickle", lambda f: all((f / PICKLE.format(split=s)).is_file() for s in SPLITS)),
+        ("csv", lambda f: all((f / f"{s}.csv").is_file() for s in SPLITS)),
+    ):
+        folder = find_under(root, _SUBDIRS, present)
+        if folder is not None:
+            return kind, folder
     return None
 
 

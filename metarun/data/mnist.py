@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from metarun.data.download import download_file
+from metarun.data.download import download_file, find_under, not_found_message, root_hint
 from metarun.data.supervised import (
     SplitData,
     reweighting_sources,
@@ -52,35 +52,30 @@ _DOWNLOAD_SUBDIR = "MNIST/raw"  # where torchvision.datasets.MNIST(root) would p
 _IDX_UBYTE = 0x08  # IDX type code of unsigned bytes
 
 
-def _root_hint(root: Path) -> str:
-    return f"dataset.root={str(root)!r} (resolved: {root.resolve()})"
+def _file(folder: Path, stem: str) -> Path | None:
+    return next((c for c in (folder / f"{stem}.gz", folder / stem) if c.is_file()), None)
 
 
 def _find(root: Path, split: str) -> tuple[Path, Path] | None:
     """``(images, labels)`` files of ``split`` ("train" or "test"), or None."""
-    for sub in _SUBDIRS:
-        folder = root / sub if sub else root
-        images, labels = (
-            next((c for c in (folder / f"{stem}.gz", folder / stem) if c.is_file()), None)
-            for stem in _STEMS[split]
-        )
-        if images is not None and labels is not None:
-            return images, labels
-    return None
+    folder = find_under(root, _SUBDIRS, lambda f: all(_file(f, s) for s in _STEMS[split]))
+    images, labels = (None, None) if folder is None else (_file(folder, s) for s in _STEMS[split])
+    return None if images is None or labels is None else (images, labels)
 
 
 def _not_found_message(root: Path, split: str) -> str:
-    looked_in = ", ".join(str(root / sub if sub else root) for sub in _SUBDIRS)
-    names = " and ".join(f"{stem}.gz" for stem in _STEMS[split])
     hint = (
         " (only the 10,000-image test split is needed with dataset.source_split=test)"
         if split == "train"
         else ""
     )
-    return (
-        f"MNIST {split} split not found for {_root_hint(root)}: looked for {names} (or the same "
-        f"names without .gz) in {looked_in}. Fix: set dataset.root=<folder holding them>, or set "
-        f"dataset.download=true on a machine with network{hint}"
+    return not_found_message(
+        f"MNIST {split} split",
+        root,
+        _SUBDIRS,
+        f"{' and '.join(f'{stem}.gz' for stem in _STEMS[split])} (or the same names without .gz)",
+        f"set dataset.root=<folder holding them>, or set dataset.download=true on a machine "
+        f"with network{hint}",
     )
 
 
@@ -100,7 +95,7 @@ def _download(root: Path, split: str) -> None:
             [f"{mirror}{name}" for mirror in MNIST.mirrors],
             dest / name,
             md5[name],
-            where=f"; the files are looked for under {_root_hint(root)}",
+            where=f"; the files are looked for under {root_hint(root)}",
         )
 
 

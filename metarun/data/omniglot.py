@@ -14,12 +14,9 @@ archives (Greek and Latin are in both small sets) counts once.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
-import os
 import random
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -31,12 +28,18 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from metarun.data.download import download_file
-from metarun.data.fewshot import FewShotTasks
-from metarun.data.images import ImageLike, open_image
+from metarun.data.download import download_file, find_under, not_found_message, root_hint
+from metarun.data.images import (
+    ClassPool,
+    FewShotConfig,
+    ImageLike,
+    cached_pools,
+    decode_image,
+    image_task_sources,
+    open_image,
+)
 from metarun.registry import register
-from metarun.spec.bases import DatasetSchema
-from metarun.spec.checks import require, require_image_model, require_optional_count
+from metarun.spec.checks import require, require_image_model
 from metarun.spec.enums import OmniglotSplit
 from metarun.tasks import TaskSources
 
@@ -59,7 +62,10 @@ FULL_CHARACTERS = 1623
 # Finn et al. 2017 (github.com/cbfinn/maml, data_generator.py): 1100 train, 100 val, rest test.
 FINN_TRAIN, FINN_VAL = 1100, 100
 LAKE_VAL_FRACTION = 0.1
-_CACHE_FORMAT = 1  # bump when the decoded representation changes
+# Part of the cache key: bump when the decoded representation changes. 2: the shared cache of
+# metarun.data.images (one pool of every character, channels last); format-1 files
+# (omniglot_<archives>_<size>px_<digest>.pt) are never read again, only rebuilt.
+_CACHE_FORMAT = 2
 # Where root may hold the archives: root itself, or torchvision's / a data folder's subfolder.
 _SUBDIRS = ("", "omniglot", "omniglot-py")
 
@@ -95,33 +101,31 @@ class _Character:
     files: tuple[str, ...]  # zip member names, or paths relative to the source folder
 
 
-def _root_hint(root: Path) -> str:
-    return f"dataset.root={str(root)!r} (resolved: {root.resolve()})"
-
-
 def _find_sources(root: Path) -> dict[str, _Source]:
     found: dict[str, _Source] = {}
-    for sub in _SUBDIRS:
-        folder = root / sub if sub else root
-        for stem in ARCHIVES:
-            if stem in found:
-                continue
+    for stem in ARCHIVES:
+
+        def present(folder: Path, stem: str = stem) -> bool:
+            return (folder / f"{stem}.zip").is_file() or (folder / stem).is_dir()
+
+        folder = find_under(root, _SUBDIRS, present)
+        if folder is not None:
             # Prefer the zip: one file to read and to fingerprint.
-            if (folder / f"{stem}.zip").is_file():
-                found[stem] = _Source(stem, folder / f"{stem}.zip")
-            elif (folder / stem).is_dir():
-                found[stem] = _Source(stem, folder / stem)
+            zipped = folder / f"{stem}.zip"
+            found[stem] = _Source(stem, zipped if zipped.is_file() else folder / stem)
     return found
 
 
 def _not_found_message(root: Path) -> str:
-    looked_in = ", ".join(str((root / sub) if sub else root) for sub in _SUBDIRS)
-    names = ", ".join(f"{stem}.zip" for stem in ARCHIVES)
-    return (
-        f"Omniglot not found for {_root_hint(root)}: looked for {names} (or their extracted "
-        f"folders of the same name) in {looked_in}. Fix: set dataset.root=<folder holding these "
-        f"files>, or set dataset.download=true on a machine with network to fetch "
-        f"{BACKGROUND}.zip and {EVALUATION}.zip from https://github.com/brendenlake/omniglot"
+    return not_found_message(
+        "Omniglot",
+        root,
+        _SUBDIRS,
+        f"{', '.join(f'{stem}.zip' for stem in ARCHIVES)} (or their extracted folders of the "
+        "same name)",
+        f"set dataset.root=<folder holding these files>, or set dataset.download=true on a "
+        f"machine with network to fetch {BACKGROUND}.zip and {EVALUATION}.zip from "
+        "https://github.com/brendenlake/omniglot",
     )
 
 
@@ -135,7 +139,7 @@ def _download(root: Path, sources: dict[str, _Source]) -> None:
             DOWNLOAD_URL.format(name=name),
             root / name,
             DOWNLOAD_MD5[name],
-            where=f"; the archives are read from {_root_hint(root)}",
+            where=f"; the archives are read from {root_hint(root)}",
         )
         sources[stem] = _Source(stem, root / name)
 
@@ -191,11 +195,8 @@ def _index_all(sources: dict[str, _Source]) -> dict[CharacterKey, _Character]:
 
 def grey_pixels(image: Image.Image, image_size: int) -> bytes:
     """An image -> ``image_size**2`` bytes of 8-bit grey (not yet inverted), row-major."""
-    grey = image.convert("L")
-    if grey.size != (image_size, image_size):
-        # The LANCZOS (antialiased) resize of Finn et al.'s omniglot_resized preprocessing.
-        grey = grey.resize((image_size, image_size), Image.Resampling.LANCZOS)
-    return grey.tobytes()
+    # The LANCZOS (antialiased) resize of Finn et al.'s omniglot_resized preprocessing.
+    return decode_image(image, image_size, channels=1).tobytes()
 
 
 def invert(images: Tensor) -> Tensor:
@@ -228,7 +229,8 @@ def _decode_image(data: bytes, image_size: int) -> bytes:
 def _decode(
     keys: Sequence[CharacterKey], characters: dict[CharacterKey, _Character], image_size: int
 ) -> Tensor:
-    """Decode every image: ``(C, M, 1, S, S)`` uint8, strokes 255 and background 0."""
+    """Decode every image: ``(C, M, S, S, 1)`` uint8 (a :class:`ClassPool`'s layout), strokes
+    255 and background 0."""
     counts = {len(characters[k].files) for k in keys}
     if len(counts) != 1:
         by_count = {len(characters[k].files): k for k in keys}
@@ -262,58 +264,33 @@ def _decode(
         for archive in open_zips.values():
             archive.close()
     images = torch.frombuffer(buffer, dtype=torch.uint8)
-    return invert(images).view(len(keys), per_class, 1, image_size, image_size)
+    return invert(images).view(len(keys), per_class, image_size, image_size, 1)
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "metarun"
+def _name(key: CharacterKey) -> str:
+    """A character's class name: its folder path, ``Alphabet/characterNN``."""
+    return f"{key[0]}/{key[1]}"
 
 
-def _cache_file(cache_dir: Path, sources: dict[str, _Source], image_size: int) -> Path:
-    used = [sources[stem] for stem in ARCHIVES if stem in sources]
-    key = "|".join([f"v{_CACHE_FORMAT}", f"size{image_size}", *(s.fingerprint() for s in used)])
-    digest = hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()[:16]
-    names = "+".join(s.stem.removeprefix("images_") for s in used)
-    return cache_dir / f"omniglot_{names}_{image_size}px_{digest}.pt"
+def _decoded(
+    sources: dict[str, _Source],
+    characters: dict[CharacterKey, _Character],
+    image_size: int,
+    cache_dir: str | Path | None,
+    root: Path,
+) -> ClassPool:
+    """Every character decoded, in ``(alphabet, character)`` order, through the shared cache
+    (keyed by the archives' fingerprints and the image size)."""
+    used = [sources[stem].fingerprint() for stem in ARCHIVES if stem in sources]
+    keys = sorted(characters)
 
+    def decode() -> dict[str, ClassPool]:
+        logger.info("decoding %d Omniglot characters from %s", len(keys), root)
+        images = _decode(keys, characters, image_size)
+        return {"characters": ClassPool(tuple(_name(k) for k in keys), images)}
 
-def _load_cache(path: Path) -> tuple[list[CharacterKey], Tensor] | None:
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        keys = [(str(a), str(c)) for a, c in state["characters"]]
-        images = state["images"]
-    except Exception as error:  # a corrupt cache only costs a re-decode
-        logger.warning("ignoring unreadable Omniglot cache %s (%s); decoding again", path, error)
-        return None
-    return keys, images
-
-
-def _save_cache(path: Path, keys: Sequence[CharacterKey], images: Tensor) -> None:
-    tmp_path: Path | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-        ) as tmp:
-            tmp_path = Path(tmp.name)
-            torch.save({"characters": [list(k) for k in keys], "images": images}, tmp)
-        os.chmod(tmp_path, 0o644)  # NamedTemporaryFile makes it 0600
-        os.replace(tmp_path, path)
-        tmp_path = None
-        logger.info("cached decoded Omniglot in %s", path)
-    except OSError as error:  # e.g. a read-only data folder: caching is an optimisation only
-        logger.warning(
-            "could not write the Omniglot cache %s (%s); set dataset.cache_dir to a writable "
-            "folder to avoid decoding on every run",
-            path,
-            error,
-        )
-    finally:
-        if tmp_path is not None:
-            tmp_path.unlink(missing_ok=True)
+    key = f"omniglot-v{_CACHE_FORMAT}|size{image_size}|{'|'.join(used)}"
+    return cached_pools("omniglot", key, cache_dir, decode, splits=("characters",))["characters"]
 
 
 def _split_keys(
@@ -336,7 +313,7 @@ def _split_keys(
             )
             raise ValueError(
                 f"dataset.split=finn needs the full Omniglot ({FULL_CHARACTERS} characters from "
-                f"{BACKGROUND}.zip and {EVALUATION}.zip) but {reason} under {_root_hint(root)} "
+                f"{BACKGROUND}.zip and {EVALUATION}.zip) but {reason} under {root_hint(root)} "
                 f"(found: {', '.join(present)}; {len(ordered)} characters). Fix: set "
                 f"dataset.download=true on a machine with network, or use dataset.split=random "
                 f"(fractions of the characters present) or dataset.split=lake"
@@ -354,7 +331,7 @@ def _split_keys(
             absent = f"{EVALUATION}.zip" if not evaluation else f"{BACKGROUND}.zip"
             raise ValueError(
                 f"dataset.split=lake needs background alphabets for train and {EVALUATION}.zip "
-                f"for test, but {absent} is missing under {_root_hint(root)} (found: "
+                f"for test, but {absent} is missing under {root_hint(root)} (found: "
                 f"{', '.join(present)}). Fix: set dataset.download=true on a machine with "
                 f"network, or use dataset.split=random (fractions of the characters present)"
             )
@@ -459,32 +436,19 @@ def load_omniglot(
     # Split first (cheap: names only), so an impossible split fails before any decoding.
     parts = _split_keys(list(characters), characters, split, fractions, seed, root)
 
-    cache_path = _cache_file(
-        Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(),
-        sources,
-        image_size,
-    )
-    cached = _load_cache(cache_path)
-    if cached is not None and set(cached[0]) == set(characters):
-        keys, images = cached
-        logger.info("loaded decoded Omniglot from %s", cache_path)
-    else:
-        keys = sorted(characters)
-        logger.info("decoding %d Omniglot characters from %s", len(keys), root)
-        images = _decode(keys, characters, image_size)
-        _save_cache(cache_path, keys, images)
-
-    position = {key: i for i, key in enumerate(keys)}
+    pool = _decoded(sources, characters, image_size, cache_dir, root)
+    position = {name: i for i, name in enumerate(pool.names)}
     out: dict[str, Tensor] = {}
     for name, part in parts.items():
-        chosen = images[torch.tensor([position[k] for k in part], dtype=torch.long)]
-        pool = to_unit(chosen)  # (C, M, 1, S, S) in [0, 1]
-        out[name] = _with_rotations(pool) if rotations else pool
+        chosen = pool.images[torch.tensor([position[_name(k)] for k in part], dtype=torch.long)]
+        # (C, M, S, S, 1) -> (C, M, 1, S, S) in [0, 1]
+        unit = to_unit(chosen.movedim(-1, -3).contiguous())
+        out[name] = _with_rotations(unit) if rotations else unit
     return out
 
 
 @dataclass
-class OmniglotConfig(DatasetSchema):
+class OmniglotConfig(FewShotConfig):
     """``dataset=omniglot``: N-way K-shot character classification (Finn et al. 2017, Sec. 5.2)."""
 
     root: str = "${oc.env:METARUN_DATA,data}/omniglot"
@@ -494,42 +458,14 @@ class OmniglotConfig(DatasetSchema):
     download: bool = False
     rotations: bool = True
     image_size: int = 28
-    cache_dir: str | None = None
-    n_way: int = 5
-    k_shot: int = 1
-    # 15 query examples per class during meta-training, as in the MAML reference code.
-    k_query: int = 15
-    eval_k_shot: int | None = None
-    eval_k_query: int | None = None
-    # Classes per validation/test task; null = n_way. Metric-based learners train with more
-    # ways than they test with (Snell et al. 2017: 60-way training, 5- and 20-way test).
-    eval_n_way: int | None = None
 
     models: ClassVar[tuple[str, ...]] = ("conv4",)
-
-    def ways(self) -> tuple[int, int]:
-        return self.n_way, self.eval_n_way or self.n_way
+    option: ClassVar[str] = "omniglot"
+    min_image_size: ClassVar[int] = 4
+    image_size_example: ClassVar[str] = "dataset.image_size=28"
 
     def __post_init__(self) -> None:
-        require(self.n_way >= 2, "dataset.n_way", self.n_way, ">= 2", "dataset.n_way=5")
-        require(
-            self.eval_n_way is None or self.eval_n_way >= 2,
-            "dataset.eval_n_way",
-            self.eval_n_way,
-            ">= 2 or null (null = dataset.n_way)",
-            "dataset.eval_n_way=5",
-        )
-        require(self.k_shot >= 1, "dataset.k_shot", self.k_shot, ">= 1", "dataset.k_shot=1")
-        require(self.k_query >= 1, "dataset.k_query", self.k_query, ">= 1", "dataset.k_query=15")
-        require_optional_count("dataset.eval_k_shot", self.eval_k_shot, "dataset.eval_k_shot=1")
-        require_optional_count("dataset.eval_k_query", self.eval_k_query, "dataset.eval_k_query=15")
-        require(
-            self.image_size >= 4,
-            "dataset.image_size",
-            self.image_size,
-            ">= 4",
-            "dataset.image_size=28",
-        )
+        super().__post_init__()
         require(
             len(self.fractions) == 3
             and all(f >= 0 for f in self.fractions)
@@ -557,6 +493,8 @@ class OmniglotConfig(DatasetSchema):
 
 @register("dataset", "omniglot", OmniglotConfig)
 def build_omniglot(config: OmniglotConfig) -> TaskSources:
+    # Float pools in CPU memory: the trainer's prefetch thread samples there and copies each
+    # meta-batch to the device through pinned memory, overlapping with the previous step.
     pools = load_omniglot(
         config.root,
         split=config.split.value,
@@ -567,18 +505,4 @@ def build_omniglot(config: OmniglotConfig) -> TaskSources:
         image_size=config.image_size,
         cache_dir=config.cache_dir,
     )
-    # Pools stay in CPU memory: the trainer's prefetch thread samples there and copies each
-    # meta-batch to the device through pinned memory, overlapping with the previous step.
-    logger.info(
-        "omniglot %s split: %s classes (train/val/test)",
-        config.split.value,
-        "/".join(str(int(pools[name].shape[0])) for name in ("train", "val", "test")),
-    )
-    n, eval_n = config.ways()
-    shot, query = config.k_shot, config.k_query
-    eval_shot, eval_query = config.eval_k_shot or shot, config.eval_k_query or query
-    return TaskSources(
-        train=FewShotTasks(pools["train"], n, shot, query),
-        val=FewShotTasks(pools["val"], eval_n, eval_shot, eval_query),
-        test=FewShotTasks(pools["test"], eval_n, eval_shot, eval_query),
-    )
+    return image_task_sources(config, pools)

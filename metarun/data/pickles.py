@@ -42,3 +42,8 @@ def load_numpy_pickle(handle: IO[bytes]) -> Any:
     """The object pickled in ``handle``, through :class:`NumpyUnpickler`."""
     # latin1: files pickled by Python 2 hold numpy buffers (and CIFAR's keys) as str.
     return NumpyUnpickler(handle, encoding="latin1").load()
+
+
+def text(value: Any) -> str:
+    """A key or name from a pickle, as ``str`` (Python 2 pickles hold bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
+from metarun.data.download import find_under
+from metarun.data.download import not_found_message as _not_found
 from metarun.data.images import (
     SPLITS,
     ClassPool,
@@ -40,10 +42,9 @@ from metarun.data.images import (
     fingerprint,
     image_task_sources,
     load_pickle,
-    root_hint,
-    text,
 )
 from metarun.data.miniimagenet import IMAGENET_MEAN, IMAGENET_STD, check_split
+from metarun.data.pickles import text
 from metarun.data.tiered_classes import SPLIT_OF, TIERED_CLASSES, WNID
 from metarun.registry import register
 from metarun.tasks import TaskSources
@@ -64,19 +65,20 @@ PUBLISHED = {
 
 
 def not_found_message(root: Path) -> str:
-    looked_in = ", ".join(str(root / sub if sub else root) for sub in _SUBDIRS)
     expected = "; ".join(
         f"{IMAGES.format(split=s)} + {LABELS.format(split=s)} ({PUBLISHED[s]['images']:,} "
         f"images of {PUBLISHED[s]['classes']} classes)"
         for s in SPLITS
     )
-    return (
-        f"tieredImageNet not found for {root_hint(root)}: looked in {looked_in} for either (a) "
-        f"Ren et al.'s files {expected}, or (b) image folders train/, val/ and test/ holding "
-        f"<class>/*.png or *.jpg. There is no download. Fix: put either set of files in one of "
-        f"these folders, or set dataset.root=<folder holding them>. Verify: metarun checks the "
-        f"labels against the images and logs the classes and superclasses it found per split "
-        f"(published: 351/97/160 classes, 20/6/8 superclasses)"
+    return _not_found(
+        "tieredImageNet",
+        root,
+        _SUBDIRS,
+        f"either (a) Ren et al.'s files {expected}, or (b) image folders train/, val/ and test/ "
+        f"holding <class>/*.png or *.jpg. There is no download",
+        "put either set of files in one of these folders, or set dataset.root=<folder holding "
+        "them>. Verify: metarun checks the labels against the images and logs the classes and "
+        "superclasses it found per split (published: 351/97/160 classes, 20/6/8 superclasses)",
     )
 
 
@@ -91,10 +93,9 @@ def _find(root: Path) -> tuple[str, Path] | None:
         ),
         ("folders", lambda f: all((f / s).is_dir() for s in SPLITS)),
     ):
-        for sub in _SUBDIRS:
-            folder = root / sub if sub else root
-            if present(folder):
-                return kind, folder
+        folder = find_under(root, _SUBDIRS, present)
+        if folder is not None:
+            return kind, folder
     return None
 
 
