@@ -263,3 +263,12 @@ def test_short_run_adapts_better_than_it_starts(train_rl, tmp_path):
     post, pre = metrics["return"], metrics["pre_return"]
     assert post["n"] == pre["n"] == 16
     assert post["mean"] > pre["mean"] + pre["ci95"], (pre, post)
+
+
+def test_docs_page_lists_every_key():
+    import dataclasses
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "rl.md").read_text()
+    missing = [f.name for f in dataclasses.fields(MAMLRLConfig) if f"`{f.name}`" not in text]
+    assert not missing, f"keys of algo=maml_rl not in docs/rl.md: {missing}"
