@@ -157,6 +157,34 @@ def test_conv4_batchnorm_policies_keep_running_stats_as_documented() -> None:
         del before
 
 
+def test_running_statistics_do_not_depend_on_which_steps_are_logged() -> None:
+    """The pre-adaptation metric is a measurement: under bn_policy=running_stats its query
+    forward must not write the running statistics, or a run's weights would depend on
+    log.every (the runner asks for it on logged steps only)."""
+    torch.manual_seed(0)
+    pool = torch.rand(10, 6, 1, 28, 28)
+    batch = FewShotTasks(pool, n_way=3, k_shot=1, k_query=2).sample(
+        2, torch.Generator().manual_seed(0)
+    )
+    buffers = []
+    for logged in (False, True):
+        torch.manual_seed(0)
+        algo = MAML(
+            Conv4(num_classes=3, hidden=8),
+            task_type="classification",
+            inner_lr=0.4,
+            inner_steps=1,
+            eval_inner_steps=2,
+            bn_policy="running_stats",
+            task_batching="loop",
+        )
+        algo.pre_adaptation_metrics = logged
+        algo.meta_train_step(batch)
+        buffers.append({n: b.clone() for n, b in algo.model.named_buffers()})
+    for name, value in buffers[0].items():
+        assert torch.equal(value, buffers[1][name]), name
+
+
 def test_sinusoid_meta_training_reduces_post_adaptation_loss() -> None:
     torch.manual_seed(0)
     algo = MAML(

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.algorithms.maml import MAML
-from metarun.algorithms.mamlpp import MSL_FLOOR, msl_weights
+from metarun.algorithms.stepwise import MSL_FLOOR, msl_weights
 from metarun.config import ConfigError, options
 from metarun.runner import api
 from metarun.runner.checkpoint import load_checkpoint

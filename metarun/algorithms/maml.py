@@ -44,7 +44,7 @@ from metarun.spec.checks import (
 )
 from metarun.spec.enums import InnerLR
 from metarun.tasks import TaskBatch
-from metarun.unroll import GradBackend, get_params
+from metarun.unroll import GradBackend, functional_call, get_params
 from metarun.unroll.batched import decomposed_batch_norm
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,11 @@ class MAML(InnerLoopLearner):
         """The query forward before adaptation (with per-step BatchNorm: step 0's copy)."""
         if self._stepwise is not None:
             return self._stepwise.pre_forward(x)
+        if self.model.training:
+            # A measurement, asked for on logged steps only: it normalises the query with its
+            # own statistics and writes no running statistics, or the weights would depend on
+            # log.every under bn_policy=running_stats.
+            return functional_call(self.model, get_params(self.model), x, buffers=self._stats_off)
         return self._forward(get_params(self.model), x)
 
     def _first_order_now(self) -> bool:
