@@ -272,3 +272,24 @@ def test_docs_page_lists_every_key():
     text = (Path(__file__).resolve().parents[1] / "docs" / "rl.md").read_text()
     missing = [f.name for f in dataclasses.fields(MAMLRLConfig) if f"`{f.name}`" not in text]
     assert not missing, f"keys of algo=maml_rl not in docs/rl.md: {missing}"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["meta_optimizer.name=adam"], "meta_optimizer.name=sgd meta_optimizer.lr=1.0"),
+        (["meta_optimizer.lr=0.5"], "got meta_optimizer.name=sgd meta_optimizer.lr=0.5"),
+        (["grad_clip=10"], "grad_clip must be null for algo=maml_rl, got 10.0"),
+        (["algo.max_kl=0"], "algo.max_kl must be > 0, got 0.0"),
+        (["algo.fast_batch_size=0"], "algo.fast_batch_size must be >= 1, got 0"),
+        (["algo=maml"], "algo=maml does not fit dataset=navigation2d"),
+        (["dataset=sinusoid"], "algo=maml_rl does not fit dataset=sinusoid"),
+        (["model.in_features=3"], "model.in_features must be 2 for dataset=navigation2d"),
+    ],
+)
+def test_bad_settings_name_the_key(make_config, overrides, expected):
+    from metarun.spec.errors import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        make_config(["algo=maml_rl", "dataset=navigation2d", *overrides])
+    assert expected in str(error.value)

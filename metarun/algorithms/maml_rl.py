@@ -70,6 +70,9 @@ class MAMLRLConfig(AlgoSchema):
     adaptation_keys: ClassVar[tuple[str, ...]] = (
         "inner_lr", "inner_steps", "eval_inner_steps", "fast_batch_size",
     )  # fmt: skip
+    chosen_defaults: ClassVar[dict[str, str]] = {
+        "fast_batch_size": "Finn et al. 2017, Sec. 5.3 (20 trajectories per gradient step)",
+    }
 
     # The inner loop chosen for the environment: its dataset file's `adapt` block.
     inner_lr: float = "${adapt.inner_lr}"  # type: ignore[assignment]  # interpolation
