@@ -293,3 +293,37 @@ def test_bad_settings_name_the_key(make_config, overrides, expected):
     with pytest.raises(ConfigError) as error:
         make_config(["algo=maml_rl", "dataset=navigation2d", *overrides])
     assert expected in str(error.value)
+
+
+def test_first_order_fisher_products_treat_the_inner_step_as_the_identity():
+    """With first_order=true the adapted parameters move one-for-one with the initial ones, so
+    TRPO's Fisher-vector product (the KL's Hessian through the inner step, by
+    metarun.unroll.implicit.hvp) is the KL's Hessian in the adapted parameters."""
+    from metarun.unroll.implicit import hvp
+
+    g = torch.Generator().manual_seed(3)
+    algo = _algo(first_order=True)
+    inner, post = (_fixed_batch(2, 5, g),), _fixed_batch(2, 5, g)
+    theta = {k: v.detach() for k, v in algo.params().items()}
+    adapted = torch.func.vmap(algo.adapt_task, in_dims=(None, 0))(theta, inner)
+    old_mean, old_log_std = torch.func.vmap(algo._dist)(adapted, post.observations)
+    old_log_std = old_log_std.unsqueeze(1)
+    per_task = torch.func.vmap(algo.task_kl, in_dims=(None, 0, 0, 0, 0))
+
+    def through_inner(p):
+        return per_task(p, inner, post, old_mean, old_log_std).mean()
+
+    def in_adapted(p):
+        total = torch.zeros((), dtype=torch.float64)
+        for i in range(2):
+            moved = {k: v[i] + (p[k] - theta[k]) for k, v in adapted.items()}
+            mean, log_std = algo._dist(moved, post.observations[i])
+            kl = gaussian_kl(old_mean[i], old_log_std[i], mean, log_std)
+            total = total + (kl * post.mask[i]).sum() / post.mask[i].sum()
+        return total / 2
+
+    v = {k: torch.randn(t.shape, generator=g, dtype=torch.float64) for k, t in theta.items()}
+    a, b = hvp(through_inner, theta)(v), hvp(in_adapted, theta)(v)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-10, atol=1e-12)
+    assert any(a[key].abs().sum() > 0 for key in a)
