@@ -56,6 +56,10 @@ FITS: dict[str, list[str]] = {
         "dataset.batch_size=8",
         "dataset.clean_batch_size=5",
     ],
+    # Environment datasets (metarun/rl): goals, no files; the simulator is the algorithm's.
+    "navigation2d": ["algo=maml_rl"],
+    "halfcheetah_vel": ["algo=maml_rl"],
+    "halfcheetah_dir": ["algo=maml_rl"],
 }
 CASES = [
     *([name] for name in registry.options("dataset")),

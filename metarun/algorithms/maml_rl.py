@@ -28,6 +28,7 @@ Example::
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar
@@ -297,6 +298,11 @@ class MAMLRL(MetaAlgorithm):
         return per_task(theta, inner, post, old_logp).mean()
 
     # -- sampling -------------------------------------------------------------------------------
+    def before_training(self, sample: Callable[[], TaskBatch], device: torch.device) -> None:
+        """Build the environment now: a simulator that is not installed stops the run at
+        start-up with its install command, not at the first episode."""
+        self.environment(device)
+
     def environment(self, device: torch.device) -> VectorEnv:
         if self._env is None or self._env_device != device:
             self._env = self.dataset.environment(device)

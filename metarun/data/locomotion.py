@@ -153,7 +153,8 @@ class HalfCheetahDirConfig(HalfCheetahVelConfig):
 
 
 def _build(config: HalfCheetahVelConfig, name: str) -> TaskSources:
-    require_gymnasium(name)  # at start-up, not at the first episode
+    # Only the environment needs gymnasium (algo=maml_rl builds it before the first step): the
+    # goals are sampled without it.
     low, high = config.velocity_range
     tasks = VelocityTasks(low, high, config.direction)
     return TaskSources(train=tasks, val=tasks, test=tasks)
