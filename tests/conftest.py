@@ -42,6 +42,8 @@ TINY = [
     "save.every=3",
     "log.progress=false",
     "device=cpu",
+    # The test figures cost ~0.3 s of matplotlib per run; tests/test_figures.py checks them.
+    "eval.figures=false",
 ]
 
 Compose = Callable[..., DictConfig]

@@ -7,7 +7,7 @@ them unconditionally and never probes for attributes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -56,6 +56,10 @@ class MetaAlgorithm(nn.Module):
     - ``set_step(step)``: the number of completed outer steps, given by the runner before each
       ``meta_train_step`` (also after a resume: the runner restores the step), for schedules
       over the outer steps (MAML++'s loss weights and derivative-order annealing).
+    - ``curve_steps(inner_steps)`` / ``evaluate_curve(batch, steps)``: the test's metrics
+      against adaptation steps (``eval.curve_steps``); by default no steps, and one
+      ``evaluate`` per step count (:class:`~metarun.algorithms.episodic.EpisodicAlgorithm`
+      gives its own).
 
     Attributes:
         model: the network.
@@ -89,6 +93,18 @@ class MetaAlgorithm(nn.Module):
         """The adaptation steps of an evaluation asked for ``inner_steps`` (None: the
         algorithm's default; None back: it adapts nothing)."""
         return inner_steps
+
+    def curve_steps(self, inner_steps: int | None) -> list[int]:
+        """The step counts of the test's curve when ``eval.curve_steps`` is null, for a test
+        with ``inner_steps`` adaptation steps (:meth:`eval_steps`): none by default."""
+        return []
+
+    def evaluate_curve(
+        self, batch: TaskBatch, steps: Sequence[int]
+    ) -> dict[int, dict[str, Tensor]]:
+        """:meth:`evaluate` after each of ``steps`` (ascending, distinct) adaptation steps:
+        ``{k: evaluate(batch, k)}``, here one ``evaluate`` per step count."""
+        return {k: self.evaluate(batch, k) for k in steps}
 
     # -- hooks with no-op defaults -----------------------------------------------------------
     def log_scalars(self) -> dict[str, float]:

@@ -15,7 +15,8 @@ written here once::
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -34,6 +35,9 @@ class EpisodicAlgorithm(MetaAlgorithm):
 
     task_type: str
     eval_inner_steps: int = 0
+    #: :meth:`evaluate_task_curve` adapts each task once, recording the outputs on the way:
+    #: the default curve (``eval.curve_steps=null``) then has every step count 0..N.
+    curve_in_one_pass: ClassVar[bool] = False
 
     def evaluate_task(
         self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int
@@ -46,6 +50,63 @@ class EpisodicAlgorithm(MetaAlgorithm):
     def eval_steps(self, inner_steps: int | None) -> int:
         """The adaptation steps of an evaluation asked for ``inner_steps`` (None: default)."""
         return self.eval_inner_steps if inner_steps is None else inner_steps
+
+    def evaluate_task_curve(
+        self, sx: Tensor, sy: Tensor, qx: Tensor, steps: Sequence[int]
+    ) -> tuple[Tensor | None, list[Tensor]]:
+        """One task's query outputs before adaptation and after each of ``steps`` (ascending,
+        distinct) adaptation steps, without a meta-graph.
+
+        The contract: after ``k >= 1`` steps, equal to ``evaluate_task(sx, sy, qx, k)``'s (and
+        the pre output to any of theirs); after 0 steps, the output before adaptation where
+        there is one. The test's headline metrics are read from here when the curve is on.
+        This default calls :meth:`evaluate_task` once per step count ``k >= 1`` (``sum(steps)``
+        steps in all); an algorithm that can record its outputs along one adaptation of
+        ``steps[-1]`` steps overrides it and sets :attr:`curve_in_one_pass`.
+        """
+        pre: Tensor | None = None
+        after: dict[int, Tensor] = {}
+        for k in steps:
+            if k > 0:
+                before, after[k] = self.evaluate_task(sx, sy, qx, k)
+                pre = before if pre is None else pre
+        if 0 in steps:
+            if pre is None:  # no other step count, or no output before adaptation
+                pre, after[0] = self.evaluate_task(sx, sy, qx, 0)
+            else:  # 0 steps is the model before adaptation: no second pass for it
+                after[0] = pre
+        return pre, [after[k] for k in steps]
+
+    def curve_steps(self, inner_steps: int | None) -> list[int]:
+        """The default curve of a test with ``inner_steps`` adaptation steps ``N``: every step
+        count ``0..N`` where :meth:`evaluate_task_curve` adapts once (the curve then costs a
+        query forward per point), else ``0, 1, N`` (Finn et al. 2017, Fig. 2's views: one more
+        adaptation step per task than the test alone); none without adaptation steps."""
+        n = self.eval_steps(inner_steps)
+        if n < 1:
+            return []
+        return list(range(n + 1)) if self.curve_in_one_pass else sorted({0, 1, n})
+
+    def evaluate_curve(
+        self, batch: TaskBatch, steps: Sequence[int]
+    ) -> dict[int, dict[str, Tensor]]:
+        """Per-task ``pre/`` and ``post/`` query metrics after each of ``steps`` (ascending,
+        distinct) adaptation steps, from :meth:`evaluate_task_curve`; ``[k]`` equals
+        ``evaluate(batch, k)``."""
+        rows: dict[int, dict[str, list[Tensor]]] = {k: {} for k in steps}
+        with self.eval_mode():
+            for i in range(len(batch)):
+                sx, sy, qx, qy = (t[i] for t in batch.tensors())
+                pre, posts = self.evaluate_task_curve(sx, sy, qx, steps)
+                pre_metrics = {} if pre is None else task_metrics(self.task_type, pre, qy)
+                for k, post in zip(steps, posts):
+                    for prefix, metrics in (
+                        ("pre", pre_metrics),
+                        ("post", task_metrics(self.task_type, post, qy)),
+                    ):
+                        for key, value in metrics.items():
+                            rows[k].setdefault(f"{prefix}/{key}", []).append(value.float().cpu())
+        return {k: {key: torch.stack(v) for key, v in row.items()} for k, row in rows.items()}
 
     def eval_training_mode(self) -> bool | None:
         """The mode the model evaluates in: ``True`` (batch statistics in normalisation

@@ -63,7 +63,7 @@ class ProtoNetsConfig(AlgoSchema):
                 f"eval.inner_steps must be null or 0 for algo={name} (prototypes take no "
                 f"gradient steps), got {run.eval.inner_steps} (set eval.inner_steps=null)"
             )
-        if list(run.eval.curve_steps):
+        if run.eval.curve_steps:  # null (the default) gives protonets no curve
             raise ConfigError(
                 f"eval.curve_steps must be empty for algo={name} (there are no inner steps to "
                 f"plot accuracy against), got {list(run.eval.curve_steps)} "

@@ -100,12 +100,19 @@ class EvalConfig:
     batch_size: int = 25  # tasks per evaluate() call (memory, not results)
     # Adaptation steps at val/test; null = algo.eval_inner_steps.
     inner_steps: int | None = None
-    # Also test after each of these step counts (Finn et al. 2017, Fig. 2: 1..10 steps).
-    curve_steps: list[int] = field(default_factory=list)
+    # Test metrics against adaptation steps (test_curve/* against the step count, results.json's
+    # "curve", figures/adaptation_curve.png): these step counts; [] = none; null = the
+    # algorithm's default: every step 0..N (N = the test's inner steps) where it records them
+    # along one adaptation, else 0, 1 and N (Finn et al. 2017, Fig. 2's views); none for
+    # algorithms without inner steps.
+    curve_steps: list[int] | None = None
     # Fixed seeds: the same val/test tasks for every run, whatever the training seed.
     val_seed: int = 1000
     test_seed: int = 2000
     use_best: bool = False  # test the best-validation weights instead of the last ones
+    # Pictures of the final test under <run_dir>/figures/ and TensorBoard test_figure/*: the
+    # adaptation curve, and the dataset's own (sinusoid: the fit before and after adaptation).
+    figures: bool = True
 
     def __post_init__(self) -> None:
         require(self.every >= 0, "eval.every", self.every, ">= 0 (0 = never)", "eval.every=500")
@@ -122,10 +129,10 @@ class EvalConfig:
             "eval.inner_steps=10",
         )
         require(
-            all(s >= 0 for s in self.curve_steps),
+            self.curve_steps is None or all(s >= 0 for s in self.curve_steps),
             "eval.curve_steps",
-            list(self.curve_steps),
-            "a list of step counts >= 0",
+            self.curve_steps if self.curve_steps is None else list(self.curve_steps),
+            "a list of step counts >= 0, [] or null",
             "eval.curve_steps=[1,5,10]",
         )
 

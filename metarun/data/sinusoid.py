@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from metarun.registry import register
-from metarun.spec.bases import DatasetSchema
+from metarun.spec.bases import Adapt, DatasetSchema, FunctionFit, Predict
 from metarun.spec.checks import require, require_optional_count, require_range
 from metarun.tasks import TaskBatch, TaskSources
 
@@ -137,6 +138,51 @@ class SinusoidConfig(DatasetSchema):
         for key in ("in_features", "out_features"):
             value = getattr(model, key)
             require(value == 1, f"model.{key}", value, "1 for dataset=sinusoid", f"model.{key}=1")
+
+    def test_figures(
+        self, source: Any, adapt: Adapt, predict: Predict, steps: Sequence[int], seed: int
+    ) -> dict[str, list[FunctionFit]]:
+        """``sinusoid_fit``: three test tasks as in Finn et al. 2017, Fig. 2 (the true function,
+        the K support points, the prediction before adaptation and after each of ``steps``)."""
+        if not isinstance(source, SinusoidTasks):  # a cross-domain test set of other tasks
+            return {}
+        return {"sinusoid_fit": sinusoid_fits(source, adapt, predict, steps, seed)}
+
+
+def sinusoid_fits(
+    tasks: SinusoidTasks,
+    adapt: Adapt,
+    predict: Predict,
+    steps: Sequence[int],
+    seed: int,
+    num_tasks: int = 3,
+    grid: int = 200,
+) -> list[FunctionFit]:
+    """:class:`~metarun.spec.bases.FunctionFit` panels of ``num_tasks`` tasks of ``tasks``
+    drawn from ``seed`` (their own generator: the test tasks are untouched)."""
+    generator = torch.Generator().manual_seed(seed)
+    low, high = tasks.x_range
+    x = torch.linspace(low, high, grid).unsqueeze(-1)  # (G, 1)
+    panels = []
+    for _ in range(num_tasks):
+        amplitude = float(torch.empty(()).uniform_(*tasks.amplitude, generator=generator))
+        phase = float(torch.empty(()).uniform_(*tasks.phase, generator=generator))
+        sx = torch.empty(tasks.k_shot, 1).uniform_(low, high, generator=generator)  # (K, 1)
+        sy = amplitude * torch.sin(sx - phase)  # (K, 1)
+        predictions = {
+            k: predict(adapt(sx, sy, k), x).reshape(-1).tolist() for k in sorted(set(steps))
+        }
+        panels.append(
+            FunctionFit(
+                x=x.reshape(-1).tolist(),
+                truth=(amplitude * torch.sin(x - phase)).reshape(-1).tolist(),
+                support_x=sx.reshape(-1).tolist(),
+                support_y=sy.reshape(-1).tolist(),
+                predictions=predictions,
+                title=f"A = {amplitude:.2f}, phase = {phase:.2f}",
+            )
+        )
+    return panels
 
 
 @register("dataset", "sinusoid", SinusoidConfig)

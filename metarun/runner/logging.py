@@ -12,11 +12,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from metarun.plotting import INSTALL_HINT, rgba, save_png
+from metarun.plotting import pyplot as _pyplot
+
 logger = logging.getLogger(__name__)
 
 TENSORBOARD_DIR = "tb"
 METRICS_FILE = "metrics.jsonl"
 CURVES_DIR = "curves"
+FIGURES_DIR = "figures"
 # Axis labels of known curve tags (others: x, y).
 _CURVE_AXES = {"weights/function": ("loss", "weight")}
 
@@ -105,9 +109,10 @@ class RunLogger:
             self._warned_no_matplotlib = True
             logger.warning(
                 "matplotlib is not installed: curves (%s) go to TensorBoard as text tables and "
-                "to %s as CSV, without PNGs (pip install 'metarun[plot]')",
+                "to %s as CSV, without PNGs (%s)",
                 ", ".join(curves),
                 folder,
+                INSTALL_HINT,
             )
         for tag, (x, y) in curves.items():
             xs = [float(v) for v in x.detach().reshape(-1).cpu()]
@@ -139,6 +144,32 @@ class RunLogger:
             else:
                 plt.close(fig)
 
+    @property
+    def active(self) -> bool:
+        """Whether this logger writes (``False`` on ranks other than 0)."""
+        return self._jsonl is not None
+
+    def log_figure(self, name: str, fig: Any, step: int) -> Path | None:
+        """A matplotlib figure to ``<run_dir>/figures/<name>.png`` and TensorBoard's image
+        ``test_figure/<name>`` at ``step``, rendered once; closes it.
+
+        Returns:
+            The PNG's path (None when this logger writes nothing).
+        """
+        image = rgba(fig)  # (H, W, 4) uint8; closes the figure
+        if not self.active:
+            return None
+        path = self.run_dir / FIGURES_DIR / f"{name}.png"
+        save_png(image, path)
+        if self._writer is not None:
+            self._writer.add_image(f"test_figure/{name}", image[..., :3], step, dataformats="HWC")
+        return path
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        """A TensorBoard text entry (Markdown) at ``step``; nothing elsewhere."""
+        if self._writer is not None:
+            self._writer.add_text(tag, text, step)
+
     def log_hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         """TensorBoard's HParams view: the flattened config next to the final metrics."""
         if self._writer is None:
@@ -166,19 +197,6 @@ class RunLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _pyplot() -> Any:
-    """matplotlib.pyplot with the file-only Agg backend, or None when matplotlib is missing
-    (it is an optional extra: ``metarun[plot]``)."""
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _json_number(value: float) -> float | str:

@@ -12,6 +12,8 @@ Subclasses are dataclasses; the attributes here are ``ClassVar`` s, not config k
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from metarun.spec.errors import ConfigError
@@ -55,6 +57,33 @@ class AlgoSchema:
         return None
 
 
+#: ``adapt(support_x, support_y, steps)``: the algorithm's ``adapt`` for one task, on CPU
+#: tensors (the runner moves them to the run's device).
+Adapt = Callable[[Any, Any, int], Any]
+#: ``predict(adapted, x) -> (N, outputs)`` on the CPU: the algorithm's ``predict``.
+Predict = Callable[[Any, Any], Any]
+
+
+@dataclass
+class FunctionFit:
+    """One regression task as the MAML paper's Figure 2 draws it (1-D float sequences).
+
+    Attributes:
+        x: ``(G,)`` inputs on a grid; ``truth``: the task's function there.
+        support_x, support_y: ``(K,)`` the support points adapted to.
+        predictions: adaptation steps -> ``(G,)`` the model's output on ``x`` after them
+            (0: before adaptation).
+        title: the panel's title (e.g. the task's amplitude and phase).
+    """
+
+    x: Sequence[float]
+    truth: Sequence[float]
+    support_x: Sequence[float]
+    support_y: Sequence[float]
+    predictions: dict[int, Sequence[float]]
+    title: str = ""
+
+
 class DatasetSchema:
     """Schema base of a ``dataset`` option."""
 
@@ -77,6 +106,23 @@ class DatasetSchema:
     def shard_sizes(self) -> dict[str, int]:
         """Per-step example counts, by key, that data-parallel processes split among themselves
         (each must be divisible by their number); empty for task datasets, which split tasks."""
+        return {}
+
+    def test_figures(
+        self, source: Any, adapt: Adapt, predict: Predict, steps: Sequence[int], seed: int
+    ) -> dict[str, list[FunctionFit]]:
+        """Pictures of the trained model on a few test tasks, drawn at the final test
+        (``<run_dir>/figures/<name>.png`` and TensorBoard ``test_figure/<name>``).
+
+        Args:
+            source: this dataset's built test source (``TaskSources.test``).
+            adapt, predict: the algorithm's, for one task (no task dimension).
+            steps: the adaptation steps to show, ascending (0: before adaptation).
+            seed: ``eval.test_seed``, so every run draws the same tasks.
+
+        Returns:
+            figure name -> its panels; empty (the default): no figures.
+        """
         return {}
 
 
