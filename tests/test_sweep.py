@@ -342,6 +342,67 @@ def test_objective_is_validation_error():
     assert math.isnan(objective({"best": {"metric": "val/loss", "value": 1}, "stopped_by": "X"}))
 
 
+def _swept(sweep: Path) -> dict[tuple[str, str], float]:
+    """A finished sweep over inner_lr (3 values) x algo (2) x seed (2), written as jobs leave it;
+    returns each job's test accuracy by (inner_lr, algo, seed) -> mean."""
+    means = {}
+    for i, (lr, algo, seed) in enumerate(
+        (lr, algo, seed)
+        for lr in ("0.01", "0.1", "1.0")
+        for algo in ("maml", "fomaml")
+        for seed in ("0", "1")
+    ):
+        mean = 0.5 + float(lr) / 4 + (0.05 if algo == "maml" else 0) + 0.01 * int(seed)
+        means[(lr, algo, seed)] = mean
+        accuracy = {"mean": mean, "ci95": 0.02, "n": 600}
+        _job(
+            sweep,
+            str(i),
+            [f"algo.inner_lr={lr}", f"algo={algo}", f"seed={seed}"],
+            results={"step": 10, "test": {"metrics": {"accuracy": accuracy}}},
+        )
+    _job(sweep, "12", ["algo.inner_lr=9", "algo=maml", "seed=0"], status={"status": "failed"})
+    return means
+
+
+def test_summary_plots_the_swept_key_against_the_test_metric(tmp_path):
+    means = _swept(tmp_path)
+    x, metric, series = summary.sweep_points(summary.summarize(tmp_path))
+    # The first swept key on the x axis, one line per algorithm, seeds averaged with their CI;
+    # the failed job left out.
+    assert (x, metric) == ("algo.inner_lr", "test/accuracy")
+    assert sorted(series) == ["algo=fomaml", "algo=maml"]
+    for label, points in series.items():
+        algo = label.partition("=")[2]
+        assert [p[0] for p in points] == [0.01, 0.1, 1.0]
+        for lr, mean, ci in points:
+            seeds = [means[(repr(lr), algo, s)] for s in ("0", "1")]
+            assert mean == pytest.approx(sum(seeds) / 2)
+            spread = math.sqrt(sum((m - mean) ** 2 for m in seeds))  # std over 2 seeds
+            assert ci == pytest.approx(1.96 * spread / math.sqrt(2))
+    # Seeds on the x axis: one point per job, with its own test CI.
+    _, _, by_seed = summary.sweep_points(summary.summarize(tmp_path), x="seed")
+    assert len(by_seed) == 6 and all(p[2] == 0.02 for points in by_seed.values() for p in points)
+
+    out = tmp_path / "plots" / "sweep.png"
+    assert summary.main([str(tmp_path), "--plot", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "summary.md").exists()
+
+
+def test_summary_plot_errors_and_the_path_without_matplotlib(tmp_path, monkeypatch, capsys):
+    _swept(tmp_path)
+    assert summary.main([str(tmp_path), "--plot", str(tmp_path / "a.png"), "--x", "nope"]) == 2
+    assert "'nope' is not an override" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    (tmp_path / "summary.md").unlink()
+    assert summary.main([str(tmp_path), "--plot", str(tmp_path / "b.png")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: matplotlib is not installed" in err and "metarun[plot]" in err
+    assert not (tmp_path / "b.png").exists() and (tmp_path / "summary.md").exists()
+
+
 def test_auto_resume_continues_only_the_same_experiment(make_config, tiny, tmp_path):
     args = [*tiny, "outer_steps=4"]
     api.run(make_config(args), tmp_path, overrides=args)

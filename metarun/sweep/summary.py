@@ -41,6 +41,8 @@ from typing import Any
 
 import yaml
 
+from metarun import plotting
+
 RESULTS_FILE = "results.json"  # written by metarun.runner.results
 STATUS_FILE = "status.json"  # written by metarun.sweep.callback
 SUMMARY_CSV = "summary.csv"
@@ -324,6 +326,114 @@ def write_summary(sweep_dir: str | Path) -> tuple[Path, Path, list[JobRow]]:
     return csv_path, md_path, rows
 
 
+# ----------------------------------------------------------------------------------------- plot
+
+
+def swept_keys(rows: Sequence[JobRow]) -> list[str]:
+    """The override keys whose values differ between jobs, in order of first appearance."""
+    keys, _ = _columns(rows)
+    return [k for k in keys if len({row.overrides.get(k) for row in rows}) > 1]
+
+
+def sweep_points(
+    rows: Sequence[JobRow], *, x: str | None = None, metric: str | None = None
+) -> tuple[str, str, dict[str, list[tuple[Any, float, float]]]]:
+    """What :func:`plot_summary` draws: the finished jobs' ``metric`` against the swept key
+    ``x``, one series per value of the other swept keys (seeds excepted).
+
+    A job's point is its test mean with the 95% CI over its test tasks; jobs that differ only by
+    ``seed`` are one point: the mean of their means with the 95% CI over seeds
+    (``1.96 * std / sqrt(n)``).
+
+    Args:
+        x: the key on the x axis (default: the first swept key other than ``seed``).
+        metric: default ``test/accuracy`` where the jobs have it, else ``test/loss``.
+
+    Returns:
+        ``(x, metric, {series label: [(x value, mean, ci95), ...]})``; x values are floats when
+        every one is a number, else strings.
+
+    Raises:
+        ValueError: no finished job with the metric, nothing swept, or an unknown ``x``.
+    """
+    done = [r for r in rows if r.status == "done" and r.metrics]
+    if metric is None:
+        metric = "test/accuracy" if any("test/accuracy" in r.metrics for r in done) else "test/loss"
+    done = [r for r in done if metric in r.metrics]
+    if not done:
+        names = sorted({n for r in rows for n in r.metrics if not n.endswith("_ci95")})
+        raise ValueError(
+            f"no finished job has {metric} to plot (metrics found: {', '.join(names) or 'none'})"
+        )
+    swept = swept_keys(done)
+    if x is None:
+        candidates = [k for k in swept if k != "seed"] or swept
+        if not candidates:
+            raise ValueError("the finished jobs share every override: nothing swept to plot")
+        x = candidates[0]
+    elif x not in {k for r in done for k in r.overrides}:
+        raise ValueError(
+            f"{x!r} is not an override of the finished jobs (swept keys: "
+            f"{', '.join(swept) or 'none'}; choose one with --x KEY)"
+        )
+    others = [k for k in swept if k not in (x, "seed")]
+    groups: dict[tuple[str, str], list[JobRow]] = {}
+    for row in done:
+        label = ", ".join(f"{k}={row.overrides.get(k, '')}" for k in others)
+        groups.setdefault((label, row.overrides.get(x, "")), []).append(row)
+    numeric = all(_is_number(value) for _, value in groups)
+    series: dict[str, list[tuple[Any, float, float]]] = {}
+    for (label, value), jobs in groups.items():
+        means = [r.metrics[metric] for r in jobs]
+        mean = sum(means) / len(means)
+        if len(jobs) == 1:
+            ci = jobs[0].metrics.get(f"{metric}_ci95", 0.0)
+        else:
+            var = sum((m - mean) ** 2 for m in means) / (len(means) - 1)
+            ci = 1.96 * math.sqrt(var / len(means))
+        series.setdefault(label, []).append((float(value) if numeric else value, mean, ci))
+    return x, metric, series
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def plot_summary(
+    rows: Sequence[JobRow],
+    path: str | Path,
+    *,
+    x: str | None = None,
+    metric: str | None = None,
+    title: str = "",
+) -> Path | None:
+    """Write a PNG of the test metric against the swept key with 95% CIs
+    (:func:`sweep_points`).
+
+    Returns:
+        ``path``, or None when matplotlib is not installed (nothing written; the tables are).
+
+    Raises:
+        ValueError: see :func:`sweep_points`.
+    """
+    x, metric, series = sweep_points(rows, x=x, metric=metric)
+    if plotting.pyplot() is None:
+        return None
+    n = sum(len(points) for points in series.values())
+    fig = plotting.sweep_plot(
+        series,
+        x_label=x,
+        y_label=f"{metric} (mean ± 95% CI)",
+        title=f"{metric} against {x} ({n} points)" + (f"\n{title}" if title else ""),
+    )
+    path = Path(path)
+    plotting.save_png(plotting.rgba(fig, dpi=120), path)
+    return path
+
+
 # -------------------------------------------------------------------------------------- command
 
 
@@ -337,6 +447,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "sweep_dir", metavar="DIR", help="the sweep dir, e.g. multirun/<name>/<time>"
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="PNG",
+        type=Path,
+        help="also draw the test metric against the swept key with 95%% CIs into PNG "
+        f"(needs matplotlib: {plotting.INSTALL_HINT})",
+    )
+    parser.add_argument(
+        "--x",
+        metavar="KEY",
+        help="the swept key on the plot's x axis (default: the first "
+        "override that differs between jobs, seeds last; jobs differing only by seed are "
+        "averaged)",
+    )
+    parser.add_argument(
+        "--metric",
+        metavar="NAME",
+        help="the plotted metric (default: test/accuracy, or test/loss for regression)",
     )
     args = parser.parse_args(argv)
     sweep_dir = Path(args.sweep_dir)
@@ -353,6 +482,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     csv_path, md_path, rows = write_summary(sweep_dir)
     print(md_path.read_text(encoding="utf-8"), end="")
     print(f"written: {csv_path}, {md_path}")
+    if args.plot is not None:
+        try:
+            plot = plot_summary(
+                rows, args.plot, x=args.x, metric=args.metric, title=f"Sweep {sweep_dir}"
+            )
+        except ValueError as error:
+            print(f"error: --plot: {error}", file=sys.stderr)
+            return 2
+        if plot is None:
+            print(f"warning: {plotting.missing(str(args.plot))}", file=sys.stderr)
+        else:
+            print(f"written: {plot}")
     return 0
 
 
