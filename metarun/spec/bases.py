@@ -69,8 +69,10 @@ class FunctionFit:
     """One regression task as the MAML paper's Figure 2 draws it (1-D float sequences).
 
     Attributes:
-        x: ``(G,)`` inputs on a grid; ``truth``: the task's function there.
-        support_x, support_y: ``(K,)`` the support points adapted to.
+        x: ``(G,)`` inputs on a grid.
+        truth: ``(G,)`` the task's function at ``x``.
+        support_x: ``(K,)`` the inputs of the support points adapted to.
+        support_y: ``(K,)`` their targets.
         predictions: adaptation steps -> ``(G,)`` the model's output on ``x`` after them
             (0: before adaptation).
         title: the panel's title (e.g. the task's amplitude and phase).
@@ -116,7 +118,8 @@ class DatasetSchema:
 
         Args:
             source: this dataset's built test source (``TaskSources.test``).
-            adapt, predict: the algorithm's, for one task (no task dimension).
+            adapt: the algorithm's ``adapt`` for one task (no task dimension).
+            predict: the algorithm's ``predict``, its output on the CPU.
             steps: the adaptation steps to show, ascending (0: before adaptation).
             seed: ``eval.test_seed``, so every run draws the same tasks.
 
