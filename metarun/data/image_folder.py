@@ -3,8 +3,12 @@
 A class is a folder that holds image files directly (any format Pillow reads: PNG, JPEG, BMP,
 GIF, TIFF, WebP); it may sit at any depth below ``dataset.root``, and is named by its path
 relative to the split's folder (``Alphabet/character01``: Omniglot's layout works as it is).
-Images of any size are decoded once to RGB (grey images are repeated over the channels),
-resized to ``dataset.image_size`` with LANCZOS, and kept in the uint8 cache like the benchmarks.
+Images of any size are decoded once to RGB (grey images are repeated over the channels) or,
+with ``dataset.channels=1``, to 8-bit grey; resized to ``dataset.image_size`` with LANCZOS;
+inverted (``255 - pixel``) with ``dataset.invert=true``; and kept in the uint8 cache like the
+benchmarks. ``dataset.channels=1 dataset.invert=true dataset.mean=[0] dataset.std=[1]
+dataset.image_size=28`` gives a folder of Omniglot PNGs exactly the pixels ``dataset=omniglot``
+gives its characters.
 
 Splits by class (``dataset.split``):
 
@@ -34,15 +38,18 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from metarun.data.images import (
     SPLITS,
     ClassPool,
     FewShotImageConfig,
+    ImageLike,
     cached_pools,
-    decode_rgb,
+    decode_image,
     fingerprint,
     image_task_sources,
+    normalise,
     open_image,
 )
 from metarun.registry import register
@@ -77,8 +84,25 @@ class OwnImagesConfig(FewShotImageConfig):
     # Every class in the test split (train and val empty): a dataset that only tests, as a
     # cross-domain test_dataset.
     test_only: bool = False
+    # 3: RGB (grey images repeated over the channels); 1: 8-bit grey, as dataset=omniglot
+    # decodes its characters (with dataset.mean=[0] dataset.std=[1] and dataset.invert=true,
+    # the same pixels).
+    channels: int = 3
+    # 255 - pixel after decoding: dark strokes on a light page (Omniglot's) become bright
+    # strokes on a dark background, what dataset=omniglot's models see.
+    invert: bool = False
+
+    def image_channels(self) -> int:
+        return self.channels
 
     def __post_init__(self) -> None:
+        require(
+            self.channels in (1, 3),
+            "dataset.channels",
+            self.channels,
+            "1 (grey) or 3 (RGB)",
+            "dataset.channels=1",
+        )
         super().__post_init__()
         fractions = list(self.split_fractions)
         require(
@@ -90,6 +114,13 @@ class OwnImagesConfig(FewShotImageConfig):
             "three positive fractions (train, val, test) summing to 1",
             "dataset.split_fractions=[0.64,0.16,0.2]",
         )
+
+    def transform(self, image: ImageLike) -> Tensor:
+        """One raw image -> the model's input ``(channels, image_size, image_size)``, as this
+        dataset's tasks give it (decoded as the loader does, inverted if ``dataset.invert``,
+        normalised with ``dataset.mean`` / ``dataset.std``)."""
+        pixels = decode_pixels(open_image(image), self.image_size, self.channels, self.invert)
+        return normalise(pixels, self.mean, self.std)
 
     def needed(self, split: str) -> int:
         """Images a class of ``split`` needs for one task."""
@@ -260,7 +291,16 @@ def enough_images(config: OwnImagesConfig, splits: dict[str, dict[str, list[Any]
             )
 
 
-def decode_classes(files_by_class: dict[str, list[Any]], image_size: int) -> ClassPool:
+def decode_pixels(image: Any, image_size: int, channels: int = 3, invert: bool = False) -> Tensor:
+    """A PIL image -> uint8 ``(image_size, image_size, channels)`` (:func:`decode_image`)."""
+    pixels = torch.from_numpy(np.array(decode_image(image, image_size, channels)))
+    pixels = pixels.view(image_size, image_size, channels)
+    return 255 - pixels if invert else pixels
+
+
+def decode_classes(
+    files_by_class: dict[str, list[Any]], image_size: int, channels: int = 3, invert: bool = False
+) -> ClassPool:
     """Decode each class's images (paths, or functions returning an image) into one flat
     uint8 pool with class offsets."""
     images, counts = [], []
@@ -269,12 +309,11 @@ def decode_classes(files_by_class: dict[str, list[Any]], image_size: int) -> Cla
         for item in files:
             try:
                 image = item() if callable(item) else open_image(item)
-                rgb = decode_rgb(open_image(image), image_size)
+                images.append(decode_pixels(open_image(image), image_size, channels, invert))
             except ValueError as error:
                 raise ValueError(f"{item}: {error}. Fix: replace or remove the file") from None
-            images.append(torch.from_numpy(np.array(rgb)))
     offsets = torch.tensor([0, *counts], dtype=torch.long).cumsum(0)
-    stacked = torch.stack(images) if images else torch.zeros(0, image_size, image_size, 3)
+    stacked = torch.stack(images) if images else torch.zeros(0, image_size, image_size, channels)
     return ClassPool(tuple(files_by_class), stacked.to(torch.uint8), offsets)
 
 
@@ -283,11 +322,16 @@ def cached_own_pools(
 ) -> dict[str, ClassPool]:
     """Check the classes' sizes, then the pools decoded once and cached under ``key``."""
     enough_images(config, splits)
+    # Grey or inverted pools are other cache entries; RGB keeps the key it always had.
+    look = ("|grey" if config.channels == 1 else "") + ("|inverted" if config.invert else "")
     return cached_pools(
         dataset,
-        f"{key}|size{config.image_size}",
+        f"{key}|size{config.image_size}{look}",
         config.cache_dir,
-        lambda: {s: decode_classes(splits[s], config.image_size) for s in SPLITS},
+        lambda: {
+            s: decode_classes(splits[s], config.image_size, config.channels, config.invert)
+            for s in SPLITS
+        },
     )
 
 
