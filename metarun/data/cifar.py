@@ -510,6 +510,33 @@ def check_cifar_batches(config: Any, clean_set: str) -> None:
     )
 
 
+def check_option_classes(num_classes: int, classes: int, kind: str) -> None:
+    """``dataset.num_classes`` is the one ``dataset=cifar<classes>_<kind>`` stands for.
+
+    Raises:
+        ConfigError: another value, naming the option that has it.
+    """
+    other_classes = 100 if classes == 10 else 10
+    option, other = f"cifar{classes}_{kind}", f"cifar{other_classes}_{kind}"
+    if num_classes != classes:
+        raise ConfigError(
+            f"dataset.num_classes must be {classes} for dataset={option}, got {num_classes} "
+            f"(the option fixes it: leave it out, or use dataset={other} for "
+            f"CIFAR-{other_classes})"
+        )
+
+
+def check_num_classes(model: Any, num_classes: int) -> None:
+    """The classifier's outputs are the dataset's classes."""
+    require(
+        model.num_classes == num_classes,
+        "model.num_classes",
+        model.num_classes,
+        f"equal to dataset.num_classes ({num_classes})",
+        "model.num_classes=${dataset.num_classes}",
+    )
+
+
 @dataclass
 class Cifar10NoisyConfig(DatasetSchema):
     """``dataset=cifar10_noisy``: CIFAR-10 with label noise on the training pool and a small
@@ -536,14 +563,7 @@ class Cifar10NoisyConfig(DatasetSchema):
     _classes: ClassVar[int] = 10  # the classes this option stands for
 
     def __post_init__(self) -> None:
-        other_classes = 100 if self._classes == 10 else 10
-        option, other = f"cifar{self._classes}_noisy", f"cifar{other_classes}_noisy"
-        if self.num_classes != self._classes:
-            raise ConfigError(
-                f"dataset.num_classes must be {self._classes} for dataset={option}, got "
-                f"{self.num_classes} (the option fixes it: leave it out, or use "
-                f"dataset={other} for CIFAR-{other_classes})"
-            )
+        check_option_classes(self.num_classes, self._classes, "noisy")
         require(
             0.0 <= self.noise <= 1.0, "dataset.noise", self.noise, "in [0, 1]", "dataset.noise=0.4"
         )
@@ -558,13 +578,7 @@ class Cifar10NoisyConfig(DatasetSchema):
         check_cifar_batches(self, f"dataset.n_clean={self.n_clean}")
 
     def check_model(self, model: Any) -> None:
-        require(
-            model.num_classes == self.num_classes,
-            "model.num_classes",
-            model.num_classes,
-            f"equal to dataset.num_classes ({self.num_classes})",
-            "model.num_classes=${dataset.num_classes}",
-        )
+        check_num_classes(model, self.num_classes)
 
     def shard_sizes(self) -> dict[str, int]:
         if self.clean_batch_size is None:  # the whole clean set each step

@@ -34,6 +34,8 @@ from metarun.data.cifar import (
     _read_split,
     _to_float,
     check_cifar_batches,
+    check_num_classes,
+    check_option_classes,
     cifar_folder,
     cifar_sources,
 )
@@ -41,7 +43,6 @@ from metarun.data.supervised import SplitData
 from metarun.registry import register
 from metarun.spec.bases import SUPERVISED, DatasetSchema
 from metarun.spec.checks import require
-from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskSources
 
 __all__ = ["load_cifar_lt", "long_tail_counts"]
@@ -188,14 +189,7 @@ class Cifar10LTConfig(DatasetSchema):
     _classes: ClassVar[int] = 10
 
     def __post_init__(self) -> None:
-        other_classes = 100 if self._classes == 10 else 10
-        option, other = f"cifar{self._classes}_lt", f"cifar{other_classes}_lt"
-        if self.num_classes != self._classes:
-            raise ConfigError(
-                f"dataset.num_classes must be {self._classes} for dataset={option}, got "
-                f"{self.num_classes} (the option fixes it: leave it out, or use "
-                f"dataset={other} for CIFAR-{other_classes})"
-            )
+        check_option_classes(self.num_classes, self._classes, "lt")
         require(
             self.imbalance >= 1,
             "dataset.imbalance",
@@ -220,13 +214,7 @@ class Cifar10LTConfig(DatasetSchema):
         return self.n_clean_per_class * self.num_classes
 
     def check_model(self, model: Any) -> None:
-        require(
-            model.num_classes == self.num_classes,
-            "model.num_classes",
-            model.num_classes,
-            f"equal to dataset.num_classes ({self.num_classes})",
-            "model.num_classes=${dataset.num_classes}",
-        )
+        check_num_classes(model, self.num_classes)
 
     def shard_sizes(self) -> dict[str, int]:
         if self.clean_batch_size is None:  # the whole clean set each step

@@ -51,6 +51,18 @@ def find_under(root: Path, subdirs: Sequence[str], present: Callable[[Path], boo
     return None
 
 
+def find_layout(
+    root: Path, subdirs: Sequence[str], layouts: Sequence[tuple[str, Callable[[Path], bool]]]
+) -> tuple[str, Path] | None:
+    """``(kind, folder)`` of the first of ``layouts`` (``(kind, present)`` pairs, in order of
+    preference) that :func:`find_under` finds; ``None`` if none is there."""
+    for kind, present in layouts:
+        folder = find_under(root, subdirs, present)
+        if folder is not None:
+            return kind, folder
+    return None
+
+
 def not_found_message(
     what: str, root: Path, subdirs: Sequence[str], looked_for: str, fix: str
 ) -> str:

@@ -88,6 +88,22 @@ def decode_image(image: Image.Image, image_size: int, channels: int = 3) -> Imag
     return converted
 
 
+def decode_bytes(data: bytes, image_size: int, where: str) -> bytes:
+    """An image file's bytes -> ``image_size**2 * 3`` bytes of RGB (:func:`decode_image`).
+
+    Raises:
+        ValueError: not an image Pillow reads, naming ``where`` (the file, or the archive).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return decode_image(image, image_size).tobytes()
+    except OSError as error:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(
+            f"cannot decode an image of {where} ({type(error).__name__}: {error}). Fix: "
+            f"replace the file with a complete copy"
+        ) from None
+
+
 def decode_rgb(image: Image.Image, image_size: int) -> Image.Image:
     """:func:`decode_image` in RGB."""
     return decode_image(image, image_size, 3)

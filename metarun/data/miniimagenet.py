@@ -18,22 +18,21 @@ The pickles are preferred when both are there.
 from __future__ import annotations
 
 import csv
-import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-from PIL import Image
 
-from metarun.data.download import find_under
+from metarun.data.download import find_layout
 from metarun.data.download import not_found_message as _not_found
 from metarun.data.images import (
     SPLITS,
     ClassPool,
     FewShotImageConfig,
     cached_pools,
+    decode_bytes,
     fingerprint,
     image_task_sources,
     load_pickle,
@@ -110,14 +109,14 @@ def not_found_message(root: Path) -> str:
 
 
 def _find(root: Path) -> tuple[str, Path] | None:
-    for kind, present in (
-        ("pickle", lambda f: all((f / PICKLE.format(split=s)).is_file() for s in SPLITS)),
-        ("csv", lambda f: all((f / f"{s}.csv").is_file() for s in SPLITS)),
-    ):
-        folder = find_under(root, _SUBDIRS, present)
-        if folder is not None:
-            return kind, folder
-    return None
+    return find_layout(
+        root,
+        _SUBDIRS,
+        [
+            ("pickle", lambda f: all((f / PICKLE.format(split=s)).is_file() for s in SPLITS)),
+            ("csv", lambda f: all((f / f"{s}.csv").is_file() for s in SPLITS)),
+        ],
+    )
 
 
 def _read_pickle(path: Path, image_size: int) -> ClassPool:
@@ -166,19 +165,6 @@ def _read_csv(folder: Path, split: str) -> list[tuple[str, str]]:
     return [(r[0], r[1]) for r in rows]
 
 
-def _decode_file(path: Path, image_size: int) -> bytes:
-    try:
-        with Image.open(io.BytesIO(path.read_bytes())) as image:
-            rgb = image.convert("RGB")
-    except OSError as error:  # PIL's UnidentifiedImageError is an OSError
-        raise ValueError(
-            f"cannot read the image {path} ({type(error).__name__}: {error}). Fix: replace it"
-        ) from None
-    if rgb.size != (image_size, image_size):
-        rgb = rgb.resize((image_size, image_size), Image.Resampling.LANCZOS)
-    return rgb.tobytes()
-
-
 def read_image_folder(
     folder: Path, split: str, rows: list[tuple[str, str]], image_size: int
 ) -> ClassPool:
@@ -208,7 +194,7 @@ def read_image_folder(
                     f"none of {', '.join(str(p) for p in candidates)}. Fix: put the images "
                     f"there (e.g. {folder / 'images'}/), or use the pickled caches"
                 )
-            buffer += _decode_file(path, image_size)
+            buffer += decode_bytes(path.read_bytes(), image_size, str(path))
     images = torch.frombuffer(buffer, dtype=torch.uint8)
     return ClassPool(names, images.view(len(names), counts[0], image_size, image_size, 3).clone())
 

@@ -22,7 +22,6 @@ splits of the files is an error.
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,15 +29,15 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from PIL import Image
 
-from metarun.data.download import find_under
+from metarun.data.download import find_layout
 from metarun.data.download import not_found_message as _not_found
 from metarun.data.images import (
     SPLITS,
     ClassPool,
     FewShotImageConfig,
     cached_pools,
+    decode_bytes,
     fingerprint,
     image_task_sources,
     load_pickle,
@@ -82,35 +81,19 @@ def not_found_message(root: Path) -> str:
     )
 
 
+def _pickles(folder: Path) -> bool:
+    return all(
+        (folder / IMAGES.format(split=s)).is_file() and (folder / LABELS.format(split=s)).is_file()
+        for s in SPLITS
+    )
+
+
 def _find(root: Path) -> tuple[str, Path] | None:
-    for kind, present in (
-        (
-            "pickle",
-            lambda f: all(
-                (f / IMAGES.format(split=s)).is_file() and (f / LABELS.format(split=s)).is_file()
-                for s in SPLITS
-            ),
-        ),
-        ("folders", lambda f: all((f / s).is_dir() for s in SPLITS)),
-    ):
-        folder = find_under(root, _SUBDIRS, present)
-        if folder is not None:
-            return kind, folder
-    return None
-
-
-def _decode(data: bytes, image_size: int, where: str) -> bytes:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            rgb = image.convert("RGB")
-    except OSError as error:  # PIL's UnidentifiedImageError is an OSError
-        raise ValueError(
-            f"cannot decode an image of {where} ({type(error).__name__}: {error}). Fix: "
-            f"replace the file with a complete copy"
-        ) from None
-    if rgb.size != (image_size, image_size):
-        rgb = rgb.resize((image_size, image_size), Image.Resampling.LANCZOS)
-    return rgb.tobytes()
+    return find_layout(
+        root,
+        _SUBDIRS,
+        [("pickle", _pickles), ("folders", lambda f: all((f / s).is_dir() for s in SPLITS))],
+    )
 
 
 def _ragged(
@@ -122,7 +105,7 @@ def _ragged(
     for blobs in blobs_by_class:
         counts.append(len(blobs))
         for blob in blobs:
-            buffer += _decode(read(blob), image_size, where)
+            buffer += decode_bytes(read(blob), image_size, where)
     empty = [n for n, c in zip(names, counts, strict=True) if c == 0]
     if empty:
         raise ValueError(f"{where}: classes without images: {empty[:5]}. Fix: replace the files")
