@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -58,23 +59,42 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_metarun(
-    args: Sequence[str],
+def run_captured(
+    command: Sequence[str | Path],
     cwd: Path,
     *,
     env: dict[str, str] | None = None,
     timeout: float = 180,
-    command: Sequence[str] = (METARUN,),
 ) -> subprocess.CompletedProcess[str]:
-    """``metarun *args`` (or ``command *args``) in ``cwd``, output captured as text."""
+    """``command`` in ``cwd`` (environment :func:`cli_env` unless given), output captured as
+    text."""
     return subprocess.run(
-        [*command, *args],
+        [str(c) for c in command],
         cwd=cwd,
         env=cli_env() if env is None else env,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def run_metarun(
+    args: Sequence[str | Path],
+    cwd: Path,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 180,
+    command: Sequence[str | Path] = (METARUN,),
+) -> subprocess.CompletedProcess[str]:
+    """``metarun *args`` (or ``command *args``) in ``cwd``, as :func:`run_captured`."""
+    return run_captured([*command, *args], cwd, env=env, timeout=timeout)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for torchrun's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -87,6 +107,12 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 # How many float64 roundings the value of a small network's loss carries, at most, relative to
 # its size: a generous count, so that the bound is never the reason a correct gradient fails.
 _ROUNDINGS = 10
+
+
+def fd_roundoff(scale: float, h: float) -> float:
+    """The rounding error of a float64 central difference with step ``h`` of a function of size
+    ``scale`` (see :class:`CentralDifference`)."""
+    return _ROUNDINGS * torch.finfo(torch.float64).eps * abs(scale) / h
 
 
 @dataclass(frozen=True)
@@ -108,8 +134,7 @@ class CentralDifference:
 
     @property
     def roundoff(self) -> float:
-        eps = torch.finfo(torch.float64).eps
-        return _ROUNDINGS * eps * max(abs(self.up), abs(self.down)) / self.h
+        return fd_roundoff(max(abs(self.up), abs(self.down)), self.h)
 
     def approx(self, rel: float) -> Any:
         """``pytest.approx`` of the difference: ``rel`` for the truncation error, the roundoff

@@ -10,12 +10,12 @@ import gzip
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_metarun
 
 from metarun import cli
 from metarun.runner import api
@@ -25,7 +25,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 DATA = Path(os.environ.get("METARUN_DATA", "/work/shared/data"))
 MNIST_TEST = DATA / "mnist" / "raw" / "t10k-images-idx3-ubyte.gz"
 OMNIGLOT_ZIP = DATA / "omniglot" / "images_background_small1.zip"
-METARUN = str(Path(sys.executable).with_name("metarun"))
 # Enough for a run that gets past validation to end in a second: the cases below must fail
 # before that, but a regression should not train for minutes.
 QUICK = ["outer_steps=1", "eval.num_tasks=2", "eval.batch_size=1", "log.progress=false"]
@@ -528,13 +527,6 @@ def test_resume_another_experiment(trained, args, expected, tmp_path, monkeypatc
 # ------------------------------------------------------------------------------ real processes
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("HYDRA_FULL_ERROR", None)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -546,14 +538,7 @@ def _env() -> dict[str, str]:
 def test_in_a_real_process(args, expected, tmp_path):
     if not any(a.startswith("hydra.run.dir=") for a in args):
         args = [*args, f"hydra.run.dir={tmp_path / 'run'}"]
-    result = subprocess.run(
-        [METARUN, *QUICK, *args],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_metarun([*QUICK, *args], tmp_path)
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr
     assert "Traceback" not in result.stderr

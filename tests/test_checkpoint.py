@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import run_metarun
 
 from metarun.runner import checkpoint as ckpt
 
@@ -154,16 +153,7 @@ def test_resume_from_a_truncated_last_pt_uses_the_previous_one(make_config, tiny
 
 # ------------------------------------------------------------- through the CLI: best.pt, mode=eval
 
-METARUN = str(Path(sys.executable).with_name("metarun"))
 DATA = Path(os.environ.get("METARUN_DATA", "/work/shared/data"))
-
-
-def _metarun(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [METARUN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180
-    )
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +161,7 @@ def unvalidated(tmp_path_factory, tiny) -> Path:
     """The run dir of a tiny CLI run that validated nothing (eval.every=0)."""
     root = tmp_path_factory.mktemp("unvalidated")
     run_dir = root / "run"
-    result = _metarun([*tiny, "eval.every=0", f"hydra.run.dir={run_dir}"], root)
+    result = run_metarun([*tiny, "eval.every=0", f"hydra.run.dir={run_dir}"], root)
     assert result.returncode == 0, result.stderr
     return run_dir
 
@@ -200,7 +190,7 @@ def test_eval_overrides_apply_to_the_checkpoints_config_and_are_recorded(unvalid
         "outer_steps=6",  # a training key repeating the checkpoint's value changes nothing
         f"hydra.run.dir={run_dir}",
     ]
-    result = _metarun(args, tmp_path)
+    result = run_metarun(args, tmp_path)
     assert result.returncode == 0, result.stderr
     results = json.loads((run_dir / "results.json").read_text())
     applied = results["overrides"]["applied"]
@@ -217,7 +207,7 @@ def test_eval_refuses_an_override_that_changes_what_was_trained(unvalidated, tmp
     checkpoint = unvalidated / "checkpoints" / "best.pt"
     run_dir = tmp_path / "eval"
     args = ["mode=eval", f"checkpoint={checkpoint}", "algo.inner_lr=0.1"]
-    result = _metarun([*args, f"hydra.run.dir={run_dir}"], tmp_path)
+    result = run_metarun([*args, f"hydra.run.dir={run_dir}"], tmp_path)
     assert result.returncode == 2, result.stderr
     assert "error: algo.inner_lr: mode=eval tests the checkpoint as it was trained" in result.stderr
     assert "the checkpoint has algo.inner_lr=0.01, got 0.1" in result.stderr
@@ -252,7 +242,7 @@ def test_eval_of_an_omniglot_checkpoint_takes_its_task_shape_keys(make_config, t
     run_dir = tmp_path / "eval"
     args = ["mode=eval", f"checkpoint={checkpoint}", "dataset.n_way=3", "dataset.k_query=2"]
     small = ["eval.num_tasks=2", "eval.batch_size=2", "device=cpu", "log.progress=false"]
-    result = _metarun([*args, *small, f"hydra.run.dir={run_dir}"], tmp_path)
+    result = run_metarun([*args, *small, f"hydra.run.dir={run_dir}"], tmp_path)
     assert result.returncode == 0, result.stderr
     results = json.loads((run_dir / "results.json").read_text())
     assert results["overrides"]["applied"]["dataset.eval_n_way"] == 3

@@ -9,22 +9,19 @@ import csv
 import math
 import os
 import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import BIN, cli_env, free_port, run_metarun
 
 import metarun
 from metarun.algorithms.maml import MAML
 from metarun.config import ConfigError
-from metarun.runner import api
 from metarun.runner.checkpoint import load_checkpoint
 from metarun.runner.trainer import Trainer, TrainingDiverged, nonfinite_entries
 
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 # Tiny sinusoid run, checkpoints every 3 steps, no validation (best.pt would be a second file);
@@ -33,12 +30,8 @@ ARGS = ["outer_steps=12", "save.every=3", "eval.every=0", "algo.task_batching=vm
 
 
 @pytest.fixture
-def train(make_config, tiny):
-    def _train(run_dir, overrides=()) -> api.RunSummary:
-        args = [*tiny, *ARGS, *overrides]
-        return api.run(make_config(args), run_dir, overrides=args)
-
-    return _train
+def train(train_with):
+    return train_with(ARGS)
 
 
 @pytest.fixture
@@ -294,13 +287,6 @@ def test_nonfinite_entries_names_the_tensors():
 # ----------------------------------------------------------------------------- real processes
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("HYDRA_FULL_ERROR", None)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 TINY_CLI = [
     "meta_batch_size=2",
     "eval.every=0",
@@ -315,20 +301,15 @@ TINY_CLI = [
 def test_cli_exits_1_with_the_message(tmp_path):
     """The issue's command: algo.inner_lr=1e6 makes the very first meta-loss infinite."""
     run_dir = tmp_path / "run"
-    result = subprocess.run(
+    result = run_metarun(
         [
-            str(BIN / "metarun"),
             "algo.inner_lr=1e6",
             "outer_steps=100",
             "save.every=20",
             *TINY_CLI,
             f"hydra.run.dir={run_dir}",
         ],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
+        tmp_path,
     )
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
@@ -352,9 +333,8 @@ def test_cli_stops_a_divergence_that_stays_finite(tmp_path):
     meta-loss of about 1e10 from the first step (before the bound: exit 0, chance accuracy and a
     test loss of 1e27). Now it stops at step 1 with exit 1 and writes no checkpoint."""
     run_dir = tmp_path / "run"
-    result = subprocess.run(
+    result = run_metarun(
         [
-            str(BIN / "metarun"),
             "dataset=omniglot",
             "dataset.split=random",
             "algo.inner_lr=1e6",
@@ -366,11 +346,8 @@ def test_cli_stops_a_divergence_that_stays_finite(tmp_path):
             *TINY_CLI,
             f"hydra.run.dir={run_dir}",
         ],
-        cwd=tmp_path,
-        env={**_env(), "METARUN_DATA": str(OMNIGLOT.parent)},
-        capture_output=True,
-        text=True,
-        timeout=180,
+        tmp_path,
+        env=cli_env(METARUN_DATA=str(OMNIGLOT.parent)),
     )
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
@@ -386,20 +363,15 @@ def test_cli_stops_a_divergence_that_stays_finite(tmp_path):
 
 def test_sweep_marks_the_diverged_job_failed(tmp_path):
     sweep = tmp_path / "sweep"
-    result = subprocess.run(
+    result = run_metarun(
         [
-            str(BIN / "metarun"),
             "-m",
             "algo.inner_lr=1e6,0.01",
             "outer_steps=4",
             *TINY_CLI,
             f"hydra.sweep.dir={sweep}",
         ],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
+        tmp_path,
     )
     assert result.returncode == 1, result.stderr
     with open(sweep / "summary.csv", newline="") as handle:
@@ -408,21 +380,14 @@ def test_sweep_marks_the_diverged_job_failed(tmp_path):
     assert rows[0]["note"].startswith("TrainingDiverged: training diverged: non-finite")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_all_ranks_stop_together(tmp_path):
     """Two gloo processes: both stop at the same step (none hangs in an all-reduce)."""
     run_dir = tmp_path / "run"
-    result = subprocess.run(
+    result = run_metarun(
         [
-            str(BIN / "torchrun"),
             "--nproc_per_node=2",
-            f"--master_port={_free_port()}",
+            f"--master_port={free_port()}",
             "-m",
             "metarun.cli",
             "algo.inner_lr=1e6",
@@ -431,10 +396,9 @@ def test_all_ranks_stop_together(tmp_path):
             "meta_batch_size=4",
             f"hydra.run.dir={run_dir}",
         ],
-        cwd=tmp_path,
-        env={**_env(), "METARUN_CACHE": str(tmp_path)},
-        capture_output=True,
-        text=True,
+        tmp_path,
+        command=[str(BIN / "torchrun")],
+        env=cli_env(METARUN_CACHE=str(tmp_path)),
         timeout=240,
     )
     assert result.returncode != 0

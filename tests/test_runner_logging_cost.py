@@ -4,15 +4,14 @@ the device once per step)."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import MNIST_IMBALANCE, read_metrics
 
 import metarun
-from metarun.runner import api
 from metarun.runner.build import build_experiment, build_meta_optimizer
 from metarun.runner.checkpoint import load_checkpoint
 from metarun.runner.logging import RunLogger
@@ -23,17 +22,12 @@ COMMON = ["outer_steps=6", "eval.every=0", "save.every=0", "algo.task_batching=v
 
 
 @pytest.fixture
-def train(make_config, tiny):
-    def _train(run_dir, overrides=()) -> api.RunSummary:
-        args = [*tiny, *COMMON, *overrides]
-        return api.run(make_config(args), run_dir, overrides=args)
-
-    return _train
+def train(train_with):
+    return train_with(COMMON)
 
 
 def _records(run_dir) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "hypergrad/norm" in r}
+    return {r["step"]: r for r in read_metrics(run_dir) if "hypergrad/norm" in r}
 
 
 @pytest.mark.parametrize("batching", ["vmap", "loop"])
@@ -100,13 +94,7 @@ def _trainer(config, run_dir) -> Trainer:  # type: ignore[no-untyped-def]
         [
             "algo=l2rw",
             "meta_batch_size=1",
-            "dataset=mnist_imbalance",
-            "dataset.source_split=test",
-            "dataset.pos_ratio=0.9",
-            "dataset.n_train=50",
-            "dataset.n_val=4",
-            "dataset.n_test=10",
-            "dataset.batch_size=8",
+            *MNIST_IMBALANCE,
         ],
     ],
     ids=["maml-vmap", "maml-loop", "reptile", "l2rw"],
