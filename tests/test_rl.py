@@ -25,7 +25,7 @@ from metarun.runner.trainer import Trainer
 TINY_RL = [
     "algo=maml_rl",
     "dataset=navigation2d",
-    "dataset.horizon=20",
+    "dataset.horizon=10",
     "model.hidden=[32,32]",
     "meta_batch_size=4",
     "algo.fast_batch_size=5",
