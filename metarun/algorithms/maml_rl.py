@@ -378,6 +378,12 @@ class MAMLRL(MetaAlgorithm):
                 lambda p: clipped(p, inner, post, old_logp).mean(), kl, theta,
                 lr=c.ppo_lr, epochs=c.ppo_epochs,
             )  # fmt: skip
+        if step.backtracks < 0:
+            log.warning(
+                "TRPO line search found no step that lowers the meta-objective within "
+                "algo.max_kl=%g; the parameters stay (train/backtracks=-1)",
+                c.max_kl,
+            )
         for name, param in zip(self._names, self.meta_parameters_by_name()):
             param.grad = -step.step[name].to(param.dtype)
         return {
