@@ -102,7 +102,7 @@ def adaptation_curve(curve: Sequence[Mapping[str, Any]], title: str) -> Any:
         title: the figure's title.
     """
     plt = pyplot()
-    names = [n for n in ("accuracy", "loss") if any(n in point for point in curve)]
+    names = [n for n in ("accuracy", "loss", "return") if any(n in point for point in curve)]
     fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names):
         points = [p for p in curve if name in p]

@@ -4,6 +4,7 @@ adapted policy beats the unadapted one."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 from collections.abc import Iterator
@@ -264,12 +265,18 @@ def test_short_run_adapts_better_than_it_starts(train_rl, tmp_path):
     """After a few outer steps, one policy-gradient step on a new goal raises the return on it
     (mean over the fixed test goals, beyond the 95% interval of the difference's noise)."""
     summary = train_rl(
-        tmp_path / "run", ["dataset.horizon=50", "outer_steps=3", "eval.num_tasks=16"]
+        tmp_path / "run",
+        ["dataset.horizon=50", "outer_steps=3", "eval.num_tasks=16", "eval.curve_steps=[0,1]"],
     )
     metrics = summary.results["test"]["metrics"]
     post, pre = metrics["return"], metrics["pre_return"]
     assert post["n"] == pre["n"] == 16
     assert post["mean"] > pre["mean"] + pre["ci95"], (pre, post)
+    # The curve (Fig. 5): after 0 steps the pre-adaptation return, after 1 the test's.
+    curve = {point["inner_steps"]: point["return"] for point in summary.results["curve"]}
+    assert curve[0]["mean"] == pre["mean"] and curve[1]["mean"] == post["mean"]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "run" / "figures" / "adaptation_curve.png").stat().st_size > 0
 
 
 def test_docs_page_lists_every_key():
