@@ -50,9 +50,11 @@ def _keys(schema: type, parent: type | None = None) -> set[str]:
 
 def test_algorithm_pages_list_every_schema_key():
     from metarun.algorithms.anil import ANILConfig
+    from metarun.algorithms.fomaml import FOMAMLConfig
     from metarun.algorithms.imaml import IMAMLConfig
     from metarun.algorithms.l2rw import ERMConfig, L2RWConfig
-    from metarun.algorithms.maml import FOMAMLConfig, MAMLConfig, MAMLPPConfig
+    from metarun.algorithms.maml import MAMLConfig
+    from metarun.algorithms.mamlpp import MAMLPPConfig
     from metarun.algorithms.metasgd import MetaSGDConfig
     from metarun.algorithms.mwn import MWNConfig
     from metarun.algorithms.protonets import ProtoNetsConfig

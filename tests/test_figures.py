@@ -58,11 +58,24 @@ def test_figures_can_be_turned_off(train, tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["curve"]  # still measured
 
 
-@pytest.mark.parametrize("algo", ["maml", "reptile", "imaml"])
+@pytest.mark.parametrize(
+    "algo",
+    [
+        ["algo=maml"],
+        ["algo=metasgd", "algo.learn_inner_lr=per_param"],
+        # MAML++'s step-by-step loop: per-step rates and the multi-step loss (an MLP has no
+        # BatchNorm; test_mamlpp checks the per-step BatchNorm copies).
+        ["algo=mamlpp", "algo.per_step_bn=false", "algo.inner_steps=2"],
+        ["algo=anil"],
+        ["algo=reptile"],
+        ["algo=imaml"],
+    ],
+    ids=lambda a: a[0].partition("=")[2],
+)
 def test_the_curve_of_one_pass_equals_one_evaluation_per_step_count(make_config, algo):
     """The contract of ``evaluate_task_curve`` (the default or an algorithm's one-pass
     override): bit-for-bit the metrics of ``evaluate`` at each step count."""
-    config = make_config([f"algo={algo}", "algo.eval_inner_steps=3", "device=cpu"])
+    config = make_config([*algo, "algo.eval_inner_steps=3", "device=cpu"])
     experiment = build_experiment(config)
     algorithm = experiment.algorithm
     assert isinstance(algorithm, EpisodicAlgorithm)

@@ -452,3 +452,24 @@ def test_omniglot_with_every_option_on_learns_beyond_chance(make_config, tmp_pat
     summary = api.run(make_config(args), tmp_path / "run", overrides=args)
     accuracy = summary.results["test"]["metrics"]["accuracy"]
     assert accuracy["mean"] - accuracy["ci95"] > 1 / 5 + 0.1
+
+
+@pytest.mark.parametrize("bn_policy", ["batch_stats", "running_stats"])
+def test_curve_of_one_adaptation_equals_each_evaluation(bn_policy: str) -> None:
+    """Evaluation's curve reads one adaptation along the way: after each step count, bit for
+    bit what a separate evaluation with that many steps gives, per-step rates and BatchNorm
+    copies included (beyond the training steps the last copy serves)."""
+    algo = _maml(**ALL_ON, bn_policy=bn_policy, inner_steps=2, eval_inner_steps=4)
+    with torch.no_grad():  # per-step copies unlike the model's own, as after meta-training
+        for i, p in enumerate(algo.per_step_bn.affine.values()):
+            p.add_(0.1 * (i + 1))
+    batch = _batch(tasks=2)
+    with algo.eval_mode():
+        for i in range(len(batch)):
+            sx, sy, qx, _ = (t[i] for t in batch.tensors())
+            pre, outs = algo.evaluate_task_curve(sx, sy, qx, [0, 1, 3, 4])
+            for k, out in zip([0, 1, 3, 4], outs):
+                alone_pre, alone = algo.evaluate_task(sx, sy, qx, k)
+                assert torch.equal(out, alone), k
+                assert torch.equal(pre, alone_pre)
+            assert not torch.equal(outs[0], outs[-1])

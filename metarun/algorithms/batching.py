@@ -14,7 +14,10 @@ one computation). :class:`TaskBatchingMixin` runs them as ``algo.task_batching``
   (:class:`~metarun.algorithms.compiled.CompiledOrEager`).
 
 Both paths accumulate ``loss / n`` of every task into the parameters' ``.grad`` (the mean
-meta-gradient) and hand each task's or chunk's outputs to the algorithm's metric hook.
+meta-gradient) and hand each task's or chunk's outputs to the algorithm's metric hook. An
+algorithm whose meta-gradient is not the gradient of a loss (iMAML's implicit one, solved per
+task) returns what it computed in place of the loss and overrides
+:meth:`~TaskBatchingMixin.accumulate_meta_gradient`.
 """
 
 from __future__ import annotations
@@ -95,6 +98,12 @@ class TaskBatchingMixin:
         self._compiled_step = CompiledOrEager(batched, what, backend)
         return True
 
+    def accumulate_meta_gradient(self, losses: Tensor, n: int, *, batched: bool) -> None:
+        """Add one task's (``batched=False``: a scalar) or one chunk's (``(T,)``) share of the mean
+        meta-gradient over ``n`` tasks to ``.grad``: the backward of their meta-losses over
+        ``n``."""
+        (losses.sum() / n if batched else losses / n).backward()
+
     # -- the loop ------------------------------------------------------------------------------
     def run_tasks(
         self,
@@ -111,12 +120,12 @@ class TaskBatchingMixin:
             batched_tasks = make_batched()
             for chunk in batch.split(self.task_chunk_size or n):
                 losses, outs = batched_tasks(chunk)
-                (losses.sum() / n).backward()
+                self.accumulate_meta_gradient(losses, n, batched=True)
                 with torch.no_grad():
                     on_tasks(chunk, losses.detach(), outs.detach(), True)
             return
         for task in batch.split(1):
             loss, out = one_task(*(t[0] for t in task.tensors()))
-            (loss / n).backward()
+            self.accumulate_meta_gradient(loss, n, batched=False)
             with torch.no_grad():
                 on_tasks(task, loss.detach()[None], out.detach()[None], False)

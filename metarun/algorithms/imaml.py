@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from metarun.algorithms.batching import TaskBatchingMixin
 from metarun.algorithms.episodic import EpisodicAlgorithm, MetricTotals, with_meta_loss
 from metarun.algorithms.losses import task_loss, task_metrics
 from metarun.algorithms.reptile import InnerOptimizer
@@ -123,7 +125,7 @@ class IMAMLConfig(AlgoSchema):
 
 
 @register("algo", "imaml", IMAMLConfig)
-class IMAML(EpisodicAlgorithm):
+class IMAML(TaskBatchingMixin, EpisodicAlgorithm):
     """Implicit MAML (Rajeswaran et al. 2019) on :mod:`metarun.unroll.implicit`.
 
     Args:
@@ -186,10 +188,9 @@ class IMAML(EpisodicAlgorithm):
         self.solver = CG(tol=cg_tol, max_iter=cg_steps)
         self.cg_damping = float(cg_damping)
         self.lam_damping = float(lam_damping)
-        self.task_batching = TaskBatching(task_batching)
-        if self.task_batching is TaskBatching.auto:
+        if TaskBatching(task_batching) is TaskBatching.auto:
             raise ValueError("task_batching must be 'loop' or 'vmap' for iMAML, got 'auto'")
-        self.task_chunk_size = task_chunk_size
+        self.init_task_batching(task_batching, task_chunk_size)
         self._stats_off = batch_stats_buffers(model)
         self._has_batch_norm = any(
             isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()
@@ -288,57 +289,67 @@ class IMAML(EpisodicAlgorithm):
         v, info = self.solver.solve(matvec, g)
         return v, out.detach(), info
 
-    def _meta_gradients_vmap(self, batch: TaskBatch) -> tuple[Params, Tensor, Tensor]:
-        """Every task's ``v``, query output and CG residual, stacked (T, ...), by vmap."""
-
-        start = {n: p.detach().clone().requires_grad_() for n, p in self._theta().items()}
-
-        def task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Params, Tensor, Tensor]:
-            v, out, info = self.meta_gradient(sx, sy, qx, qy, start=start)
-            return v, out, info.residual
-
-        batched = torch.func.vmap(task)
-        # The HVP is a double backward, whose native batch-norm vmap rule is wrong in torch
-        # 2.14 (metarun.unroll.batched): batch norm from elementary ops in the vmapped region.
-        bn_mode = decomposed_batch_norm if self._has_batch_norm else contextlib.nullcontext
-        parts = []
-        for chunk in batch.split(self.task_chunk_size or len(batch)):
-            with bn_mode(), torch.no_grad():
-                parts.append(batched(*chunk.tensors()))
-        vs = {n: torch.cat([p[0][n] for p in parts]) for n in parts[0][0]}
-        return vs, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
-
     # -- protocol ----------------------------------------------------------------------------
     def meta_train_step(self, batch: TaskBatch) -> dict[str, Any]:
         """The mean over tasks of the implicit meta-gradients, added to ``.grad`` of the
-        model's trainable parameters."""
-        n = len(batch)
+        model's trainable parameters (:meth:`accumulate_meta_gradient`), task by task or
+        vmapped chunk by chunk (:mod:`metarun.algorithms.batching`)."""
         theta = self._theta()
         totals = MetricTotals()
-        if self.task_batching is TaskBatching.vmap:
-            vs, outs, residuals = self._meta_gradients_vmap(batch)
-            per_task = [({k: t[i] for k, t in vs.items()}, outs[i]) for i in range(n)]
-        else:
-            per_task, found = [], []
-            for i in range(n):
-                sx, sy, qx, qy = (t[i] for t in batch.tensors())
-                v, out, info = self.meta_gradient(sx, sy, qx, qy)
-                per_task.append((v, out))
-                found.append(info.residual)
-                self.last_solver_info = info
-            residuals = torch.stack(found)
-        for i, (v, out) in enumerate(per_task):
-            qy = batch.query_y[i]
-            for name, p in theta.items():
-                step = v[name] / n
+        residuals: list[Tensor] = []
+
+        def one_task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
+            v, out, info = self.meta_gradient(sx, sy, qx, qy)
+            self.last_solver_info = info
+            residuals.append(info.residual[None])
+            return self._flat(v), out
+
+        def make_batched() -> Callable[[TaskBatch], tuple[Tensor, Tensor]]:
+            start = {n: p.detach().clone().requires_grad_() for n, p in theta.items()}
+
+            def task(sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, ...]:
+                v, out, info = self.meta_gradient(sx, sy, qx, qy, start=start)
+                return self._flat(v), out, info.residual
+
+            batched = torch.func.vmap(task)
+            # The HVP is a double backward, whose native batch-norm vmap rule is wrong in torch
+            # 2.14 (metarun.unroll.batched): batch norm from elementary ops in the vmapped region.
+            bn_mode = decomposed_batch_norm if self._has_batch_norm else contextlib.nullcontext
+
+            def run(chunk: TaskBatch) -> tuple[Tensor, Tensor]:
+                with bn_mode(), torch.no_grad():
+                    vs, outs, found = batched(*chunk.tensors())
+                residuals.append(found)
+                return vs, outs
+
+            return run
+
+        def on_tasks(tasks: TaskBatch, vs: Tensor, outs: Tensor, batched: bool) -> None:
+            for i in range(len(tasks)):
+                qy = tasks.query_y[i]
+                totals.add("post", task_metrics(self.task_type, outs[i], qy))
+                if self.pre_adaptation_metrics:
+                    pre = self._forward(theta, tasks.query_x[i])
+                    totals.add("pre", task_metrics(self.task_type, pre, qy))
+
+        self.run_tasks(batch, one_task, make_batched, on_tasks)
+        totals.add("cg", {"residual": torch.cat(residuals)})
+        return with_meta_loss(totals.means(len(batch)))
+
+    def _flat(self, v: Params) -> Tensor:
+        """A task's meta-gradient as one vector, so that the task batching carries it."""
+        return torch.cat([v[n].reshape(-1) for n in self._theta()])
+
+    def accumulate_meta_gradient(self, vs: Tensor, n: int, *, batched: bool) -> None:
+        """Each task's implicit meta-gradient over ``n`` added to ``.grad``, task by task: it is
+        solved, not backpropagated (a row of ``vs`` is :meth:`_flat`'s vector)."""
+        theta = self._theta()
+        for row in vs if batched else vs[None]:
+            offset = 0
+            for p in theta.values():
+                step = row[offset : offset + p.numel()].view_as(p) / n
+                offset += p.numel()
                 p.grad = step if p.grad is None else p.grad + step
-            totals.add("post", task_metrics(self.task_type, out, qy))
-            if self.pre_adaptation_metrics:
-                with torch.no_grad():
-                    pre = self._forward(theta, batch.query_x[i])
-                totals.add("pre", task_metrics(self.task_type, pre, qy))
-        totals.add("cg", {"residual": residuals})
-        return with_meta_loss(totals.means(n))
 
     def evaluate_task(
         self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int

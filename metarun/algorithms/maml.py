@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -176,11 +176,22 @@ class MAML(InnerLoopLearner):
             return True
         return self.first_order
 
-    def _adapt(self, sx: Tensor, sy: Tensor, steps: int, *, track: bool) -> dict[str, Tensor]:
-        params = get_params(self.model, copy=self.copy_initial_weights or not track)
+    def _adapt(
+        self,
+        sx: Tensor,
+        sy: Tensor,
+        steps: int,
+        *,
+        track: bool,
+        params: dict[str, Tensor] | None = None,
+        done: int = 0,
+    ) -> dict[str, Tensor]:
+        """``steps`` inner steps from the model's weights, or from ``params`` adapted by ``done``
+        steps already (evaluation's curve: one adaptation, read along the way)."""
+        if params is None:
+            params = get_params(self.model, copy=self.copy_initial_weights or not track)
         if self._stepwise is not None:
-            return self._stepwise.run(params, sx, sy, steps, track=track)[0]
-
+            return self._stepwise.run(params, sx, sy, steps, track=track, first_step=done)[0]
         return self._steps(
             lambda p: self._loss(self._forward(p, sx), sy),
             params,
@@ -281,11 +292,28 @@ class MAML(InnerLoopLearner):
     def evaluate_task(
         self, sx: Tensor, sy: Tensor, qx: Tensor, steps: int
     ) -> tuple[Tensor | None, Tensor]:
+        pre, (out,) = self.evaluate_task_curve(sx, sy, qx, [steps])
+        return pre, out
+
+    curve_in_one_pass = True
+
+    def evaluate_task_curve(
+        self, sx: Tensor, sy: Tensor, qx: Tensor, steps: Sequence[int]
+    ) -> tuple[Tensor | None, list[Tensor]]:
+        """One adaptation of ``steps[-1]`` steps, the query read after each of ``steps``."""
         with torch.no_grad():
             pre = self._pre_forward(qx)
-        params = self._adapt(sx, sy, steps, track=False)
-        with torch.no_grad():
-            return pre, self._forward(params, qx)
+        outs, params, done = [], None, 0
+        for k in steps:
+            # After 0 steps too: with per-step BatchNorm, adapted weights (0 steps included)
+            # carry the last training step's copy, as predict expects; so the 0-step weights
+            # are not where the later steps start (those begin from step 0's copy).
+            adapted = self._adapt(sx, sy, k - done, track=False, params=params, done=done)
+            if k > 0:
+                params, done = adapted, k
+            with torch.no_grad():
+                outs.append(self._forward(adapted, qx))
+        return pre, outs
 
     def adapt(
         self, support_x: Tensor, support_y: Tensor, steps: int | None = None

@@ -261,6 +261,7 @@ class StepwiseLoop:
         track: bool,
         grad: GradBackend = GradBackend.autograd,
         query: tuple[Tensor, Tensor] | None = None,
+        first_step: int = 0,
     ) -> tuple[Params, Tensor | None, Tensor | None]:
         """Adapt ``initial`` on one task's support set.
 
@@ -270,6 +271,9 @@ class StepwiseLoop:
             track: keep the graph of the inner steps (training).
             grad: the inner gradient engine (``func`` under ``vmap``).
             query: ``(qx, qy)`` in training: the meta-loss is then returned.
+            first_step: the index of the first step (evaluation continuing an adaptation
+                ``initial`` that ran ``first_step`` steps: the rates and BatchNorm copies of
+                steps ``first_step ..`` then apply).
 
         Returns:
             ``(adapted, meta_loss, out)``: the adapted parameters (with the BatchNorm weights
@@ -283,7 +287,7 @@ class StepwiseLoop:
         first_order = learner._first_order_now()
         params = {n: p for n, p in initial.items() if bn is None or n not in bn.affine_names}
         meta_loss: Tensor | None = None
-        for t in range(steps):
+        for t in range(first_step, first_step + steps):
             step_loss = self._support_loss(sx, sy, t, initial)
             hyper = learner.rates.hyper(self._rate_names, t)
             if grad is GradBackend.func:
