@@ -122,9 +122,7 @@ class MetaAlgorithm(nn.Module):
     def set_shards(self, shards: Shards) -> None:
         return None
 
-    def before_training(
-        self, sample: Callable[[], TaskBatch], device: torch.device
-    ) -> None:
+    def before_training(self, sample: Callable[[], TaskBatch], device: torch.device) -> None:
         return None
 
     def set_step(self, step: int) -> None:

@@ -17,7 +17,6 @@ import torch
 log = logging.getLogger(__name__)
 
 
-
 def _compile_errors() -> tuple[type[BaseException], ...]:
     """What a failed compilation raises: dynamo's own errors (a backend that failed wraps the
     compiler's error in BackendCompilerFailed) and the runtime errors that escape from

@@ -127,9 +127,7 @@ class SinusoidConfig(DatasetSchema):
         require(self.k_shot >= 1, "dataset.k_shot", self.k_shot, ">= 1", "dataset.k_shot=10")
         require(self.k_query >= 1, "dataset.k_query", self.k_query, ">= 1", "dataset.k_query=10")
         require_optional_count("dataset.eval_k_shot", self.eval_k_shot, "dataset.eval_k_shot=5")
-        require_optional_count(
-            "dataset.eval_k_query", self.eval_k_query, "dataset.eval_k_query=10"
-        )
+        require_optional_count("dataset.eval_k_query", self.eval_k_query, "dataset.eval_k_query=10")
         require_range("dataset.amplitude", self.amplitude, "dataset.amplitude=[0.1,5.0]")
         require_range("dataset.phase", self.phase, "dataset.phase=[0,3.14159]")
         require_range("dataset.x_range", self.x_range, "dataset.x_range=[-5,5]")
