@@ -277,6 +277,15 @@ def test_short_run_adapts_better_than_it_starts(train_rl, tmp_path):
     assert curve[0]["mean"] == pre["mean"] and curve[1]["mean"] == post["mean"]
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "run" / "figures" / "adaptation_curve.png").stat().st_size > 0
+    assert "test return: " in summary.format()  # the CLI's summary shows what RL measures
+
+
+def test_validation_keeps_the_best_return(train_rl, tmp_path):
+    """best.pt is picked by val/return, higher being better (RL runs have no val/loss)."""
+    summary = train_rl(tmp_path / "run", ["outer_steps=2", "eval.every=1", "save.keep_best=true"])
+    best = summary.results["best"]
+    assert best is not None and best["metric"] == "val/return", best
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
 
 
 def test_docs_page_lists_every_key():

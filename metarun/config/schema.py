@@ -155,7 +155,7 @@ class SaveConfig:
     """Checkpoints under ``<run dir>/checkpoints/``: ``last.pt`` and ``best.pt``."""
 
     every: int = 1000  # also always at the end; 0 = only at the end
-    keep_best: bool = True  # best.pt by val accuracy (val loss for regression)
+    keep_best: bool = True  # best.pt by val accuracy (val return for RL, else val loss)
 
     def __post_init__(self) -> None:
         require(self.every >= 0, "save.every", self.every, ">= 0", "save.every=1000")

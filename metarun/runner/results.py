@@ -62,7 +62,7 @@ class RunSummary:
         elif test:
             steps = test["inner_steps"]
             where = f"{test['num_tasks']} test tasks, {steps} inner step{'' if steps == 1 else 's'}"
-            for name in ("accuracy", "loss"):
+            for name in ("accuracy", "return", "loss"):
                 if name in test["metrics"]:
                     post = _stat_text(test["metrics"][name])
                     pre = _stat_text(test["metrics"].get(f"pre_{name}"))

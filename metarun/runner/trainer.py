@@ -52,10 +52,18 @@ Scalar = float | torch.Tensor
 REFERENCE_TASKS = 16
 
 
+#: What picks ``best.pt``, by the dataset's task type: ``(metric, higher is better)``; a task
+#: type not listed here selects by ``val/loss``, lower being better.
+BEST_METRIC: dict[str, tuple[str, bool]] = {
+    "classification": ("val/accuracy", True),
+    "reinforcement": ("val/return", True),
+}
+
+
 @dataclass
 class Best:
     """The best validation result so far: ``val/accuracy`` (higher is better) for classification,
-    ``val/loss`` (lower is better) for regression."""
+    ``val/return`` (higher) for reinforcement learning, ``val/loss`` (lower) otherwise."""
 
     metric: str
     value: float
@@ -232,10 +240,9 @@ class Trainer:
         # The loss before training that divergence_factor multiplies (measured at the start of
         # fit, checkpointed so that a resumed run keeps its bound); None: not measured yet.
         self.loss_reference: float | None = None
-        if experiment.task_type == "classification":
-            self._best_metric, self._higher_is_better = "val/accuracy", True
-        else:
-            self._best_metric, self._higher_is_better = "val/loss", False
+        self._best_metric, self._higher_is_better = BEST_METRIC.get(
+            experiment.task_type, ("val/loss", False)
+        )
 
     # ------------------------------------------------------------------------------ checkpoints
 
