@@ -13,7 +13,7 @@ $(BIN)/metarun: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 	$(BIN)/pip install $(TORCH_PIN)
-	$(BIN)/pip install -e '.[dev,bench,sweep,cluster,plot,docs]'
+	$(BIN)/pip install -e '.[dev,bench,sweep,cluster,plot,docs,rl]'
 	@touch $@
 
 test: install
