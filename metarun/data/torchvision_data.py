@@ -8,8 +8,9 @@ integer label. It is constructed with ``root=dataset.root``, ``download=dataset.
 classes that take it) and ``dataset.kwargs``; with ``dataset.split_arg`` (e.g. ``split``) once
 per value in ``dataset.parts`` (e.g. ``[train, val, test]``), and the parts merged: a few-shot
 split is by class, so the dataset's own image splits are pooled and its classes are cut by
-``dataset.split_fractions`` with ``dataset.split_seed``. Images are decoded once to RGB at
-``dataset.image_size`` into the uint8 cache.
+``dataset.split_fractions`` with ``dataset.split_seed``. Images are decoded once to RGB (or grey,
+``dataset.channels=1``; inverted with ``dataset.invert=true``) at ``dataset.image_size`` into the
+uint8 cache.
 
     metarun dataset=torchvision dataset.target=Flowers102 dataset.root=$HOME/data \\
         dataset.download=true dataset.split_arg=split 'dataset.parts=[train,val,test]'
