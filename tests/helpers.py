@@ -4,13 +4,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,42 @@ def free_port() -> int:
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The records of a run's ``metrics.jsonl``, one dict a logged step."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+@contextlib.contextmanager
+def sigterm_after(step: int) -> Iterator[None]:
+    """Within the block, the trainer sends its own process SIGTERM right after outer step
+    ``step``, as a cluster scheduler would preempt a job."""
+    from metarun.runner.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def preempted(self: Trainer, **kwargs: Any) -> Any:
+        metrics = original(self, **kwargs)
+        if self.step == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "train_step", preempted)
+        yield
+
+
+def make_trainer(config: Any, run_dir: Path) -> Any:
+    """The :class:`~metarun.runner.trainer.Trainer` the runner builds for ``config`` (its
+    experiment and meta-optimizer attached; no TensorBoard), for calling its steps directly."""
+    from metarun.runner.build import build_experiment, build_meta_optimizer
+    from metarun.runner.logging import RunLogger
+    from metarun.runner.trainer import Trainer
+
+    experiment = build_experiment(config)
+    optimizer = build_meta_optimizer(config.meta_optimizer, experiment.algorithm.meta_parameters())
+    experiment.algorithm.attach_optimizer(optimizer)
+    logger = RunLogger(run_dir, tensorboard=False)
+    return Trainer(experiment, optimizer, logger, run_dir, config_yaml="", options={})
 
 
 # --------------------------------------------------------------------- finite differences

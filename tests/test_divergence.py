@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BIN, cli_env, free_port, run_metarun
+from helpers import BIN, cli_env, free_port, make_trainer, run_metarun
 
 import metarun
 from metarun.algorithms.maml import MAML
@@ -34,28 +34,33 @@ def train(train_with):
     return train_with(ARGS)
 
 
+def _change_steps(monkeypatch, steps: set[int], change) -> None:
+    """MAML's meta_train_step, then ``change(algorithm, metrics) -> metrics`` at the outer steps
+    in ``steps`` (1-based)."""
+    original = MAML.meta_train_step
+    calls = [0]
+
+    def meta_train_step(self, batch):
+        metrics = original(self, batch)
+        calls[0] += 1
+        return change(self, metrics) if calls[0] in steps else metrics
+
+    monkeypatch.setattr(MAML, "meta_train_step", meta_train_step)
+
+
 @pytest.fixture
 def poison(monkeypatch):
     """``poison({5, 8})``: outer steps 5 and 8 (1-based) get a NaN meta-loss and meta-gradient,
     as a diverging unroll gives them."""
 
-    def _poison(steps: set[int]) -> None:
-        original = MAML.meta_train_step
-        calls = [0]
+    def nan(algorithm, metrics):
+        for p in algorithm.meta_parameters():
+            if p.grad is not None:
+                p.grad.fill_(math.nan)
+        loss = metrics["train/meta_loss"]
+        return {**metrics, "train/meta_loss": torch.full_like(loss, math.nan)}
 
-        def meta_train_step(self, batch):
-            metrics = original(self, batch)
-            calls[0] += 1
-            if calls[0] in steps:
-                for p in self.meta_parameters():
-                    if p.grad is not None:
-                        p.grad.fill_(math.nan)
-                metrics = {**metrics, "train/query_loss": math.nan}
-            return metrics
-
-        monkeypatch.setattr(MAML, "meta_train_step", meta_train_step)
-
-    return _poison
+    return lambda steps: _change_steps(monkeypatch, steps, nan)
 
 
 @pytest.fixture
@@ -63,20 +68,10 @@ def explode(monkeypatch):
     """``explode({8})``: outer step 8 (1-based) reports a meta-loss 1e9 times its own, finite,
     with its finite meta-gradient: a divergence that the non-finite check cannot see."""
 
-    def _explode(steps: set[int]) -> None:
-        original = MAML.meta_train_step
-        calls = [0]
+    def times_1e9(algorithm, metrics):
+        return {**metrics, "train/meta_loss": metrics["train/meta_loss"] * 1e9}
 
-        def meta_train_step(self, batch):
-            metrics = original(self, batch)
-            calls[0] += 1
-            if calls[0] in steps:
-                metrics = {**metrics, "train/meta_loss": metrics["train/meta_loss"] * 1e9}
-            return metrics
-
-        monkeypatch.setattr(MAML, "meta_train_step", meta_train_step)
-
-    return _explode
+    return lambda steps: _change_steps(monkeypatch, steps, times_1e9)
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -100,7 +95,7 @@ def test_first_nonfinite_step_stops_and_keeps_the_last_good_checkpoint(train, po
         train(tmp_path / "run")
     message = str(info.value)
     assert "non-finite meta-loss or meta-gradient at outer step 8" in message
-    assert "train/query_loss=nan" in message
+    assert "train/meta_loss=nan" in message  # the objective, by its tag
     for key in ("meta_optimizer.lr (now 0.001)", "algo.inner_lr (now 0.01)", "grad_clip=10"):
         assert key in message
     assert "max_nonfinite_steps" in message
@@ -233,20 +228,7 @@ def test_a_step_that_does_not_log_reads_one_value_with_the_bound_on(
     make_config, tiny, tmp_path, monkeypatch
 ):
     """The bound reads the meta-loss in the check's one transfer: no second host read."""
-    from metarun.runner.build import build_experiment, build_meta_optimizer
-    from metarun.runner.logging import RunLogger
-
-    config = make_config([*tiny, *ARGS])
-    experiment = build_experiment(config)
-    optimizer = build_meta_optimizer(config.meta_optimizer, experiment.algorithm.meta_parameters())
-    trainer = Trainer(
-        experiment,
-        optimizer,
-        RunLogger(tmp_path, tensorboard=False),
-        tmp_path,
-        config_yaml="",
-        options={},
-    )
+    trainer = make_trainer(make_config([*tiny, *ARGS]), tmp_path)
     evaluated: list[int] = []
     evaluate = trainer.algorithm.evaluate
 

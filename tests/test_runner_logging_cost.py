@@ -9,13 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MNIST_IMBALANCE, read_metrics
+from helpers import MNIST_IMBALANCE, make_trainer, read_metrics
 
 import metarun
-from metarun.runner.build import build_experiment, build_meta_optimizer
 from metarun.runner.checkpoint import load_checkpoint
-from metarun.runner.logging import RunLogger
-from metarun.runner.trainer import Trainer
 
 # A fixed task batching: auto's measurement would be the only difference between the runs.
 COMMON = ["outer_steps=6", "eval.every=0", "save.every=0", "algo.task_batching=vmap"]
@@ -71,20 +68,6 @@ _READS = ("item", "tolist", "__float__", "__bool__", "__int__", "cpu", "numpy")
 _PACKAGE = str(Path(metarun.__file__).parent)
 
 
-def _trainer(config, run_dir) -> Trainer:  # type: ignore[no-untyped-def]
-    experiment = build_experiment(config)
-    optimizer = build_meta_optimizer(config.meta_optimizer, experiment.algorithm.meta_parameters())
-    experiment.algorithm.attach_optimizer(optimizer)
-    return Trainer(
-        experiment,
-        optimizer,
-        RunLogger(run_dir, tensorboard=False),
-        run_dir,
-        config_yaml="",
-        options={},
-    )
-
-
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -104,7 +87,7 @@ def test_a_step_that_does_not_log_reads_one_value_from_the_device(
 ):
     """On a GPU every host read waits for the device: metarun's own code reads exactly one
     value on a step that does not log (the divergence check's fused flag)."""
-    trainer = _trainer(make_config([*tiny, *overrides]), tmp_path)
+    trainer = make_trainer(make_config([*tiny, *overrides]), tmp_path)
     trainer.train_step(logged=False)  # first-step work (optimizer state, lazy set-up)
     reads: list[str] = []
     for name in _READS:
