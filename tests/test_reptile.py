@@ -8,12 +8,12 @@ import json
 import logging
 import os
 import re
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import sigterm_after
 from hydra.errors import ConfigCompositionException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -25,7 +25,6 @@ from metarun.runner import api
 from metarun.runner.build import build_experiment, build_meta_optimizer
 from metarun.runner.checkpoint import load_checkpoint
 from metarun.runner.evaluate import evaluate_fixed
-from metarun.runner.trainer import Trainer
 from metarun.tasks import TaskBatch
 
 DT = torch.float64
@@ -216,17 +215,8 @@ def test_resume_mid_run_gives_the_parameters_of_an_uninterrupted_run(train, tmp_
     ${outer_steps} = 12): the same parameters as 12 steps in one go."""
     once = train(tmp_path / "once", REPTILE_SINUSOID)
     assert once.step == 12
-    original = Trainer.train_step
-
-    def preempted(self, **kwargs):
-        metrics = original(self, **kwargs)
-        if self.step == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return metrics
-
-    monkeypatch.setattr(Trainer, "train_step", preempted)
-    cut = train(tmp_path / "cut", REPTILE_SINUSOID)
-    monkeypatch.undo()
+    with sigterm_after(5):
+        cut = train(tmp_path / "cut", REPTILE_SINUSOID)
     assert cut.stopped_by == "SIGTERM" and cut.step == 5
     state = load_checkpoint(tmp_path / "cut/checkpoints/last.pt")
     assert int(state["algorithm"]["outer_step"]) == 5  # the annealing's clock is checkpointed

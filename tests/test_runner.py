@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
 
 import pytest
 import torch
+from helpers import sigterm_after
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import metarun
@@ -18,7 +18,6 @@ from metarun.runner import api
 from metarun.runner.build import build_experiment
 from metarun.runner.checkpoint import load_checkpoint
 from metarun.runner.evaluate import Stat
-from metarun.runner.trainer import Trainer
 
 OMNIGLOT_TINY = [
     "dataset=omniglot",
@@ -157,17 +156,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(train, tmp_path, monkey
     overrides = ["outer_steps=12", "save.every=0", "eval.every=0"]
     train(tmp_path / "once", overrides)
 
-    original = Trainer.train_step
-
-    def preempted(self, **kwargs):
-        metrics = original(self, **kwargs)
-        if self.step == 5:
-            os.kill(os.getpid(), signal.SIGTERM)  # as a cluster scheduler would
-        return metrics
-
-    monkeypatch.setattr(Trainer, "train_step", preempted)
-    summary = train(tmp_path / "cut", overrides)
-    monkeypatch.undo()
+    with sigterm_after(5):
+        summary = train(tmp_path / "cut", overrides)
     assert summary.stopped_by == "SIGTERM" and summary.step == 5
     assert load_checkpoint(tmp_path / "cut/checkpoints/last.pt")["step"] == 5
     assert "resume=true" in summary.resume_command
@@ -349,16 +339,7 @@ def test_cosine_schedule_resumes_exactly(train, tmp_path):
         for s in range(1, 9)
     }
     assert lrs == pytest.approx(expected, rel=1e-12)
-    original = Trainer.train_step
-
-    def preempted(self, **kwargs):
-        metrics = original(self, **kwargs)
-        if self.step == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return metrics
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "train_step", preempted)
+    with sigterm_after(4):
         train(tmp_path / "cut", overrides)
     assert load_checkpoint(tmp_path / "cut/checkpoints/last.pt")["step"] == 4
     train(tmp_path / "cut", [*overrides, "resume=true"])
