@@ -177,6 +177,16 @@ def test_grey_inverted_pools_and_transform(tmp_path, make_config):
 # ------------------------------------------------------ an Omniglot checkpoint on a PNG folder
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: a 16-filter conv net on 28x28 images gains nothing from more and
+    loses much to a busy machine's scheduling."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _omniglot_tree(zip_path: Path, dest: Path) -> None:
     """The archive's images as class folders ``dest/<Alphabet>/<characterNN>/*.png``."""
     with zipfile.ZipFile(zip_path) as archive:
@@ -188,7 +198,9 @@ def _omniglot_tree(zip_path: Path, dest: Path) -> None:
 
 
 @pytest.mark.skipif(not os.environ.get("METARUN_DATA"), reason="needs $METARUN_DATA/omniglot")
-def test_omniglot_checkpoint_tests_the_same_on_a_folder_of_its_pngs(tmp_path, make_config):
+def test_omniglot_checkpoint_tests_the_same_on_a_folder_of_its_pngs(
+    tmp_path, make_config, one_thread
+):
     """A checkpoint trained on dataset=omniglot, tested on the same test characters through
     dataset=omniglot and through test_dataset=image_folder on a folder of the archive's PNGs
     (grey, inverted, no normalisation: Omniglot's preprocessing): the same tasks, bit for bit,
