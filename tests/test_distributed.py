@@ -3,28 +3,16 @@ same seed and meta-batch: the meta-batch is split across ranks and gradients all
 
 from __future__ import annotations
 
-import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from helpers import BIN, MNIST_IMBALANCE, cli_env, free_port, read_metrics, run_captured
 
 
 def _launch(cmd: list[str], tmp: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "METARUN_CACHE": str(tmp)}
-    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    return run_captured(cmd, tmp, env=cli_env(METARUN_CACHE=str(tmp)), timeout=300)
 
 
 def _run(cmd: list[str], tmp: Path) -> None:
@@ -36,7 +24,7 @@ def _torchrun_cmd(args: list[str], run_dir: Path, procs: int = 2) -> list[str]:
     return [
         str(BIN / "torchrun"),
         f"--nproc_per_node={procs}",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
         "-m",
         "metarun.cli",
         *args,
@@ -44,9 +32,20 @@ def _torchrun_cmd(args: list[str], run_dir: Path, procs: int = 2) -> list[str]:
     ]
 
 
-def _losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["train/meta_loss"] for r in rows if "train/meta_loss" in r]
+def _one_and_two(common: list[str], tmp_path: Path) -> tuple[Path, Path]:
+    """The run dirs of ``metarun *common`` in one process and under torchrun in two."""
+    single, double = tmp_path / "one", tmp_path / "two"
+    _run([str(BIN / "metarun"), *common, f"hydra.run.dir={single}"], tmp_path)
+    _run(_torchrun_cmd(common, double), tmp_path)
+    return single, double
+
+
+def _assert_same_weights(single: Path, double: Path) -> None:
+    ca = torch.load(single / "checkpoints" / "last.pt", weights_only=False)["algorithm"]
+    cb = torch.load(double / "checkpoints" / "last.pt", weights_only=False)["algorithm"]
+    assert ca.keys() == cb.keys()
+    for key in ca:
+        torch.testing.assert_close(cb[key], ca[key], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -64,17 +63,14 @@ def test_two_processes_match_one(tmp_path: Path, algo: str) -> None:
         "algo.task_batching=loop",
         "device=cpu",
     ]
-    single, double = tmp_path / "one", tmp_path / "two"
-    _run([str(BIN / "metarun"), *common, f"hydra.run.dir={single}"], tmp_path)
-    _run(_torchrun_cmd(common, double), tmp_path)
-    a, b = _losses(single), _losses(double)
+    single, double = _one_and_two(common, tmp_path)
+    a, b = (
+        [r["train/meta_loss"] for r in read_metrics(d) if "train/meta_loss" in r]
+        for d in (single, double)
+    )
     assert len(a) == len(b) == 6
     assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
-    ca = torch.load(single / "checkpoints" / "last.pt", weights_only=False)["algorithm"]
-    cb = torch.load(double / "checkpoints" / "last.pt", weights_only=False)["algorithm"]
-    assert ca.keys() == cb.keys()
-    for key in ca:
-        torch.testing.assert_close(cb[key], ca[key], rtol=1e-5, atol=1e-6)
+    _assert_same_weights(single, double)
     # Rank 1 wrote nothing of its own into the shared run dir.
     assert not (double / "metrics.jsonl.1").exists()
     assert len([p for p in double.iterdir() if p.name.startswith("tb")]) == 1
@@ -86,18 +82,9 @@ def _mnist(tmp: Path, algo: str, batch_size: int) -> list[str]:
 
     data = tmp / "data"
     write_mnist(data / "mnist" / "raw", "t10k", {4: 40, 9: 60, 1: 5}, marker=1, gz=True)
-    return [
-        f"algo={algo}",
-        "dataset=mnist_imbalance",
-        f"dataset.root={data}",
-        "dataset.source_split=test",
-        "dataset.pos_ratio=0.9",
-        "dataset.n_train=50",
-        "dataset.n_val=4",
-        "dataset.n_test=10",
-        f"dataset.batch_size={batch_size}",
-        "device=cpu",
-    ]
+    dataset = [o for o in MNIST_IMBALANCE if not o.startswith("dataset.batch_size=")]
+    root = f"dataset.root={data}"
+    return [f"algo={algo}", *dataset, root, f"dataset.batch_size={batch_size}", "device=cpu"]
 
 
 @pytest.mark.slow
@@ -113,23 +100,15 @@ def test_reweighting_two_processes_match_one(tmp_path: Path, algo: str) -> None:
         "save.every=0",
         "prefetch=0",
     ]
-    single, double = tmp_path / "one", tmp_path / "two"
-    _run([str(BIN / "metarun"), *common, f"hydra.run.dir={single}"], tmp_path)
-    _run(_torchrun_cmd(common, double), tmp_path)
-    rows = [
-        [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
-        for d in (single, double)
-    ]
+    single, double = _one_and_two(common, tmp_path)
+    rows = [read_metrics(d) for d in (single, double)]
     keys = ["train/loss", "train/weighted_loss", "weights/minority_mass"]
     if algo == "l2rw":
         keys.append("weights/eps_grad_norm")
     for key in keys:
         a, b = ([r[key] for r in rs if key in r] for rs in rows)
         assert len(a) == 5 and a == pytest.approx(b, rel=1e-5, abs=1e-6), key
-    ca = torch.load(single / "checkpoints" / "last.pt", weights_only=False)["algorithm"]
-    cb = torch.load(double / "checkpoints" / "last.pt", weights_only=False)["algorithm"]
-    for key in ca:
-        torch.testing.assert_close(cb[key], ca[key], rtol=1e-5, atol=1e-6)
+    _assert_same_weights(single, double)
 
 
 def test_reweighting_batches_must_split_evenly(tmp_path: Path) -> None:
