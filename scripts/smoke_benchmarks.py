@@ -1,21 +1,21 @@
 """CPU-sized smoke runs of the few-shot image benchmark presets on FAKE data (README table).
 
-Builds tiny fake datasets in each real on-disk format (miniImageNet's pickled caches,
-torchvision's cifar-100-python/, tieredImageNet's PNG pickles) whose classes are faint colour
-patterns under heavy noise, then runs each preset through the CLI with its paper settings except
-for the sizes (fewer steps, 28x28 or 32x32 images, fewer test tasks), and prints the test
-accuracy (mean +- 95% interval) after 1 step and after all steps beside the paper's figure. The
-figures show that each preset runs end to end and learns; they are NOT reproductions of the
-papers (no real data here).
+Builds tiny fake datasets in each real on-disk format (metarun.testing's writers of
+miniImageNet's pickled caches, torchvision's cifar-100-python/, tieredImageNet's PNG pickles)
+whose classes are faint colour patterns under heavy noise, then runs each preset as a
+``metarun -m`` sweep with its paper settings except for the sizes (fewer steps, 28x28 or 32x32
+images, fewer test tasks) over ``outer_steps=1,<steps>``, and prints ``metarun-summary``'s table
+over every sweep (test accuracy, mean ± 95% interval, after 1 step and after all steps) and the
+papers' figures. The figures show that each preset runs end to end and learns; they are NOT
+reproductions of the papers (no real data here).
 
     python scripts/smoke_benchmarks.py                 # every row: 25 min on 2 busy cores
-    python scripts/smoke_benchmarks.py --steps 2 --only cifarfs_5way_1shot
+    python scripts/smoke_benchmarks.py --steps 2 --tasks 4 --per-class 12 --only cifarfs_5way_1shot
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from metarun.testing import write_cifar, write_miniimagenet, write_tieredimagenet  # noqa: E402
 
 METARUN = str(Path(sys.executable).parent / "metarun")
+METARUN_SUMMARY = str(Path(sys.executable).parent / "metarun-summary")
 
 # (row, overrides choosing the preset or options, paper figure, dataset folder under the root)
 ROWS = [
@@ -74,58 +75,64 @@ def write_data(roots: dict[str, Path], needed: set[str], per_class: int) -> None
         )
 
 
-def run(
-    row: list[str], data: str, root: Path, work: Path, args: argparse.Namespace
-) -> tuple[str, float]:
-    run_dir = work / f"run{time.monotonic_ns()}"
+def sweep(
+    name: str, row: list[str], data: str, root: Path, work: Path, args: argparse.Namespace
+) -> bool:
+    """``metarun -m`` of one row at 1 step and at ``args.steps`` steps (the untrained and the
+    trained column), into ``work/sweeps/<name>``; False where a job failed."""
     overrides = [
+        *row,
+        f"outer_steps=1,{args.steps}",
         f"dataset.root={root}",
         f"dataset.cache_dir={work / 'cache'}",
         f"dataset.image_size={32 if data == 'cifar' else 28}",
-        f"outer_steps={args.steps}",
         "eval.every=0",
         f"eval.num_tasks={args.tasks}",
         "eval.batch_size=25",
         "save.every=0",
         "log.progress=false",
         "device=cpu",
-        f"hydra.run.dir={run_dir}",
-        *row,  # last: a row's own values (e.g. outer_steps=1) win
+        f"hydra.sweep.dir={work / 'sweeps' / name}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
-    done = subprocess.run([METARUN, *overrides], capture_output=True, text=True, env=env, cwd=work)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"metarun {' '.join(overrides)} failed:\n{done.stderr}")
-    accuracy = json.loads((run_dir / "results.json").read_text())["test"]["metrics"]["accuracy"]
-    return f"{100 * accuracy['mean']:.1f} ± {100 * accuracy['ci95']:.1f}%", seconds
+    done = subprocess.run(
+        [METARUN, "-m", *overrides], capture_output=True, text=True, env=env, cwd=work
+    )
+    print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    if done.returncode != 0:  # the summary shows which job failed, and why
+        print(done.stderr.strip()[-2000:], file=sys.stderr)
+    return done.returncode == 0
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="outer steps per run")
     parser.add_argument("--tasks", type=int, default=100, help="test tasks per run")
     parser.add_argument("--per-class", type=int, default=24, help="fake images per class")
     parser.add_argument("--only", nargs="*", help="rows to run (default: all)")
+    parser.add_argument("--out", type=Path, help="data and sweep dirs (default: a temporary dir)")
     args = parser.parse_args()
     rows = [r for r in ROWS if not args.only or r[0] in args.only]
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = args.out or Path(tmp)
         roots = {"mini": work / "mini", "cifar": work / "cifar", "tiered": work / "tiered"}
         write_data(roots, {r[3] for r in rows}, args.per_class)
         print(
-            f"FAKE data (faint colour patterns under noise), {args.steps} outer steps, 28x28 "
+            f"FAKE data (faint colour patterns under noise), 1 and {args.steps} outer steps, 28x28 "
             f"(ImageNet formats) or 32x32 (CIFAR) images, {args.tasks} test tasks, "
-            f"the presets' other settings; chance 20%. Smoke figures, not reproductions."
+            f"the presets' other settings; chance 20%. Smoke figures, not reproductions.",
+            flush=True,
         )
-        print("| benchmark / preset | paper | after 1 step | smoke (fake data) | time (s) |")
-        print("|---|---|---|---|---|")
-        for name, row, paper, data in rows:
-            untrained, _ = run([*row, "outer_steps=1"], data, roots[data], work, args)
-            trained, seconds = run(row, data, roots[data], work, args)
-            print(f"| {name} | {paper} | {untrained} | {trained} | {seconds:.0f} |", flush=True)
+        ok = [sweep(f"{i}_{name.replace(' ', '_')}", row, data, roots[data], work, args)
+              for i, (name, row, _, data) in enumerate(rows)]  # fmt: skip
+        # One table over every row's sweep: metarun-summary finds the jobs under each.
+        summary = subprocess.run([METARUN_SUMMARY, str(work / "sweeps")], env=os.environ)
+        print("\nPapers:")
+        for name, _, paper, _ in rows:
+            print(f"- {name}: {paper}")
+    return 0 if all(ok) and summary.returncode == 0 else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
