@@ -11,7 +11,9 @@ Runs here (CPU):
 - Omniglot 5-way 1-shot on the official *minimal* background splits (the only Omniglot data
   available offline here), `dataset.split=random`, shortened and with a smaller meta-batch.
 
-Prints a Markdown table: run, command, result (mean ± 95% CI over test tasks), minutes.
+Each row is a ``metarun -m`` sweep (one job; ``--seeds 0 1 2`` makes it several), and
+``metarun-summary`` prints one table over all of them (test metrics, mean ± 95% CI over test
+tasks); then the sinusoid's MSE after 1 and 10 adaptation steps from its adaptation curve.
 """
 
 from __future__ import annotations
@@ -58,51 +60,54 @@ def runs(data: str, quick: bool) -> list[tuple[str, list[str]]]:
     ]
 
 
-def describe(results: dict) -> str:
-    metrics = results["test"]["metrics"]
-    parts = []
-    if "accuracy" in metrics:
-        m = metrics["accuracy"]
-        parts.append(f"accuracy {100 * m['mean']:.1f} ± {100 * m['ci95']:.1f}%")
-        if "pre_accuracy" in metrics:
-            parts.append(f"(before adaptation {100 * metrics['pre_accuracy']['mean']:.1f}%)")
-    else:
-        m = metrics["loss"]
-        steps = results["test"]["inner_steps"]
-        parts.append(f"MSE {m['mean']:.3f} ± {m['ci95']:.3f} after {steps} step(s)")
-    for point in results.get("curve") or []:
-        if point.get("inner_steps") in (1, 10) and "loss" in point:
-            c = point["loss"]
-            parts.append(f"{point['inner_steps']} step(s): {c['mean']:.3f} ± {c['ci95']:.3f}")
-    return "; ".join(parts)
+def curve(results: dict) -> str:
+    """The MSE (mean ± 95% CI) after 1 and after 10 adaptation steps, from the test's curve."""
+    points = [p for p in results.get("curve") or [] if p.get("inner_steps") in (1, 10)]
+    return "; ".join(
+        f"{p['inner_steps']} step(s): {p['loss']['mean']:.3f} ± {p['loss']['ci95']:.3f}"
+        for p in points
+        if "loss" in p
+    )
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="outputs/reproduce")
     ap.add_argument("--quick", action="store_true", help="much shorter runs (smoke test)")
     ap.add_argument("--list", action="store_true", help="print the full paper commands too")
     ap.add_argument("--data", default=os.environ.get("METARUN_DATA", "data"))
     ap.add_argument("--only", type=int, nargs="+", help="run only these rows (0 = sinusoid)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds a row (a sweep)")
     args = ap.parse_args()
-    print("| run | command | result (mean ± 95% CI, 600 test tasks) | minutes |")
-    print("|---|---|---|---|")
+    out = Path(args.out)
+    failed = False
     for i, (name, overrides) in enumerate(runs(args.data, args.quick)):
         if args.only is not None and i not in args.only:
             continue
-        run_dir = Path(args.out) / f"run{i}"
-        cmd = [str(BIN / "metarun"), *overrides, f"hydra.run.dir={run_dir}", "log.progress=false"]
+        seeds = ",".join(str(s) for s in args.seeds)
+        sweep_dir = out / f"row{i}"
+        cmd = [
+            str(BIN / "metarun"), "-m", *overrides, f"seed={seeds}", "log.progress=false",
+            f"hydra.sweep.dir={sweep_dir}",
+        ]  # fmt: skip
         t0 = time.time()
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        minutes = (time.time() - t0) / 60
-        results = json.loads((run_dir / "results.json").read_text())
+        done = subprocess.run(cmd, capture_output=True, text=True)
         shown = "metarun " + " ".join(o for o in overrides if not o.startswith("dataset.root"))
-        print(f"| {name} | `{shown}` | {describe(results)} | {minutes:.1f} |", flush=True)
+        print(f"row{i}: {name}: `{shown}` ({(time.time() - t0) / 60:.1f} min)", flush=True)
+        if done.returncode != 0:  # the summary shows which job failed, and why
+            failed = True
+            print(done.stderr.strip()[-2000:], file=sys.stderr)
+        for results_file in sorted(sweep_dir.glob("*/results.json")):
+            if points := curve(json.loads(results_file.read_text())):
+                print(f"  {results_file.parent.relative_to(out)}: {points}")
+    print()
+    summary = subprocess.run([str(BIN / "metarun-summary"), str(out)])
     if args.list:
         print("\nFull paper runs (GPU recommended, full Omniglot in dataset.root):")
         for name, cmd in PAPER.items():
             print(f"- {name}: `{cmd}`")
+    return 1 if failed or summary.returncode != 0 else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
