@@ -13,29 +13,13 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from helpers import METARUN, cli_env, run_captured, run_metarun
 
 from metarun import cli
 
 REPO = Path(__file__).resolve().parents[1]
-# The console script of the interpreter running the tests (the project's virtualenv).
-METARUN = str(Path(sys.executable).with_name("metarun"))
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
-
-
-def _env() -> dict[str, str]:
-    """Hydra's short error reports; one thread per process (the runs are tiny, and equal thread
-    counts keep float results comparable between processes)."""
-    env = dict(os.environ)
-    env.pop("HYDRA_FULL_ERROR", None)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _metarun(args, cwd, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [METARUN, *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +27,7 @@ def trained(tmp_path_factory, tiny) -> Path:
     """One tiny CLI training run (from a folder that is not the checkout), shared below."""
     root = tmp_path_factory.mktemp("cli")
     run_dir = root / "run"
-    result = subprocess.run(
-        [METARUN, *tiny, f"hydra.run.dir={run_dir}"],
-        cwd=root,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    result = run_metarun([*tiny, f"hydra.run.dir={run_dir}"], root)
     assert result.returncode == 0, result.stderr
     (run_dir / "stdout.txt").write_text(result.stdout)
     return run_dir
@@ -68,7 +45,7 @@ def test_cli_trains_and_prints_a_summary(trained):
 
 def test_cli_eval_mode(trained, tmp_path):
     checkpoint = trained / "checkpoints" / "last.pt"
-    result = _metarun(
+    result = run_metarun(
         [
             "mode=eval",
             f"checkpoint={checkpoint}",
@@ -124,7 +101,7 @@ def test_config_error_in_a_real_process(tmp_path):
         (["dataset=omniglot", "dataset.n_way=1"], "error: dataset.n_way must be >= 2, got 1"),
         (["meta_optimizer.lr=fast"], "full_key: meta_optimizer.lr"),
     ):
-        result = _metarun([*args, f"hydra.run.dir={tmp_path}"], tmp_path)
+        result = run_metarun([*args, f"hydra.run.dir={tmp_path}"], tmp_path)
         assert result.returncode == 2 and message in result.stderr
         assert "Traceback" not in result.stderr
 
@@ -147,7 +124,7 @@ def test_config_error_in_a_real_process(tmp_path):
 )
 def test_plus_prefixed_unknown_keys_fail_naming_the_nearest_key(override, expected, tmp_path):
     run_dir = tmp_path / "run"
-    result = _metarun([override, "outer_steps=1", f"hydra.run.dir={run_dir}"], tmp_path)
+    result = run_metarun([override, "outer_steps=1", f"hydra.run.dir={run_dir}"], tmp_path)
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
@@ -158,7 +135,7 @@ def test_hydra_keys_and_group_appends_stay_free_form(tmp_path, tiny):
     """Keys no metarun schema declares, which Hydra itself takes: its own config (hydra.*,
     `+hydra.job.env_set.X`), its config groups (`hydra/job_logging=...`)."""
     run_dir = tmp_path / "run"
-    result = _metarun(
+    result = run_metarun(
         [
             *tiny,
             "outer_steps=1",
@@ -174,7 +151,7 @@ def test_hydra_keys_and_group_appends_stay_free_form(tmp_path, tiny):
 
 def test_a_run_that_fails_before_training_leaves_no_run_dir_and_logs_its_error(tmp_path):
     # Hydra's default run dir, outputs/<name>/<time>: removed with the folders made for it.
-    result = _metarun(["algo.inner_steps=0"], tmp_path)
+    result = run_metarun(["algo.inner_steps=0"], tmp_path)
     assert result.returncode == 2, result.stderr
     message = "error: algo.inner_steps must be >= 1, got 0 (set e.g. algo.inner_steps=5)"
     assert message in result.stderr
@@ -182,7 +159,7 @@ def test_a_run_that_fails_before_training_leaves_no_run_dir_and_logs_its_error(t
     # A run dir that was there before is the user's: it stays, and its log says why it failed.
     existing = tmp_path / "mine"
     existing.mkdir()
-    result = _metarun(["algo.inner_steps=0", f"hydra.run.dir={existing}"], tmp_path)
+    result = run_metarun(["algo.inner_steps=0", f"hydra.run.dir={existing}"], tmp_path)
     assert result.returncode == 2, result.stderr
     assert message in (existing / "metarun.log").read_text()
     assert result.stderr.count(message) == 1 and message not in result.stdout
@@ -220,27 +197,17 @@ def test_readme_download_command_runs_as_written_in_bash(tmp_path, tiny):
         "algo.task_batching=loop",
         f"hydra.run.dir={run_dir}",
     ]
-    env = {**_env(), "HOME": str(home), "PATH": f"{Path(METARUN).parent}:{os.environ['PATH']}"}
-    result = subprocess.run(
-        ["bash", "-c", f"{command} {' '.join(small)}"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    env = {**cli_env(), "HOME": str(home), "PATH": f"{Path(METARUN).parent}:{os.environ['PATH']}"}
+    result = run_captured(["bash", "-c", f"{command} {' '.join(small)}"], tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     config = json.loads((run_dir / "results.json").read_text())["config"]
     assert config["dataset"]["root"] == str(data)
 
     # A quoted ~/ reaches metarun as it is, which expands it (the message shows where it looked).
-    missing = subprocess.run(
+    missing = run_captured(
         ["bash", "-c", """metarun dataset=omniglot 'dataset.root="~/nowhere"' outer_steps=1"""],
-        cwd=tmp_path,
+        tmp_path,
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
     )
     assert missing.returncode == 2, missing.stderr
     assert f"Omniglot not found for dataset.root='{home / 'nowhere'}'" in missing.stderr
@@ -259,7 +226,7 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path, tiny):
     process = subprocess.Popen(
         [METARUN, *args],
         cwd=tmp_path,
-        env=_env(),
+        env=cli_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -279,7 +246,7 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path, tiny):
 
     step = load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
     assert step >= 2
-    resumed = _metarun([*args, f"outer_steps={step + 2}", "resume=true"], tmp_path)
+    resumed = run_metarun([*args, f"outer_steps={step + 2}", "resume=true"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run_dir / "results.json").read_text())["step"] == step + 2
 
@@ -350,33 +317,16 @@ def test_installed_wheel_finds_its_configs(tmp_path, tiny):
     work = tmp_path / "elsewhere"
     work.mkdir()
     metarun = str(venv / "bin" / "metarun")
-    shown = subprocess.run(
-        [metarun, "--cfg", "job", "experiment=omniglot_5way_1shot"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    shown = run_captured([metarun, "--cfg", "job", "experiment=omniglot_5way_1shot"], work, env=env)
     assert shown.returncode == 0, shown.stderr
     assert "inner_lr: 0.4" in shown.stdout
-    where = subprocess.run(
+    where = run_captured(
         [venv / "bin" / "python", "-c", "import metarun.cli as c; print(c.config_dir())"],
-        cwd=work,
+        work,
         env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
     )
     assert str(venv) in where.stdout, where.stderr
-    result = subprocess.run(
-        [metarun, *tiny, "outer_steps=2"],
-        cwd=work,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    result = run_captured([metarun, *tiny, "outer_steps=2"], work, env=env)
     assert result.returncode == 0, result.stderr
     assert list(work.glob("outputs/maml_sinusoid/*/results.json"))
 
@@ -391,7 +341,7 @@ OMNIGLOT_DATA = Path(os.environ.get("METARUN_DATA", "/work/shared/data"))
 )
 def test_omniglot_short_run_beats_chance(tmp_path):
     """Real data: 40 meta-steps of 5-way 1-shot MAML on the characters present (split=random)."""
-    env = {**_env(), "METARUN_DATA": str(OMNIGLOT_DATA)}
+    env = cli_env(METARUN_DATA=str(OMNIGLOT_DATA))
     run_dir = tmp_path / "run"
     args = [
         "dataset=omniglot",
@@ -405,9 +355,7 @@ def test_omniglot_short_run_beats_chance(tmp_path):
         "log.every=10",
         f"hydra.run.dir={run_dir}",
     ]
-    result = subprocess.run(
-        [METARUN, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
+    result = run_metarun(args, tmp_path, env=env, timeout=600)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run_dir / "results.json").read_text())["test"]["metrics"]
     chance = 1 / 5
@@ -419,5 +367,5 @@ def test_omniglot_short_run_beats_chance(tmp_path):
 def test_version_is_the_package_version(tmp_path):
     from metarun import __version__
 
-    result = _metarun(["--version"], tmp_path)
+    result = run_metarun(["--version"], tmp_path)
     assert result.returncode == 0 and result.stdout.strip() == f"metarun {__version__}"

@@ -3,26 +3,20 @@ parts (docs/examples/fo_reptile.py), loaded through $METARUN_PLUGINS and run by 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_env, run_metarun
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "docs" / "examples"
-METARUN = str(Path(sys.executable).with_name("metarun"))
 
 
 def _metarun(args, tmp_path, plugins="fo_reptile"):
-    env = dict(os.environ, PYTHONPATH=str(EXAMPLES), METARUN_PLUGINS=plugins, OMP_NUM_THREADS="1")
+    env = cli_env(PYTHONPATH=str(EXAMPLES), METARUN_PLUGINS=plugins)
     search = f"hydra.searchpath=[file://{EXAMPLES / 'conf'}]"
-    return subprocess.run(
-        [METARUN, "algo=fo_reptile", search, *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+    return run_metarun(["algo=fo_reptile", search, *args], tmp_path, env=env, timeout=240)
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:

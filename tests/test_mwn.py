@@ -18,6 +18,7 @@ from helpers import (
     CentralDifference,
     SmallNet,
     ThreadAllReduce,
+    read_metrics,
     run_in_threads,
     small_batch,
 )
@@ -32,7 +33,7 @@ from metarun.runner import api
 from metarun.runner import logging as run_logging
 from metarun.runner.checkpoint import load_checkpoint
 from metarun.tasks import TaskBatch
-from metarun.testing import write_cifar, write_mnist
+from metarun.testing import write_cifar
 from metarun.unroll import get_diff_optim, monkeypatch
 
 DT = torch.float64
@@ -248,13 +249,6 @@ def test_weight_net_optimizer_choices() -> None:
 # ------------------------------------------------------------------------------- through the runner
 
 
-@pytest.fixture
-def mnist_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    write_mnist(root / "mnist" / "raw", "t10k", {4: 40, 9: 60, 1: 5}, marker=1, gz=True)
-    return root
-
-
 def _events(run_dir: Path) -> dict[str, set[str]]:
     acc = EventAccumulator(str(run_dir / "tb"))
     acc.Reload()
@@ -262,9 +256,11 @@ def _events(run_dir: Path) -> dict[str, set[str]]:
     return {kind: set(tags[kind]) for kind in ("scalars", "images", "tensors")}
 
 
-def test_mwn_run_logs_the_weighting_function_and_resumes_exactly(make_config, mnist_root, tmp_path):
+def test_mwn_run_logs_the_weighting_function_and_resumes_exactly(
+    make_config, mnist_files, tmp_path
+):
     def run(run_dir: Path, extra=()):
-        args = ["algo=mwn", *MNIST_TINY, f"dataset.root={mnist_root}", *extra]
+        args = ["algo=mwn", *MNIST_TINY, f"dataset.root={mnist_files}", *extra]
         return api.run(make_config(args), run_dir, overrides=args)
 
     summary = run(tmp_path / "once")
@@ -279,9 +275,7 @@ def test_mwn_run_logs_the_weighting_function_and_resumes_exactly(make_config, mn
     assert {"weights/meta_grad_norm", "weights/lookahead_clean_loss", "train/meta_loss"} <= events[
         "scalars"
     ]
-    records = [
-        json.loads(x) for x in (tmp_path / "once" / "metrics.jsonl").read_text().splitlines()
-    ]
+    records = read_metrics(tmp_path / "once")
     assert 0.0 <= records[0]["weights/minority_mass"] <= 1.0
 
     # Resume: 2 steps, then on to 4, gives the classifier, the weight net and its optimizer

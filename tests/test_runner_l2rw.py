@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import MNIST_IMBALANCE, MNIST_TINY, read_metrics, run_metarun
 from hydra.errors import ConfigCompositionException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -33,34 +33,7 @@ from metarun.config import (
 )
 from metarun.runner import api
 from metarun.runner.checkpoint import load_checkpoint
-from metarun.testing import write_cifar, write_mnist
-
-METARUN = str(Path(sys.executable).with_name("metarun"))
-
-# A few seconds: 4 steps on a 50-image pool of generated MNIST files.
-MNIST_TINY = [
-    "dataset=mnist_imbalance",
-    "dataset.source_split=test",
-    "dataset.pos_ratio=0.9",
-    "dataset.n_train=50",
-    "dataset.n_val=4",
-    "dataset.n_test=10",
-    "dataset.batch_size=8",
-    "outer_steps=4",
-    "log.every=2",
-    "eval.every=2",
-    "save.every=2",
-    "log.progress=false",
-    "device=cpu",
-]
-
-
-@pytest.fixture
-def mnist_files(tmp_path_factory) -> Path:
-    """A data root with generated official-format MNIST test files (40 fours, 60 nines)."""
-    root = tmp_path_factory.mktemp("data")
-    write_mnist(root / "mnist" / "raw", "t10k", {4: 40, 9: 60, 1: 5}, marker=1, gz=True)
-    return root
+from metarun.testing import write_cifar
 
 
 @pytest.fixture
@@ -348,9 +321,7 @@ def test_l2rw_run_logs_tests_resumes_and_evaluates(run_l2rw, tmp_path):
         "time/sec_per_step",
     } <= tags["scalars"]
     assert "weights/examples" in tags["histograms"]
-    records = [
-        json.loads(line) for line in (tmp_path / "once" / "metrics.jsonl").read_text().splitlines()
-    ]
+    records = read_metrics(tmp_path / "once")
     assert 0.0 <= records[0]["weights/minority_mass"] <= 1.0
 
     # Resume: 2 steps, then on to 4, gives the same weights as 4 in one go.
@@ -394,18 +365,9 @@ def test_cifar_l2rw_with_resnet32_two_steps(make_config, tmp_path):
     ]
     summary = api.run(make_config(args), tmp_path / "run", overrides=args)
     assert summary.step == 2 and summary.results["test"]["num_examples"] == 20
-    records = [
-        json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().split("\n")[:-1]
-    ]
+    records = read_metrics(tmp_path / "run")
     assert 0.0 <= records[0]["weights/flipped_mass"] <= 1.0
     assert "weights/examples" in _event_tags(tmp_path / "run")["histograms"]
-
-
-def _cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("HYDRA_FULL_ERROR", None)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 @pytest.mark.parametrize("algo", ["l2rw", "erm"])
@@ -418,9 +380,7 @@ def test_cli_runs_two_steps_on_mnist(algo, mnist_files, tmp_path):
         f"dataset.root={mnist_files}",
         f"hydra.run.dir={run_dir}",
     ]
-    result = subprocess.run(
-        [METARUN, *args], cwd=tmp_path, env=_cli_env(), capture_output=True, text=True, timeout=180
-    )
+    result = run_metarun(args, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "test error: " in result.stdout and "test accuracy: " in result.stdout
     results = json.loads((run_dir / "results.json").read_text())
@@ -436,8 +396,7 @@ def test_cli_runs_two_steps_on_mnist(algo, mnist_files, tmp_path):
 # the network up. Measured (seeds 0, 1, 2 of run and data): ERM 0.500 each, L2RW balanced test
 # error 0.026, 0.056, 0.072 at step 150 (scripts/l2rw_mnist.py sweeps all ratios).
 ACCEPTANCE = [
-    "dataset=mnist_imbalance",
-    "dataset.source_split=test",
+    *MNIST_IMBALANCE[:2],
     "dataset.pos_ratio=0.995",  # 4 fours among 758 training images
     "dataset.n_train=758",  # the largest that fits with n_test=500
     "dataset.n_test=500",
