@@ -6,14 +6,13 @@ predictions, bit for bit."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import cli_env, run_metarun
 from PIL import Image
 
 import metarun
@@ -24,7 +23,6 @@ from metarun.data.miniimagenet import MiniImageNetConfig
 
 DATA = Path(os.environ.get("METARUN_DATA", "/work/shared/data"))
 OMNIGLOT = DATA / "omniglot"
-METARUN = str(Path(sys.executable).with_name("metarun"))
 needs_omniglot = pytest.mark.skipif(
     not list(OMNIGLOT.glob("images_background*")),
     reason="Omniglot archives not under $METARUN_DATA/omniglot",
@@ -36,11 +34,8 @@ def omniglot_run(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny MAML checkpoint trained on real Omniglot (split=random), and its image cache."""
     root = tmp_path_factory.mktemp("learner")
     cache = root / "cache"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "METARUN_DATA": str(DATA)}
-    env.pop("HYDRA_FULL_ERROR", None)
-    result = subprocess.run(
+    result = run_metarun(
         [
-            METARUN,
             "dataset=omniglot",
             "dataset.split=random",
             f"dataset.cache_dir={cache}",
@@ -56,10 +51,8 @@ def omniglot_run(tmp_path_factory) -> tuple[Path, Path]:
             "device=cpu",
             f"hydra.run.dir={root / 'run'}",
         ],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
+        root,
+        env=cli_env(METARUN_DATA=str(DATA)),
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
