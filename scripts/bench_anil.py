@@ -22,11 +22,11 @@ from collections.abc import Callable
 import torch
 
 # scripts/ is on sys.path when a script in it runs: one batch maker for every benchmark.
-from bench_unroll import LR, make_batch
+from bench_batching import make_algo
+from bench_unroll import make_batch
 
 from metarun.algorithms.anil import ANIL
 from metarun.algorithms.maml import MAML
-from metarun.models import Conv4
 
 
 def timed_once(fn: Callable[[], object], device: torch.device) -> float:
@@ -43,17 +43,7 @@ def make_step(
     cls: type[MAML], steps: int, first_order: bool, batching: str, device: torch.device, batch
 ) -> Callable[[], object]:
     """One outer step of ``cls``: the meta-gradient of the batch, and zeroed gradients."""
-    torch.manual_seed(0)
-    algo = cls(
-        Conv4(num_classes=5).to(device),
-        task_type="classification",
-        inner_lr=LR,
-        inner_steps=steps,
-        eval_inner_steps=steps,
-        first_order=first_order,
-        task_batching=batching,
-    )
-    algo.pre_adaptation_metrics = False  # as the runner on steps it does not log
+    algo = make_algo(steps, first_order, device, cls=cls, task_batching=batching)
 
     def step() -> None:
         algo.zero_grad(set_to_none=True)

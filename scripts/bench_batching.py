@@ -72,14 +72,31 @@ def timed_once(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def interleaved(fns: dict, device: torch.device, repeats: int) -> dict[str, list[float]]:
+    """Each of ``fns`` timed ``repeats`` times after one warm-up call, in rounds whose order
+    rotates, so that a drift of a shared machine hits them alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(timed_once(fns[name], device))
+    return times
+
+
 def timed(fn, device: torch.device, repeats: int) -> float:
     fn()
     return statistics.median(timed_once(fn, device) for _ in range(repeats))
 
 
-def make_algo(steps: int, first_order: bool, device: torch.device, **kw) -> MAML:
+def make_algo(
+    steps: int, first_order: bool, device: torch.device, cls: type[MAML] = MAML, **kw
+) -> MAML:
+    """``cls`` (MAML or a subclass) on Conv4 from seed 0, as the runner steps it when it does not
+    log."""
     torch.manual_seed(0)
-    algo = MAML(
+    algo = cls(
         Conv4(num_classes=5).to(device),
         task_type="classification",
         inner_lr=LR,
@@ -130,13 +147,7 @@ def row_worker(queries: int, steps: int, first_order: bool, args, device: torch.
     fns["auto"] = partial(auto.meta_train_step, batch)
     if higher is not None and not first_order:  # higher has no first-order meta-gradient mode
         fns["higher"] = build("higher", queries, steps, first_order, args, device)
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(args.repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            times[name].append(timed_once(fns[name], device))
+    times = interleaved(fns, device, args.repeats)
     return {
         "median_s": {k: statistics.median(v) for k, v in times.items()},
         "pick": choice.mode if choice.mode == "loop" else f"vmap/{choice.chunk or 'all'}",
@@ -315,13 +326,7 @@ def part_default(args) -> None:
         pick = pick if pick == "loop" else f"vmap/{auto.task_chunk_size or 'all'}"
         fns = {mode: partial(algo.meta_train_step, batch) for mode, algo in algos.items()}
         fns["auto"] = partial(auto.meta_train_step, batch)
-        for fn in fns.values():
-            fn()  # warm-up
-        times: dict[str, list[float]] = {m: [] for m in fns}
-        names = list(fns)
-        for r in range(args.repeats):
-            for mode in names[r % len(names) :] + names[: r % len(names)]:
-                times[mode].append(timed_once(fns[mode], device_of(args)))
+        times = interleaved(fns, device_of(args), args.repeats)
         med = {m: statistics.median(v) for m, v in times.items()}
         fastest = min(med["loop"], med["vmap"])
         steps = config.outer_steps
