@@ -126,6 +126,16 @@ def sigterm_after(step: int) -> Iterator[None]:
         yield
 
 
+def run_and_resume(run: Callable[..., Any], root: Path) -> tuple[dict, dict]:
+    """The last checkpoints of ``root/once`` (a run already made) and of ``root/twice``: the
+    same run stopped after 2 steps and resumed to its end."""
+    from metarun.runner.checkpoint import load_checkpoint
+
+    run(root / "twice", ["outer_steps=2"])
+    run(root / "twice", ["resume=true"])
+    return tuple(load_checkpoint(root / d / "checkpoints" / "last.pt") for d in ("once", "twice"))
+
+
 def make_trainer(config: Any, run_dir: Path) -> Any:
     """The :class:`~metarun.runner.trainer.Trainer` the runner builds for ``config`` (its
     experiment and meta-optimizer attached; no TensorBoard), for calling its steps directly."""

@@ -19,6 +19,7 @@ from helpers import (
     SmallNet,
     ThreadAllReduce,
     read_metrics,
+    run_and_resume,
     run_in_threads,
     small_batch,
 )
@@ -31,7 +32,6 @@ from metarun.algorithms.mwn import MWN, WeightNet, weight_net_optimizer
 from metarun.config import ConfigError
 from metarun.runner import api
 from metarun.runner import logging as run_logging
-from metarun.runner.checkpoint import load_checkpoint
 from metarun.tasks import TaskBatch
 from metarun.testing import write_cifar
 from metarun.unroll import get_diff_optim, monkeypatch
@@ -280,10 +280,7 @@ def test_mwn_run_logs_the_weighting_function_and_resumes_exactly(
 
     # Resume: 2 steps, then on to 4, gives the classifier, the weight net and its optimizer
     # state of 4 steps in one go.
-    run(tmp_path / "twice", ["outer_steps=2"])
-    run(tmp_path / "twice", ["resume=true"])
-    once = load_checkpoint(tmp_path / "once" / "checkpoints" / "last.pt")
-    twice = load_checkpoint(tmp_path / "twice" / "checkpoints" / "last.pt")
+    once, twice = run_and_resume(run, tmp_path)
     assert any(k.startswith("weight_net.") for k in once["algorithm"])
     for key, value in once["algorithm"].items():
         torch.testing.assert_close(value, twice["algorithm"][key], rtol=0, atol=1e-6)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MNIST_IMBALANCE, MNIST_TINY, read_metrics, run_metarun
+from helpers import MNIST_IMBALANCE, MNIST_TINY, read_metrics, run_and_resume, run_metarun
 from hydra.errors import ConfigCompositionException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -32,7 +32,6 @@ from metarun.config import (
     to_yaml,
 )
 from metarun.runner import api
-from metarun.runner.checkpoint import load_checkpoint
 from metarun.testing import write_cifar
 
 
@@ -290,10 +289,6 @@ def _event_tags(run_dir: Path) -> dict[str, set[str]]:
     return {kind: set(acc.Tags()[kind]) for kind in ("scalars", "histograms")}
 
 
-def _params(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)["algorithm"]
-
-
 def test_l2rw_run_logs_tests_resumes_and_evaluates(run_l2rw, tmp_path):
     summary = run_l2rw(tmp_path / "once")
     test = summary.results["test"]
@@ -325,10 +320,7 @@ def test_l2rw_run_logs_tests_resumes_and_evaluates(run_l2rw, tmp_path):
     assert 0.0 <= records[0]["weights/minority_mass"] <= 1.0
 
     # Resume: 2 steps, then on to 4, gives the same weights as 4 in one go.
-    run_l2rw(tmp_path / "twice", ["outer_steps=2"])
-    run_l2rw(tmp_path / "twice", ["resume=true"])
-    once = _params(tmp_path / "once" / "checkpoints" / "last.pt")
-    twice = _params(tmp_path / "twice" / "checkpoints" / "last.pt")
+    once, twice = (c["algorithm"] for c in run_and_resume(run_l2rw, tmp_path))
     for key in once:
         torch.testing.assert_close(once[key], twice[key], rtol=0, atol=1e-6)
 
