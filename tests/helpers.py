@@ -46,6 +46,22 @@ MNIST_TINY = [
     "device=cpu",
 ]
 
+# The acceptance runs of L2RW and MWN on the real MNIST test file: 758 training images at
+# pos_ratio 0.995 (4 fours), SGD at lr 0.03 with the gradient clipped to norm 1, tested on 500.
+MNIST_0995 = [
+    *MNIST_IMBALANCE[:2],
+    "dataset.pos_ratio=0.995",  # 4 fours among 758 training images
+    "dataset.n_train=758",  # the largest that fits with n_test=500
+    "dataset.n_test=500",
+    "meta_optimizer.lr=0.03",
+    "grad_clip=1",
+    "eval.every=0",
+    "save.every=0",
+    "log.tensorboard=false",
+    "log.progress=false",
+    "device=cpu",
+]
+
 
 # ------------------------------------------------------------------------------ real processes
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
+    MNIST_0995,
     MNIST_TINY,
     CentralDifference,
     SmallNet,
@@ -416,20 +417,6 @@ def test_data_parallel_keeps_one_weight_net_and_global_weights() -> None:
 # pos_ratio 0.995: 4 fours), with MWN's weight net moved by Adam at 3e-3 (scripts/mwn_mnist.py
 # explains why). MWN needs more steps than L2RW here: its weights come from the loss alone, and
 # the weight net first has to learn that a high loss means a minority example.
-MNIST_0995 = [
-    "dataset=mnist_imbalance",
-    "dataset.source_split=test",
-    "dataset.pos_ratio=0.995",
-    "dataset.n_train=758",
-    "dataset.n_test=500",
-    "meta_optimizer.lr=0.03",
-    "grad_clip=1",
-    "eval.every=0",
-    "save.every=0",
-    "log.tensorboard=false",
-    "log.progress=false",
-    "device=cpu",
-]
 MWN_MNIST = [
     "algo.weight_net_optimizer=adam",
     "algo.weight_net_lr=0.003",
