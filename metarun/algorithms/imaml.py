@@ -47,8 +47,8 @@ from metarun.algorithms.episodic import EpisodicAlgorithm, MetricTotals, with_me
 from metarun.algorithms.losses import task_loss, task_metrics
 from metarun.algorithms.reptile import InnerOptimizer
 from metarun.registry import BuildContext, register
-from metarun.spec.bases import AlgoSchema
-from metarun.spec.checks import require, require_fixed_ways, require_optional_count
+from metarun.spec.bases import InnerStepSchema
+from metarun.spec.checks import require, require_optional_count
 from metarun.spec.enums import TaskBatching
 from metarun.tasks import TaskBatch
 from metarun.unroll import SGD, Adam, functional_call, inner_loop
@@ -58,7 +58,7 @@ from metarun.unroll.optimizers import FunctionalOptimizer, Params
 
 
 @dataclass
-class IMAMLConfig(AlgoSchema):
+class IMAMLConfig(InnerStepSchema):
     """``algo=imaml``: Rajeswaran et al. 2019, the GD variant by default."""
 
     adaptation_keys: ClassVar[tuple[str, ...]] = (
@@ -116,12 +116,6 @@ class IMAMLConfig(AlgoSchema):
         require_optional_count(
             "algo.task_chunk_size", self.task_chunk_size, "algo.task_chunk_size=8"
         )
-
-    def step_sizes(self) -> dict[str, float]:
-        return {"algo.inner_lr": self.inner_lr}
-
-    def check_run(self, run: Any) -> None:
-        require_fixed_ways(self, run)
 
 
 @register("algo", "imaml", IMAMLConfig)

@@ -16,7 +16,7 @@ from metarun.algorithms.episodic import EpisodicAlgorithm
 from metarun.algorithms.inner_rates import InnerRates
 from metarun.algorithms.losses import task_loss
 from metarun.registry import BuildContext
-from metarun.spec.bases import AlgoSchema
+from metarun.spec.bases import InnerStepSchema
 from metarun.spec.checks import (
     require,
     require_inner_loop,
@@ -31,7 +31,7 @@ from metarun.unroll.optimizers import Params
 
 
 @dataclass
-class InnerLoopConfig(AlgoSchema):
+class InnerLoopConfig(InnerStepSchema):
     """The keys of a model adapted by SGD steps (MAML's, which ANIL and Meta-SGD share)."""
 
     adaptation_keys: ClassVar[tuple[str, ...]] = ("inner_lr", "inner_steps", "eval_inner_steps")
@@ -81,9 +81,6 @@ class InnerLoopConfig(AlgoSchema):
                 f"algo.bn_policy={self.bn_policy.value} (tasks computed at once cannot share "
                 "running statistics; set algo.task_batching=loop)"
             )
-
-    def step_sizes(self) -> dict[str, float]:
-        return {"algo.inner_lr": self.inner_lr}
 
 
 class InnerLoopLearner(TaskBatchingMixin, EpisodicAlgorithm):

@@ -39,9 +39,6 @@ from metarun.algorithms.stepwise import (
     check_run_options,
 )
 from metarun.registry import register
-from metarun.spec.checks import (
-    require_fixed_ways,
-)
 from metarun.spec.enums import InnerLR
 from metarun.tasks import TaskBatch
 from metarun.unroll import GradBackend, functional_call, get_params
@@ -80,7 +77,7 @@ class MAMLConfig(InnerLoopConfig):
 
     def check_run(self, run: Any) -> None:
         check_run_options(self, run)
-        require_fixed_ways(self, run)
+        super().check_run(run)
 
 
 @register("algo", "maml", MAMLConfig)

@@ -63,10 +63,9 @@ from torch import Tensor, nn
 from metarun.algorithms.episodic import EpisodicAlgorithm, with_meta_loss
 from metarun.algorithms.losses import task_loss, task_metrics
 from metarun.registry import BuildContext, register
-from metarun.spec.bases import AlgoSchema
+from metarun.spec.bases import InnerStepSchema
 from metarun.spec.checks import (
     require,
-    require_fixed_ways,
     require_inner_loop,
     require_optional_count,
 )
@@ -93,7 +92,7 @@ class InnerOptimizer(str, Enum):
 
 
 @dataclass
-class ReptileConfig(AlgoSchema):
+class ReptileConfig(InnerStepSchema):
     """``algo=reptile``: Nichol et al. 2018. The outer step size is ``meta_optimizer.lr`` (use
     ``meta_optimizer.name=sgd``); ``anneal_steps`` anneals it linearly."""
 
@@ -172,12 +171,6 @@ class ReptileConfig(AlgoSchema):
         require_optional_count(
             "algo.query_chunk_size", self.query_chunk_size, "algo.query_chunk_size=64"
         )
-
-    def step_sizes(self) -> dict[str, float]:
-        return {"algo.inner_lr": self.inner_lr}
-
-    def check_run(self, run: Any) -> None:
-        require_fixed_ways(self, run)
 
 
 def minibatch_indices(

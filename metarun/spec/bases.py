@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from metarun.spec.errors import ConfigError
 
@@ -55,6 +55,23 @@ class AlgoSchema:
         """Adaptation steps at evaluation when ``eval.inner_steps`` is null (None: the
         algorithm adapts nothing, or decides itself)."""
         return None
+
+
+class InnerStepSchema(AlgoSchema):
+    """Schema base of an algorithm that adapts a classifier by inner gradient steps of size
+    ``algo.inner_lr`` (MAML's family, iMAML, Reptile): that is its step size, and as its
+    model has one output per training class it tests on as many classes as it trains on."""
+
+    if TYPE_CHECKING:  # a key of each subclass's own schema (not a field here)
+        inner_lr: float
+
+    def check_run(self, run: Any) -> None:
+        from metarun.spec.checks import require_fixed_ways  # checks imports this module's users
+
+        require_fixed_ways(self, run)
+
+    def step_sizes(self) -> dict[str, float]:
+        return {"algo.inner_lr": self.inner_lr}
 
 
 #: ``adapt(support_x, support_y, steps)``: the algorithm's ``adapt`` for one task, on CPU
