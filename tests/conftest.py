@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -139,3 +140,13 @@ def fake_omniglot(monkeypatch: pytest.MonkeyPatch) -> dict[str, torch.Tensor]:
     pools = {s: torch.rand(64, 20, 1, 28, 28, generator=gen) for s in ("train", "val", "test")}
     monkeypatch.setattr(metarun.data.omniglot, "load_omniglot", lambda root, **kw: pools)
     return pools
+
+
+@pytest.fixture(scope="session")
+def real_mnist() -> str:
+    """``$METARUN_DATA``, which holds the real MNIST test file under ``mnist/raw/`` (the
+    acceptance tests are skipped without it)."""
+    data = os.environ.get("METARUN_DATA")
+    if not data:
+        pytest.skip("METARUN_DATA is unset: the acceptance tests read $METARUN_DATA/mnist/raw/")
+    return data

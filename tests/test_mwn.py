@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -424,14 +423,6 @@ MWN_MNIST = [
 ]
 # Measured (scripts/mwn_mnist.py, seed 0, the same runs): ERM 0.500, MWN 0.312.
 MWN_MARGIN = 0.1
-
-
-@pytest.fixture(scope="module")
-def real_mnist() -> str:
-    data = os.environ.get("METARUN_DATA")
-    if not data:
-        pytest.skip("METARUN_DATA is unset: the acceptance tests read $METARUN_DATA/mnist/raw/")
-    return data
 
 
 def test_mwn_learns_to_upweight_high_losses_on_imbalanced_mnist(real_mnist, make_config, tmp_path):

@@ -5,7 +5,6 @@ and the acceptance test on the real MNIST test split: L2RW beats plain training 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -394,14 +393,6 @@ def test_cli_runs_two_steps_on_mnist(algo, mnist_files, tmp_path):
 # the network up. Measured (seeds 0, 1, 2 of run and data): ERM 0.500 each, L2RW balanced test
 # error 0.026, 0.056, 0.072 at step 150 (scripts/l2rw_mnist.py sweeps all ratios).
 ACCEPTANCE = [*MNIST_0995, "outer_steps=150", "log.every=50"]
-
-
-@pytest.fixture(scope="module")
-def real_mnist() -> str:
-    data = os.environ.get("METARUN_DATA")
-    if not data:
-        pytest.skip("METARUN_DATA is unset: the acceptance test reads $METARUN_DATA/mnist/raw/")
-    return data
 
 
 def test_l2rw_beats_erm_on_imbalanced_mnist(real_mnist, make_config, tmp_path):
