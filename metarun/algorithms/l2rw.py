@@ -38,11 +38,10 @@ from torch import Tensor, nn
 
 from metarun import registry
 from metarun.algorithms.base import MetaAlgorithm
-from metarun.algorithms.lookahead import LookAhead
+from metarun.algorithms.lookahead import LookAhead, check_lookahead_lr, lookahead_step_size
 from metarun.parallel import SINGLE, Shards
 from metarun.registry import BuildContext
 from metarun.spec.bases import SUPERVISED, AlgoSchema
-from metarun.spec.checks import require
 from metarun.spec.errors import ConfigError
 from metarun.tasks import TaskBatch
 from metarun.unroll import functional_call
@@ -89,16 +88,10 @@ class L2RWConfig(ERMConfig):
     lookahead_lr: float | None = None
 
     def __post_init__(self) -> None:
-        require(
-            self.lookahead_lr is None or self.lookahead_lr > 0,
-            "algo.lookahead_lr",
-            self.lookahead_lr,
-            "> 0 or null (null = meta_optimizer.lr)",
-            "algo.lookahead_lr=0.001",
-        )
+        check_lookahead_lr(self.lookahead_lr, "0.001")
 
     def step_sizes(self) -> dict[str, float]:
-        return {} if self.lookahead_lr is None else {"algo.lookahead_lr": self.lookahead_lr}
+        return lookahead_step_size(self.lookahead_lr)
 
 
 class ReweightingBase(MetaAlgorithm):

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metarun.spec.checks import require
 from metarun.unroll import get_diff_optim, monkeypatch
 
 # Per-example training losses (B,) -> per-example weights (B,), differentiable in whatever the
@@ -103,3 +104,19 @@ class LookAhead:
         diffopt.step((weights * losses).sum())
         ahead = [p for p in fmodel.parameters() if p.requires_grad]
         return Ahead(F.cross_entropy(fmodel(val_x), val_y), ahead, weights)
+
+
+def check_lookahead_lr(value: float | None, example: str) -> None:
+    """``algo.lookahead_lr``: > 0, or null for the meta-optimizer's own rate."""
+    require(
+        value is None or value > 0,
+        "algo.lookahead_lr",
+        value,
+        "> 0 or null (null = meta_optimizer.lr)",
+        f"algo.lookahead_lr={example}",
+    )
+
+
+def lookahead_step_size(value: float | None) -> dict[str, float]:
+    """``algo.lookahead_lr`` among a diverged run's step sizes, when it is set."""
+    return {} if value is None else {"algo.lookahead_lr": value}

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from metarun import registry
 from metarun.algorithms.l2rw import ERMConfig, ReweightingBase
-from metarun.algorithms.lookahead import LookAhead
+from metarun.algorithms.lookahead import LookAhead, check_lookahead_lr, lookahead_step_size
 from metarun.registry import BuildContext
 from metarun.spec.checks import require
 from metarun.spec.enums import OptimizerName
@@ -130,19 +130,10 @@ class MWNConfig(ERMConfig):
             ">= 0",
             "algo.weight_net_weight_decay=0.0005",
         )
-        require(
-            self.lookahead_lr is None or self.lookahead_lr > 0,
-            "algo.lookahead_lr",
-            self.lookahead_lr,
-            "> 0 or null (null = meta_optimizer.lr)",
-            "algo.lookahead_lr=0.1",
-        )
+        check_lookahead_lr(self.lookahead_lr, "0.1")
 
     def step_sizes(self) -> dict[str, float]:
-        sizes = {"algo.weight_net_lr": self.weight_net_lr}
-        if self.lookahead_lr is not None:
-            sizes["algo.lookahead_lr"] = self.lookahead_lr
-        return sizes
+        return {"algo.weight_net_lr": self.weight_net_lr, **lookahead_step_size(self.lookahead_lr)}
 
 
 def weight_net_optimizer(
