@@ -127,10 +127,11 @@ class Learner:
         return out
 
     def inputs(self, x: Inputs) -> Tensor:
-        """Model inputs: a tensor as it is, or a sequence of raw images through
-        :meth:`transform`, stacked ``(N, *input_shape)``."""
+        """Model inputs: a tensor, or a sequence of raw images through :meth:`transform`,
+        stacked ``(N, *input_shape)``; contiguous either way, as a convolution's rounding
+        depends on its input's memory layout (a slice of a channels-last pool is not)."""
         if isinstance(x, Tensor):
-            return x
+            return x.contiguous()
         if isinstance(x, (str, bytes)) or not isinstance(x, Sequence):
             raise TypeError(
                 f"inputs must be a tensor or a list of images, got {type(x).__name__} (wrap "
