@@ -62,6 +62,17 @@ class OuterName(str, Enum):
     ppo = "ppo"  # a clipped surrogate, a few Adam epochs: cheaper (no Fisher products)
 
 
+class PolicyInit(str, Enum):
+    """How the policy's mean network starts."""
+
+    # cbfinn/maml_rl (maml_minimal_gauss_mlp_policy.py, create_MLP): Glorot-uniform weights, zero
+    # biases, so the mean is 0 at the start position and scales with the distance from it.
+    glorot = "glorot"
+    # The model's own initialisation (torch.nn.Linear: uniform weights and biases of scale
+    # 1/sqrt(fan_in), which for 2 inputs gives biases up to 0.7: a random drift at the start).
+    model = "model"
+
+
 @dataclass
 class MAMLRLConfig(AlgoSchema):
     """``algo=maml_rl``: MAML with a policy-gradient inner loop and a TRPO (or PPO) outer step."""
@@ -78,6 +89,10 @@ class MAMLRLConfig(AlgoSchema):
     # The inner loop chosen for the environment: its dataset file's `adapt` block.
     inner_lr: float = "${adapt.inner_lr}"  # type: ignore[assignment]  # interpolation
     inner_steps: int = "${adapt.inner_steps}"  # type: ignore[assignment]
+    # Step size of every inner step after the first (null: inner_lr). Finn et al. 2017, App. A.2,
+    # halved it after the first step at evaluation (their test script: 0.5, then 0.25): a policy
+    # meta-trained for one step of inner_lr overshoots with further full-size steps.
+    inner_lr_later: float | None = None
     eval_inner_steps: int = "${adapt.eval_inner_steps}"  # type: ignore[assignment]
     first_order: bool = False
     # Episodes per task for each adaptation step and for the meta-objective (rllab: batch_size).
@@ -86,6 +101,7 @@ class MAMLRLConfig(AlgoSchema):
     gae_lambda: float = 1.0
     # Initial log standard deviation of the Gaussian policy (rllab's init_std=1).
     init_log_std: float = 0.0
+    policy_init: PolicyInit = PolicyInit.glorot
     outer: OuterName = OuterName.trpo
     # TRPO: KL bound (rllab's step_size), conjugate-gradient iterations and damping, line search.
     max_kl: float = 0.01
@@ -102,6 +118,11 @@ class MAMLRLConfig(AlgoSchema):
         require(
             isinstance(self.inner_lr, str) or self.inner_lr > 0,
             "algo.inner_lr", self.inner_lr, "> 0", "algo.inner_lr=0.1",
+        )  # fmt: skip
+        require(
+            self.inner_lr_later is None or self.inner_lr_later > 0,
+            "algo.inner_lr_later", self.inner_lr_later, "> 0 or null (null: algo.inner_lr)",
+            "algo.inner_lr_later=0.05",
         )  # fmt: skip
         require(
             isinstance(self.inner_steps, str) or self.inner_steps >= 0,
@@ -184,6 +205,16 @@ class MAMLRLConfig(AlgoSchema):
             )
 
 
+def _glorot_zero_bias(model: nn.Module) -> None:
+    """Glorot-uniform weights and zero biases for every linear layer of ``model``."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    module.bias.zero_()
+
+
 @register("algo", "maml_rl", MAMLRLConfig)
 class MAMLRL(MetaAlgorithm):
     """MAML-RL (see the module docstring).
@@ -203,8 +234,12 @@ class MAMLRL(MetaAlgorithm):
         self.eval_inner_steps = int(config.eval_inner_steps)
         self.first_order = bool(config.first_order)
         self.log_std = nn.Parameter(torch.full((dataset.action_dim,), float(config.init_log_std)))
+        if config.policy_init is PolicyInit.glorot:
+            _glorot_zero_bias(model)
         self._names = [n for n, _ in model.named_parameters()] + ["log_std"]
         self._inner_opt = SGD(lr=float(config.inner_lr))
+        self._later_opt = SGD(lr=float(config.inner_lr))
+        self.set_inner_lr_later(config.inner_lr_later)
         self._env: VectorEnv | None = None
         self._env_device: torch.device | None = None
 
@@ -216,6 +251,12 @@ class MAMLRL(MetaAlgorithm):
                 " (use dataset=navigation2d, halfcheetah_vel or halfcheetah_dir)"
             )
         return cls(model, config, context.dataset)
+
+    def set_inner_lr_later(self, lr: float | None) -> None:
+        """The step size of the inner steps after the first (``None``: ``inner_lr``), e.g. to
+        evaluate one trained policy under several adaptation schedules."""
+        self.config.inner_lr_later = lr
+        self._later_opt = SGD(lr=float(self.config.inner_lr if lr is None else lr))
 
     # -- the policy as a function of its parameters -------------------------------------------
     def params(self) -> Params:
@@ -237,15 +278,17 @@ class MAMLRL(MetaAlgorithm):
         return -(logp * batch.advantages * batch.mask).sum() / batch.mask.sum()
 
     def adapt_task(self, theta: Params, inner: tuple[Batch, ...]) -> Params:
-        """One task's parameters after one policy-gradient step on each of ``inner``
-        (differentiable in ``theta``; ``torch.func``, so it runs under ``vmap``)."""
-        for batch in inner:
+        """One task's parameters after one policy-gradient step on each of ``inner`` (the first
+        of ``inner_lr``, the others of ``inner_lr_later``; differentiable in ``theta``;
+        ``torch.func``, so it runs under ``vmap``)."""
+        for index, batch in enumerate(inner):
 
             def loss(p: Params, batch: Batch = batch) -> Tensor:
                 return self.inner_loss(p, batch)
 
+            opt = self._inner_opt if index == 0 else self._later_opt
             theta = func_inner_loop(
-                loss, theta, self._inner_opt, 1, first_order=self.first_order,
+                loss, theta, opt, 1, first_order=self.first_order,
                 trainable=self._names,
             )  # fmt: skip
         return theta
