@@ -282,3 +282,45 @@ def run_in_threads(work: Callable[[int], None], n: int = 2) -> None:
         t.start()
     for t in threads:
         t.join()
+
+
+# ------------------------------------------------------------------ short runs and their logs
+
+#: A preset's smoke run: two outer steps, a tiny model, validation and test on two tasks.
+SMOKE_RUN = [
+    "outer_steps=2",
+    "log.every=1",
+    "eval.every=2",
+    "eval.val_tasks=2",
+    "eval.num_tasks=2",
+    "model.hidden=2",
+]
+
+
+def omniglot_random(tmp_path: Path) -> list[str]:
+    """Real Omniglot over the characters present (the minimal splits), cached in ``tmp_path``
+    rather than next to the shared archives."""
+    return ["dataset=omniglot", "dataset.split=random", f"dataset.cache_dir={tmp_path / 'cache'}"]
+
+
+def tensorboard(run_dir: Path) -> Any:
+    """A run's TensorBoard events, loaded (``.Tags()``, ``.Scalars(tag)``)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"))
+    acc.Reload()
+    return acc
+
+
+def scalar_tags(run_dir: Path) -> set[str]:
+    return set(tensorboard(run_dir).Tags()["scalars"])
+
+
+def grads_and_directions(
+    params: Sequence[torch.Tensor], seed: int = 5
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The parameters' gradients (copied) and a random direction for each, for a directional
+    finite-difference check."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = [p.grad.clone() for p in params]  # type: ignore[union-attr]
+    return grads, [torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in params]

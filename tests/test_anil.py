@@ -15,8 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import central_difference
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from helpers import (
+    SMOKE_RUN,
+    central_difference,
+    grads_and_directions,
+    omniglot_random,
+    scalar_tags,
+    tensorboard,
+)
 from torch import nn
 
 import metarun
@@ -144,9 +150,7 @@ def test_meta_gradient_matches_finite_differences() -> None:
     batch = _sinusoid()
     algo.meta_train_step(batch)
     params = list(algo.model.parameters())
-    grads = [p.grad.clone() for p in params]
-    gen = torch.Generator().manual_seed(5)
-    dirs = [torch.randn(p.shape, dtype=DT, generator=gen) for p in params]
+    grads, dirs = grads_and_directions(params)
     numeric = central_difference(
         lambda: algo.meta_train_step(batch)["train/meta_loss"], params, dirs
     )
@@ -318,18 +322,12 @@ def test_preset_runs_a_couple_of_steps_with_the_tags(make_config, tiny, tmp_path
     args = [
         *tiny,
         "experiment=omniglot_anil_5way_1shot",
-        "outer_steps=2",
-        "log.every=1",
-        "eval.every=2",
-        "eval.val_tasks=2",
-        "eval.num_tasks=2",
-        "model.hidden=2",
+        *SMOKE_RUN,
         "dataset.k_query=1",
     ]
     summary = api.run(make_config(args), tmp_path, overrides=args)
     assert summary.step == 2 and summary.results["test"]["inner_steps"] == 3
-    acc = EventAccumulator(str(tmp_path / "tb"))
-    acc.Reload()
+    acc = tensorboard(tmp_path)
     tags = set(acc.Tags()["scalars"])
     assert {"train/meta_loss", "hypergrad/norm", "train/pre_accuracy", "val/accuracy"} <= tags
     assert all(e.value > 0 for e in acc.Scalars("hypergrad/norm"))
@@ -363,9 +361,7 @@ def test_omniglot_short_run_learns(tmp_path):
     run_dir = tmp_path / "run"
     args = [
         "algo=anil",
-        "dataset=omniglot",
-        "dataset.split=random",
-        f"dataset.cache_dir={tmp_path / 'cache'}",  # not next to the shared archives
+        *omniglot_random(tmp_path),
         "outer_steps=40",
         "meta_batch_size=4",
         "eval.every=20",
@@ -386,9 +382,7 @@ def test_omniglot_short_run_learns(tmp_path):
     assert metrics["pre_accuracy"]["mean"] < 0.35  # an unadapted head is at chance
     assert "test accuracy:" in result.stdout
 
-    acc = EventAccumulator(str(run_dir / "tb"))
-    acc.Reload()
-    assert {"train/meta_loss", "hypergrad/norm"} <= set(acc.Tags()["scalars"])
+    assert {"train/meta_loss", "hypergrad/norm"} <= scalar_tags(run_dir)
 
     learner = metarun.load(run_dir / "checkpoints" / "best.pt", device="cpu")
     predict = learner.adapt(torch.rand(5, 1, 28, 28), torch.arange(5))

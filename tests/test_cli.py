@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from helpers import METARUN, cli_env, run_captured, run_metarun
+from helpers import METARUN, cli_env, omniglot_random, run_captured, run_metarun
 
 from metarun import cli
 
@@ -344,9 +344,7 @@ def test_omniglot_short_run_beats_chance(tmp_path):
     env = cli_env(METARUN_DATA=str(OMNIGLOT_DATA))
     run_dir = tmp_path / "run"
     args = [
-        "dataset=omniglot",
-        "dataset.split=random",
-        f"dataset.cache_dir={tmp_path / 'cache'}",  # not next to the shared archives
+        *omniglot_random(tmp_path),
         "outer_steps=40",
         "meta_batch_size=4",
         "eval.every=20",

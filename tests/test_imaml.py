@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import SMOKE_RUN, tensorboard
 from torch import Tensor, nn
 
 from metarun.algorithms.imaml import IMAML, IMAMLConfig
@@ -266,16 +267,12 @@ def test_bad_values_are_refused_naming_the_key(make_config, override, message) -
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_runs_a_couple_of_steps(make_config, tiny, tmp_path, fake_omniglot, preset):
     args = [
-        *tiny, f"experiment={preset}", "outer_steps=2", "meta_batch_size=2", "log.every=1",
-        "eval.every=2", "eval.val_tasks=2", "eval.num_tasks=2", "model.hidden=4",
+        *tiny, f"experiment={preset}", *SMOKE_RUN, "meta_batch_size=2", "model.hidden=4",
         "algo.inner_steps=2", "algo.eval_inner_steps=2",
     ]  # fmt: skip
     summary = api.run(make_config(args), tmp_path, overrides=args)
     assert summary.step == 2 and summary.results["test"]["inner_steps"] == 2
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tmp_path / "tb"))
-    acc.Reload()
+    acc = tensorboard(tmp_path)
     tags = set(acc.Tags()["scalars"])
     assert {"train/meta_loss", "train/cg_residual", "hypergrad/norm", "val/accuracy"} <= tags
     assert all(e.value > 0 for e in acc.Scalars("hypergrad/norm"))

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import central_difference
+from helpers import central_difference, grads_and_directions
 from torch import nn
 
 from metarun.algorithms.base import MetaAlgorithm
@@ -64,9 +64,7 @@ def test_meta_gradient_matches_finite_differences() -> None:
     batch = _batch()
     algo.meta_train_step(batch)
     params = list(algo.model.parameters())
-    grads = [p.grad.clone() for p in params]
-    gen = torch.Generator().manual_seed(5)
-    dirs = [torch.randn(p.shape, dtype=DT, generator=gen) for p in params]
+    grads, dirs = grads_and_directions(params)
     numeric = central_difference(
         lambda: _reference_meta_loss(algo.model, batch, 0.05, 2).detach(), params, dirs
     )

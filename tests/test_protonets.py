@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import cli_env, fd_roundoff, run_metarun
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from helpers import cli_env, fd_roundoff, omniglot_random, run_metarun, tensorboard
 from torch import nn
 
 import metarun
@@ -224,8 +223,7 @@ def test_train_10_way_test_5_way_then_load_adapt_predict(train, tmp_path, fake_o
     assert test["metrics"]["accuracy"]["n"] == 6 and 0 <= test["metrics"]["accuracy"]["mean"] <= 1
     assert "before adaptation n/a" in summary.format()
 
-    acc = EventAccumulator(str(tmp_path / "tb"))
-    acc.Reload()
+    acc = tensorboard(tmp_path)
     tags = set(acc.Tags()["scalars"])
     assert {"train/meta_loss", "hypergrad/norm", "train/accuracy", "val/accuracy"} <= tags
     assert not any(t.startswith(("train/pre_", "val/pre_")) for t in tags)
@@ -279,9 +277,7 @@ def test_omniglot_short_run_beats_chance(tmp_path):
     run_dir = tmp_path / "run"
     args = [
         "algo=protonets",
-        "dataset=omniglot",
-        "dataset.split=random",
-        f"dataset.cache_dir={tmp_path / 'cache'}",  # not next to the shared archives
+        *omniglot_random(tmp_path),
         "dataset.n_way=20",
         "dataset.eval_n_way=5",
         "dataset.k_query=5",

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import sigterm_after
+from helpers import SMOKE_RUN, scalar_tags, sigterm_after
 from hydra.errors import ConfigCompositionException
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from metarun.algorithms.base import MetaAlgorithm
@@ -364,25 +363,14 @@ def test_presets_are_the_readme_commands(make_config, preset):
     assert make_config([f"experiment={preset}", "algo.transductive=true"]).algo.transductive
 
 
-def _tags(run_dir: Path) -> set[str]:
-    acc = EventAccumulator(str(run_dir / "tb"))
-    acc.Reload()
-    return set(acc.Tags()["scalars"])
+_tags = scalar_tags
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_runs_a_couple_of_steps(train, tmp_path, fake_omniglot, preset, caplog):
     """Smoke: each preset shrunk (2 steps, a tiny model, 2-step evaluation); TensorBoard gets
     train/meta_loss; no warning about the meta-optimizer (it is Reptile's SGD)."""
-    small = [
-        "outer_steps=2",
-        "log.every=1",
-        "eval.every=2",
-        "eval.val_tasks=2",
-        "eval.num_tasks=2",
-        "model.hidden=2",
-        "algo.eval_inner_steps=2",
-    ]
+    small = [*SMOKE_RUN, "algo.eval_inner_steps=2"]
     caplog.set_level(logging.WARNING, logger="metarun.algorithms.reptile")
     summary = train(tmp_path, [f"experiment={preset}", *small])
     assert summary.step == 2 and summary.results["test"]["metrics"]["accuracy"]["n"] == 2
