@@ -48,7 +48,7 @@ from metarun.algorithms.losses import task_loss, task_metrics
 from metarun.algorithms.reptile import InnerOptimizer
 from metarun.registry import BuildContext, register
 from metarun.spec.bases import InnerStepSchema
-from metarun.spec.checks import require, require_optional_count
+from metarun.spec.checks import require, require_optional_count, schema_keys
 from metarun.spec.enums import TaskBatching
 from metarun.tasks import TaskBatch
 from metarun.unroll import SGD, Adam, functional_call, inner_loop
@@ -193,22 +193,7 @@ class IMAML(TaskBatchingMixin, EpisodicAlgorithm):
 
     @classmethod
     def from_config(cls, config: IMAMLConfig, model: nn.Module, context: BuildContext) -> IMAML:
-        return cls(
-            model,
-            task_type=context.task_type,
-            lam=config.lam,
-            inner_lr=config.inner_lr,
-            inner_steps=config.inner_steps,
-            eval_inner_steps=config.eval_inner_steps,
-            eval_lam=config.eval_lam,
-            inner_optimizer=config.inner_optimizer.value,
-            cg_steps=config.cg_steps,
-            cg_tol=config.cg_tol,
-            cg_damping=config.cg_damping,
-            lam_damping=config.lam_damping,
-            task_batching=config.task_batching.value,
-            task_chunk_size=config.task_chunk_size,
-        )
+        return cls(model, task_type=context.task_type, **schema_keys(config))
 
     # -- the computation ---------------------------------------------------------------------
     def _forward(self, params: Params, x: Tensor) -> Tensor:

@@ -68,6 +68,7 @@ from metarun.spec.checks import (
     require,
     require_inner_loop,
     require_optional_count,
+    schema_keys,
 )
 from metarun.tasks import TaskBatch
 from metarun.unroll import functional_call, get_params
@@ -287,23 +288,7 @@ class Reptile(EpisodicAlgorithm):
 
     @classmethod
     def from_config(cls, config: ReptileConfig, model: nn.Module, context: BuildContext) -> Reptile:
-        beta1, beta2 = config.inner_betas
-        return cls(
-            model,
-            task_type=context.task_type,
-            inner_optimizer=config.inner_optimizer.value,
-            inner_lr=config.inner_lr,
-            inner_betas=(beta1, beta2),
-            inner_eps=config.inner_eps,
-            inner_steps=config.inner_steps,
-            inner_batch_size=config.inner_batch_size,
-            eval_inner_steps=config.eval_inner_steps,
-            eval_inner_batch_size=config.eval_inner_batch_size,
-            transductive=config.transductive,
-            anneal_steps=config.anneal_steps,
-            anneal_final=config.anneal_final,
-            query_chunk_size=config.query_chunk_size,
-        )
+        return cls(model, task_type=context.task_type, **schema_keys(config))
 
     # -- runner hooks ------------------------------------------------------------------------
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:

@@ -87,6 +87,12 @@ def schema_from_keys(schema: type[T], keys: dict[str, Any]) -> T:
     return schema(**typed)
 
 
+def schema_keys(config: Any) -> dict[str, Any]:
+    """A schema instance's keys and values, as keyword arguments (the inverse of
+    :func:`schema_from_keys`; enum values stay members, which the builders accept)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
 def require_inner_loop(
     inner_lr: float, inner_steps: int, eval_inner_steps: int, *, lr: str, eval_steps: str
 ) -> None:
