@@ -30,7 +30,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict, read_write
 
-from metarun.sweep.summary import RESULTS_FILE, STATUS_FILE, write_summary
+from metarun.sweep.summary import RESULTS_FILE, STATUS_FILE, read_json, write_summary
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class SweepSummary(Callback):
         if not _in_sweep(config):
             return
         run_dir = Path(config.hydra.runtime.output_dir)
-        previous = _read(run_dir / STATUS_FILE)
+        previous = read_json(run_dir / STATUS_FILE)
         _write_status(
             run_dir,
             {
@@ -232,10 +232,10 @@ class SweepSummary(Callback):
         if not _in_sweep(config):
             return
         run_dir = Path(config.hydra.runtime.output_dir)
-        record = _read(run_dir / STATUS_FILE) or {}
+        record = read_json(run_dir / STATUS_FILE) or {}
         record["ended"] = _now()
         if job_return.status is JobStatus.COMPLETED:
-            results = _read(run_dir / RESULTS_FILE) or {}
+            results = read_json(run_dir / RESULTS_FILE) or {}
             record["status"] = "stopped" if results.get("stopped_by") else "done"
             record.pop("error", None)
         else:
@@ -279,14 +279,6 @@ def _in_sweep(config: DictConfig) -> bool:
 
 def _now() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _write_status(run_dir: Path, record: dict[str, Any]) -> None:

@@ -65,6 +65,16 @@ class JobRow:
 # ------------------------------------------------------------------------------------ objective
 
 
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file of a job, or None where it is missing, unreadable or not an object
+    (a job killed while writing)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def objective(results: dict[str, Any]) -> float:
     """The number a hyperparameter search minimises: the validation error at the best
     validation step, ``val/loss`` for regression and ``1 - val/accuracy`` for classification.
@@ -116,14 +126,6 @@ def read_overrides(job_dir: Path) -> dict[str, str]:
     return overrides
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -136,9 +138,9 @@ def _alive(pid: int) -> bool:
 
 def job_status(job_dir: Path) -> tuple[str, str]:
     """``(status, note)`` of the job in ``job_dir`` (see the module docstring)."""
-    recorded = _read_json(job_dir / STATUS_FILE)
+    recorded = read_json(job_dir / STATUS_FILE)
     results_path = job_dir / RESULTS_FILE
-    results = _read_json(results_path)
+    results = read_json(results_path)
     if recorded is not None and recorded.get("status") == "failed":
         return "failed", str(recorded.get("error", ""))
     if recorded is not None and recorded.get("status") == "running":
@@ -191,7 +193,7 @@ def summarize(sweep_dir: str | Path) -> list[JobRow]:
                 job=job_dir.relative_to(sweep_dir).as_posix(),
                 status=status,
                 overrides=read_overrides(job_dir),
-                metrics=final_metrics(_read_json(job_dir / RESULTS_FILE)),
+                metrics=final_metrics(read_json(job_dir / RESULTS_FILE)),
                 note=note,
             )
         )
