@@ -29,15 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from metarun.algorithms.episodic import MetricTotals, with_meta_loss
-from metarun.algorithms.inner_loop import InnerLoopConfig, InnerLoopLearner
+from metarun.algorithms.inner_loop import InnerLoopLearner
 from metarun.algorithms.inner_rates import InnerRates
 from metarun.algorithms.losses import task_metrics_per_task
-from metarun.algorithms.stepwise import (
-    PerStepBatchNorm,
-    StepwiseLoop,
-    check_options,
-    check_run_options,
-)
+from metarun.algorithms.stepwise import MAMLPPOptions, PerStepBatchNorm, StepwiseLoop
 from metarun.registry import register
 from metarun.spec.enums import InnerLR
 from metarun.tasks import TaskBatch
@@ -48,36 +43,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class MAMLConfig(InnerLoopConfig):
+class MAMLConfig(MAMLPPOptions):
     """``algo=maml``: Finn et al. 2017, second-order unless ``first_order``; the inner-loop keys
-    of :class:`~metarun.algorithms.inner_loop.InnerLoopConfig` and MAML++'s options."""
-
-    #: Whether the algorithm runs MAML's unroll, where the MAML++ options live.
-    takes_mamlpp_options: ClassVar[bool] = True
-    #: Keys counting outer steps, with the switch that turns each on (metarun.config.checks).
-    schedule_keys: ClassVar[dict[str, str | None]] = {
-        "msl_anneal_steps": "multi_step_loss",
-        "first_order_until": None,
-    }
-
-    # MAML++ (Antoniou et al. 2019, Sec. 4), each off by default; learn_inner_lr=
-    # per_layer_per_step is its LSLR. Multi-step loss: the query loss after every inner step,
-    # weighted, annealed over msl_anneal_steps outer steps to the final step's alone.
-    multi_step_loss: bool = False
-    msl_anneal_steps: int = 7500
-    # Per-step BatchNorm weights and running statistics (BNWB + BNRS); BN weights are then
-    # meta-learned per step and not adapted in the inner loop.
-    per_step_bn: bool = False
-    # Derivative-order annealing: first order for the first N outer steps, then second order.
-    first_order_until: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_options(self)
-
-    def check_run(self, run: Any) -> None:
-        check_run_options(self, run)
-        super().check_run(run)
+    (:class:`~metarun.algorithms.inner_loop.InnerLoopConfig`) and MAML++'s options
+    (:class:`~metarun.algorithms.stepwise.MAMLPPOptions`), each off."""
 
 
 @register("algo", "maml", MAMLConfig)

@@ -15,11 +15,13 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from metarun import registry
+from metarun.algorithms.inner_loop import InnerLoopConfig
 from metarun.spec.checks import require, require_optional_count
 from metarun.spec.enums import BNPolicy, InnerLR
 from metarun.spec.errors import ConfigError
@@ -198,6 +200,39 @@ def check_run_options(config: Any, run: Any) -> None:
             "algo.per_step_bn=true needs BatchNorm layers, got model.batch_norm=false "
             "(set model.batch_norm=true or algo.per_step_bn=false)"
         )
+
+
+@dataclass
+class MAMLPPOptions(InnerLoopConfig):
+    """The inner-loop keys plus MAML++'s options, each off by default: the schema base of MAML
+    (:class:`~metarun.algorithms.maml.MAMLConfig`) and of what shares its keys."""
+
+    #: Whether the algorithm runs MAML's unroll, where the MAML++ options live.
+    takes_mamlpp_options: ClassVar[bool] = True
+    #: Keys counting outer steps, with the switch that turns each on (metarun.config.checks).
+    schedule_keys: ClassVar[dict[str, str | None]] = {
+        "msl_anneal_steps": "multi_step_loss",
+        "first_order_until": None,
+    }
+
+    # MAML++ (Antoniou et al. 2019, Sec. 4), each off by default; learn_inner_lr=
+    # per_layer_per_step is its LSLR. Multi-step loss: the query loss after every inner step,
+    # weighted, annealed over msl_anneal_steps outer steps to the final step's alone.
+    multi_step_loss: bool = False
+    msl_anneal_steps: int = 7500
+    # Per-step BatchNorm weights and running statistics (BNWB + BNRS); BN weights are then
+    # meta-learned per step and not adapted in the inner loop.
+    per_step_bn: bool = False
+    # Derivative-order annealing: first order for the first N outer steps, then second order.
+    first_order_until: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_options(self)
+
+    def check_run(self, run: Any) -> None:
+        check_run_options(self, run)
+        super().check_run(run)
 
 
 class StepwiseLoop:
