@@ -16,10 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
+    OMNIGLOT_40_STEPS,
     SMOKE_RUN,
     central_difference,
+    cli_env,
     grads_and_directions,
     omniglot_random,
+    run_metarun,
     scalar_tags,
     tensorboard,
 )
@@ -356,24 +359,15 @@ def test_omniglot_short_run_learns(tmp_path):
     (split=random), then the checkpoint adapts and predicts through metarun.load. The body must
     have learned: after one step the same test gives 0.39 (a random body's features with the
     head adapted), after 40 steps 0.62 +- 0.02, after 80 0.69."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "METARUN_DATA": str(OMNIGLOT_DATA)}
-    env.pop("HYDRA_FULL_ERROR", None)
     run_dir = tmp_path / "run"
     args = [
         "algo=anil",
         *omniglot_random(tmp_path),
-        "outer_steps=40",
-        "meta_batch_size=4",
-        "eval.every=20",
-        "eval.val_tasks=20",
-        "eval.num_tasks=100",
-        "log.every=10",
+        *OMNIGLOT_40_STEPS,
         "log.progress=false",
         f"hydra.run.dir={run_dir}",
     ]
-    result = subprocess.run(
-        [METARUN, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
-    )
+    result = run_metarun(args, tmp_path, env=cli_env(METARUN_DATA=str(OMNIGLOT_DATA)), timeout=600)
     assert result.returncode == 0, result.stderr
     metrics = json.loads((run_dir / "results.json").read_text())["test"]["metrics"]
     accuracy = metrics["accuracy"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from helpers import METARUN, cli_env, omniglot_random, run_captured, run_metarun
+from helpers import METARUN, OMNIGLOT_40_STEPS, cli_env, omniglot_random, run_captured, run_metarun
 
 from metarun import cli
 
@@ -345,12 +345,7 @@ def test_omniglot_short_run_beats_chance(tmp_path):
     run_dir = tmp_path / "run"
     args = [
         *omniglot_random(tmp_path),
-        "outer_steps=40",
-        "meta_batch_size=4",
-        "eval.every=20",
-        "eval.val_tasks=20",
-        "eval.num_tasks=100",
-        "log.every=10",
+        *OMNIGLOT_40_STEPS,
         f"hydra.run.dir={run_dir}",
     ]
     result = run_metarun(args, tmp_path, env=env, timeout=600)
