@@ -35,12 +35,14 @@ import os
 import pstats
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+# scripts/ is on sys.path when a script in it runs: one timer for every benchmark.
+from bench_batching import timed_once
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from torch.func import functional_call
@@ -250,16 +252,6 @@ REFERENCES = {
 }
 
 
-def timed(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def profile(fn: Callable[[], None], top: int) -> str:
     prof = cProfile.Profile()
     prof.enable()
@@ -307,7 +299,7 @@ def main() -> None:
             for r in range(args.rounds):
                 pair = [("ours", ours), ("ref", ref)]
                 for name, fn in pair if r % 2 == 0 else pair[::-1]:
-                    (t_ours if name == "ours" else t_ref).append(timed(fn, device) / steps)
+                    (t_ours if name == "ours" else t_ref).append(timed_once(fn, device) / steps)
                 ratios.append(t_ours[-1] / t_ref[-1])
             print(
                 f"| {row} | {statistics.median(t_ours) * 1e3:.2f} | "
