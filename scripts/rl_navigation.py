@@ -1,14 +1,17 @@
 """MAML-RL on 2D navigation, CPU-sized: MAML against the paper's "pretrained" baseline, 3 seeds.
 
-    python scripts/rl_navigation.py                    # 3 seeds, the schedule below
+    python scripts/rl_navigation.py                    # 3 seeds, 40 x 10 tasks x 10 episodes
     python scripts/rl_navigation.py --outer-steps 100 --meta-batch 40 --fast-batch 20  # paper
 
 For each seed it trains ``algo=maml_rl`` on ``dataset=navigation2d`` twice: MAML (one inner
 policy-gradient step, Finn et al. 2017) and the "pretrained" baseline (``algo.inner_steps=0``:
 one policy trained by TRPO on all tasks without adaptation, then fine-tuned at test time with
-the same inner step). Each trained policy is tested on the same fixed 40 test goals after 0..3
-inner steps (Fig. 5's x axis). Prints the mean return over the test goals (mean over seeds ±
-95% CI over the seeds' means, and the per-seed values) and the minutes each run took.
+the same inner steps). The runs go ``--jobs`` at a time, each a process with one torch thread.
+Each trained policy is tested on the same fixed 40 test goals after 0..3 inner steps (Fig. 5's
+x axis), under two schedules: the later steps of ``algo.inner_lr_later`` (the preset: halved,
+as the paper's evaluation) and every step of ``algo.inner_lr``. Prints the mean return over the
+test goals (mean over seeds ± 95% CI over the seeds' means, and the per-seed values), the
+minutes each run took and the wall time. Measured: docs/rl.md.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 
 import metarun
 from metarun import registry
+from metarun.algorithms.maml_rl import MAMLRL
 from metarun.cli import config_dir
 from metarun.config import validate
 from metarun.config.store import register_configs
@@ -54,7 +58,10 @@ def curve(checkpoint: Path, steps: list[int], constant: bool) -> dict[int, float
     learner = metarun.load(checkpoint)
     config = learner.config
     if constant:
-        learner.algorithm.set_inner_lr_later(None)
+        algorithm = learner.algorithm
+        if not isinstance(algorithm, MAMLRL):
+            raise TypeError(f"{checkpoint} holds {type(algorithm).__name__}, not algo=maml_rl")
+        algorithm.set_inner_lr_later(None)
     source = registry.build("dataset", config.dataset).test
     out = {}
     for k in steps:
@@ -135,8 +142,8 @@ def main() -> None:
     print(f"| method | test schedule | {' | '.join(f'{k} steps' for k in steps)} |")
     print(f"|---|---|{'---|' * len(steps)}")
     for (method, name), per_seed in results.items():
-        cells = [mean_ci([r[k] for r in per_seed]) for k in steps]
-        print(f"| {method} | {name} | {' | '.join(cells)} |")
+        stats = [mean_ci([r[k] for r in per_seed]) for k in steps]
+        print(f"| {method} | {name} | {' | '.join(stats)} |")
     extra = f", {' '.join(args.set)}" if args.set else ""
     print(
         f"\nmean return over the test goals, mean over {len(args.seeds)} seeds ± 95% CI over "

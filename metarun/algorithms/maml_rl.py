@@ -11,6 +11,9 @@ distribution on the initial parameters is not differentiated. The outer step is 
 is plain SGD with learning rate 1 (the environment datasets set it), which applies it as
 computed. ``hypergrad/norm`` is therefore the norm of the step taken.
 
+The policy starts as the authors' (``policy_init=glorot``: Glorot-uniform weights, zero biases);
+inner steps after the first take ``inner_lr_later`` (the paper halved them at evaluation).
+
 ``inner_steps=0`` trains one policy on all tasks without adaptation (TRPO on the task
 distribution): evaluated with ``eval_inner_steps >= 1`` it is the paper's "pretrained" baseline.
 
