@@ -500,7 +500,8 @@ def test_cifar_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"train labels span \[1, 12\], not \[0, 10\)"):
         load_cifar_noisy(odd.parent, n_clean=1)
     write_pickle(odd / "data_batch_1", cifar_batch([1], marker=1, label_key="fine_labels"))
-    with pytest.raises(ValueError, match=r"data_batch_1: expected a dict with data and labels \(KeyError: 'labels'\)"):
+    expected = r"data_batch_1: expected a dict with data and labels \(KeyError: 'labels'\)"
+    with pytest.raises(ValueError, match=expected):
         load_cifar_noisy(odd.parent, n_clean=1)
 
 
