@@ -150,3 +150,13 @@ def real_mnist() -> str:
     if not data:
         pytest.skip("METARUN_DATA is unset: the acceptance tests read $METARUN_DATA/mnist/raw/")
     return data
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread within the test: on small matrices it is several times faster than
+    two contending for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

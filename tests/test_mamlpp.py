@@ -5,12 +5,12 @@ presets that turn them all on."""
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import sigterm_after
 from torch import nn
 
 from metarun.algorithms.maml import MAML
@@ -18,7 +18,6 @@ from metarun.algorithms.stepwise import MSL_FLOOR, msl_weights
 from metarun.config import ConfigError, options
 from metarun.runner import api
 from metarun.runner.checkpoint import load_checkpoint
-from metarun.runner.trainer import Trainer
 from metarun.tasks import TaskBatch
 
 DT = torch.float64
@@ -391,17 +390,8 @@ def test_resume_mid_run_gives_the_parameters_of_an_uninterrupted_run(train, tmp_
     monkeypatch.setattr(MAML, "set_step", record)
     once = train(tmp_path / "once", SINUSOID_MAMLPP)
     assert once.step == 12 and seen[-12:] == list(range(12))
-    original = Trainer.train_step
-
-    def preempted(self, **kwargs):
-        metrics = original(self, **kwargs)
-        if self.step == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return metrics
-
-    monkeypatch.setattr(Trainer, "train_step", preempted)
-    cut = train(tmp_path / "cut", SINUSOID_MAMLPP)
-    monkeypatch.setattr(Trainer, "train_step", original)
+    with sigterm_after(5):
+        cut = train(tmp_path / "cut", SINUSOID_MAMLPP)
     assert cut.stopped_by == "SIGTERM" and cut.step == 5
     resumed = train(tmp_path / "cut", [*SINUSOID_MAMLPP, "resume=true"])
     assert resumed.step == 12 and seen[-7:] == list(range(5, 12))

@@ -5,12 +5,10 @@ adapted policy beats the unadapted one."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
-from collections.abc import Iterator
 
 import pytest
 import torch
+from helpers import sigterm_after
 
 from metarun.algorithms.maml_rl import MAMLRL, MAMLRLConfig
 from metarun.data.navigation2d import GoalTasks, Navigation2D, Navigation2DConfig
@@ -20,7 +18,6 @@ from metarun.rl.episodes import discounted_returns, gae, linear_baseline
 from metarun.rl.policy import gaussian_kl, gaussian_log_prob
 from metarun.runner import api
 from metarun.runner.checkpoint import load_checkpoint
-from metarun.runner.trainer import Trainer
 
 # A navigation run of a few seconds: short episodes, a small policy, few tasks.
 TINY_RL = [
@@ -43,13 +40,7 @@ TINY_RL = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Small matrices: one thread is several times faster than two contending for the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _algo(first_order: bool = False, inner_lr: float = 0.3) -> MAMLRL:
@@ -322,17 +313,8 @@ def train_rl(make_config):
 def test_resume_is_exact(train_rl, tmp_path, monkeypatch):
     once = train_rl(tmp_path / "once")
     assert once.step == 4
-    original = Trainer.train_step
-
-    def preempted(self, **kwargs):
-        metrics = original(self, **kwargs)
-        if self.step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return metrics
-
-    monkeypatch.setattr(Trainer, "train_step", preempted)
-    cut = train_rl(tmp_path / "cut")
-    monkeypatch.setattr(Trainer, "train_step", original)
+    with sigterm_after(2):
+        cut = train_rl(tmp_path / "cut")
     assert cut.stopped_by == "SIGTERM" and cut.step == 2
     resumed = train_rl(tmp_path / "cut", ["resume=true"])
     assert resumed.step == 4
