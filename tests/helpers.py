@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -326,6 +327,17 @@ def tensorboard(run_dir: Path) -> Any:
 
 def scalar_tags(run_dir: Path) -> set[str]:
     return set(tensorboard(run_dir).Tags()["scalars"])
+
+
+def assert_meta_learned(run_dir: Path, tags: set[str]) -> set[str]:
+    """The run logged ``tags`` (and returns all it logged), and every logged meta-gradient norm
+    is finite and positive: the outer loop reached the weights."""
+    acc = tensorboard(run_dir)
+    logged = set(acc.Tags()["scalars"])
+    assert tags | {"hypergrad/norm"} <= logged, sorted(logged)
+    norms = [e.value for e in acc.Scalars("hypergrad/norm")]
+    assert norms and all(math.isfinite(v) and v > 0 for v in norms), norms
+    return logged
 
 
 def grads_and_directions(
