@@ -1,13 +1,7 @@
-"""MAML and first-order MAML (one implementation; FOMAML is a flag), with optional learned inner
-learning rates (a scalar, or Meta-SGD's elementwise rates) and MAML++'s options, which mix
-freely: the multi-step loss (``multi_step_loss``), per-layer per-step learned inner rates
-(``learn_inner_lr=per_layer_per_step``), per-step BatchNorm weights and statistics
-(``per_step_bn``) and derivative-order annealing (``first_order_until``).
-
-References:
-    Finn, Abbeel & Levine, "Model-Agnostic Meta-Learning for Fast Adaptation of Deep Networks",
-    ICML 2017. Li, Zhou, Chen & Li, "Meta-SGD: Learning to Learn Quickly for Few-Shot Learning",
-    2017. Antoniou, Edwards & Storkey, "How to train your MAML", ICLR 2019.
+"""MAML (Finn, Abbeel & Levine, ICML 2017) and its relatives as options of one class: first
+order, learned inner rates (a scalar, Meta-SGD's elementwise, MAML++'s per layer and step) and
+MAML++'s multi-step loss, per-step BatchNorm and derivative-order annealing
+(:mod:`metarun.algorithms.stepwise`).
 
 Example::
 
@@ -51,23 +45,12 @@ class MAMLConfig(MAMLPPOptions):
 
 @register("algo", "maml", MAMLConfig)
 class MAML(InnerLoopLearner):
-    """Model-agnostic meta-learning on :mod:`metarun.unroll`'s functional layer, with its
-    relatives as options: first order, learned inner rates (scalar, Meta-SGD's elementwise,
-    MAML++'s per layer and step), MAML++'s multi-step loss, per-step BatchNorm and
-    derivative-order annealing (:mod:`metarun.algorithms.stepwise`).
+    """Model-agnostic meta-learning on :mod:`metarun.unroll`'s functional layer.
 
-    Args:
-        model: the network whose initial weights are meta-learned.
-        config: the schema (:class:`MAMLConfig`: every key, its default, meaning and checks);
-            or its keys as keyword arguments, ``inner_lr``, ``inner_steps`` and
-            ``eval_inner_steps`` required (``MAML(model, task_type="regression",
-            inner_lr=0.01, inner_steps=1, eval_inner_steps=10)``).
-        task_type: ``"classification"`` (cross-entropy, accuracy) or ``"regression"`` (MSE).
-
-    Attributes:
-        pre_adaptation_metrics: when true (default), ``meta_train_step`` also reports query
-            metrics before adaptation (one extra no-grad forward per task); the runner turns it
-            off on steps it does not log.
+    Args: as :class:`~metarun.algorithms.inner_loop.InnerLoopLearner`'s, with
+    :class:`MAMLConfig` (or its keys: ``MAML(model, task_type="regression", inner_lr=0.01,
+    inner_steps=1, eval_inner_steps=10)``). ``pre_adaptation_metrics`` (set by the runner on the
+    steps it logs): also report the query metrics before adaptation.
     """
 
     schema: ClassVar[type[MAMLConfig]] = MAMLConfig
